@@ -1,0 +1,121 @@
+"""The HTTP surface: routes, error shapes, start-up and shut-down."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from gateway import chat, config as config_mod
+from gateway.errors import GatewayError
+from gateway.models_api import endpoint_entry, model_entry
+from gateway.state import Gateway
+
+log = logging.getLogger("gateway")
+
+#: Set by ``gateway serve`` for its workers.
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
+async def chat_completions(request: Request) -> Response:
+    return await chat.chat_completions(_gateway(request), request)
+
+
+@get("/v1/models", summary="List the catalog (OpenRouter-style entries)")
+async def list_models(request: Request) -> Response:
+    gw = _gateway(request)
+    gw.keys.authenticate(request.headers.get("authorization"))
+    return _json({"object": "list", "data": [model_entry(m) for m in gw.catalog.models]})
+
+
+@get("/v1/models/{path:path}", summary="One model, or its endpoints with live health (…/endpoints)")
+async def model_detail(request: Request, path: str) -> Response:
+    gw = _gateway(request)
+    gw.keys.authenticate(request.headers.get("authorization"))
+    name = path.strip("/")
+    want_endpoints = name.endswith("/endpoints")
+    model = gw.catalog.find(name.removesuffix("/endpoints")) if want_endpoints else gw.catalog.find(name)
+    if model is None and want_endpoints:
+        model = gw.catalog.find(name)  # a model whose id really ends in /endpoints
+        want_endpoints = False
+    if model is None:
+        raise GatewayError(404, f"model {name!r} is not in the catalog", code="model_not_found", param="model")
+    if not want_endpoints:
+        return _json(model_entry(model))
+    return _json({
+        "data": {
+            "id": model.id,
+            "name": model.name,
+            "endpoints": [endpoint_entry(e, gw.health) for e in model.endpoints],
+        }
+    })
+
+
+@get("/health/live", summary="The process is up")
+async def live() -> Response:
+    return _json({"status": "ok"})
+
+
+@get("/health/ready", summary="At least one provider can take traffic")
+async def ready(request: Request) -> Response:
+    ok, usable = _gateway(request).ready()
+    return _json({"status": "ready" if ok else "not_ready", "providers": usable}, 200 if ok else 503)
+
+
+def _gateway_error(_: Request, exc: GatewayError) -> Response:
+    return Response(exc.to_json(), status_code=exc.status, media_type="application/json", headers=exc.headers)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    messages = {404: "no such route", 405: "method not allowed", 413: "request body too large"}
+    message = messages.get(status) or (exc.detail if status < 500 else "internal error")
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    return _gateway_error(_, GatewayError(status, message, code=codes.get(status)))
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    # Never a traceback to the caller; the log has it, without request bodies.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _gateway_error(request, GatewayError(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", code="internal_error"))
+
+
+def create_app(gw: Gateway) -> Litestar:
+    async def startup() -> None:
+        await gw.startup()
+
+    async def shutdown() -> None:
+        await gw.shutdown()
+
+    app = Litestar(
+        route_handlers=[chat_completions, list_models, model_detail, live, ready],
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
+        on_startup=[startup],
+        on_shutdown=[shutdown],
+        request_max_body_size=gw.config.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="LLM gateway", version="0.1.0", path="/openapi"),
+        logging_config=None,
+        debug=False,
+    )
+    app.state.gateway = gw
+    return app
+
+
+def create_app_from_env() -> Litestar:
+    """The uvicorn factory for ``gateway serve`` workers."""
+    path = os.environ.get(CONFIG_ENV) or None
+    return create_app(Gateway(config_mod.load(path)))

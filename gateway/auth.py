@@ -1,0 +1,68 @@
+"""Gateway keys: ``Authorization: Bearer KEY`` checked against SHA-256 digests.
+
+Only digests are kept in memory. The presented key is hashed, and the digest
+is looked up in a dict: O(1) however many keys there are. Comparing digests
+rather than keys is what makes the check constant-time in the sense that
+matters: a timing difference can only tell an attacker about a SHA-256 digest,
+from which no key can be recovered. Keys are never logged; their names are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+from gateway.config import KeyConfig
+from gateway.errors import GatewayError
+
+log = logging.getLogger("gateway.auth")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKey:
+    name: str
+
+
+OPEN = GatewayKey(name="open")
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    """The configured keys; empty means open mode (loopback only)."""
+
+    def __init__(self, keys: list[KeyConfig], env: dict[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self._by_digest: dict[str, GatewayKey] = {}
+        for k in keys:
+            if k.sha256 is not None:
+                self._by_digest[k.sha256.lower()] = GatewayKey(k.name)
+            elif k.key_env:
+                value = env.get(k.key_env)
+                if value:
+                    self._by_digest[digest(value)] = GatewayKey(k.name)
+                else:
+                    log.warning("gateway key %s disabled: $%s is not set", k.name, k.key_env)
+        self.configured = bool(keys)
+
+    @property
+    def open(self) -> bool:
+        return not self.configured
+
+    def authenticate(self, authorization: str | None) -> GatewayKey:
+        if self.open:
+            return OPEN
+        if not authorization:
+            raise GatewayError(401, "missing Authorization: Bearer key", code="missing_api_key")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise GatewayError(401, "Authorization must be 'Bearer KEY'", code="invalid_api_key")
+        found = self._by_digest.get(digest(token))
+        if found is None:
+            raise GatewayError(401, "invalid gateway key", code="invalid_api_key")
+        return found

@@ -1,0 +1,179 @@
+"""The catalog: models, their endpoints, and the providers that serve them.
+
+Built once from the effective config. Lookups by model id, alias or a
+provider's own model id are one dict access, case-insensitive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import providers
+from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, ProviderConfig
+from msgspec import UNSET
+
+log = logging.getLogger("gateway.catalog")
+
+
+@dataclass(slots=True)
+class ProviderRuntime:
+    """A configured provider: where it is, how to reach it, whether it may be used."""
+
+    name: str
+    base_url: str
+    api_key: str | None
+    timeout_s: float
+    headers: dict[str, str]
+    enabled: bool
+    spec: providers.Provider
+    disabled_reason: str | None = None
+    #: False while a provider we started ourselves (the local backend) is loading.
+    ready: bool = True
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """One way to serve a model: a provider, its model id, price and context."""
+
+    model_id: str
+    provider: ProviderRuntime
+    upstream_model: str
+    input_usd_per_mtok: float | None
+    output_usd_per_mtok: float | None
+    context_length: int
+    quantization: str | None
+    supported_parameters: frozenset[str]
+
+    @property
+    def key(self) -> str:
+        """Stable name for health state, metrics and logs."""
+        return f"{self.provider.name}:{self.upstream_model}"
+
+    @property
+    def priced(self) -> bool:
+        return self.input_usd_per_mtok is not None and self.output_usd_per_mtok is not None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """USD at this endpoint's price; None when it has none."""
+        if not self.priced:
+            return None
+        return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
+
+
+@dataclass(slots=True)
+class Model:
+    id: str
+    name: str
+    aliases: list[str]
+    tokenizer: str
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+    @property
+    def context_length(self) -> int:
+        return max((e.context_length for e in self.endpoints), default=0)
+
+    @property
+    def supported_parameters(self) -> list[str]:
+        names: set[str] = set()
+        for e in self.endpoints:
+            names |= e.supported_parameters
+        return sorted(names)
+
+
+class Catalog:
+    """Models by id, alias and upstream id, with their endpoints."""
+
+    def __init__(self, models: list[Model], provider_map: dict[str, ProviderRuntime]) -> None:
+        self.models = models
+        self.providers = provider_map
+        self._index: dict[str, Model] = {}
+        for m in models:
+            for name in (m.id, *m.aliases):
+                self._index.setdefault(name.lower(), m)
+        # Each provider's own id is an alias too, unless it already means another model.
+        for m in models:
+            for e in m.endpoints:
+                self._index.setdefault(e.upstream_model.lower(), m)
+
+    def find(self, model_id: str) -> Model | None:
+        return self._index.get(model_id.lower())
+
+
+def _provider(name: str, pc: ProviderConfig, env: dict[str, str]) -> ProviderRuntime:
+    if pc.base_url is UNSET:
+        raise ConfigError("config", [f"providers.{name}.base_url: required"])
+    key_env = pc.api_key_env if pc.api_key_env is not UNSET else None
+    api_key = env.get(key_env) if key_env else None
+    enabled = pc.enabled if pc.enabled is not UNSET else True
+    reason = None
+    if not enabled:
+        reason = "disabled in config"
+    elif key_env and not api_key:
+        enabled, reason = False, f"${key_env} is not set"
+    return ProviderRuntime(
+        name=name,
+        base_url=pc.base_url,
+        api_key=api_key,
+        timeout_s=pc.timeout_s if pc.timeout_s is not UNSET else 60.0,
+        headers=dict(pc.headers) if pc.headers is not UNSET else {},
+        enabled=enabled,
+        spec=providers.get(name),
+        disabled_reason=reason,
+    )
+
+
+def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: ProviderRuntime) -> Endpoint:
+    if ec.context_length is UNSET:
+        raise ConfigError("config", [f"models[{model.id}].endpoints[{i}].context_length: required"])
+
+    def val(v, default):
+        return default if v is UNSET else v
+
+    supported = val(ec.supported_parameters, None)
+    return Endpoint(
+        model_id=model.id,
+        provider=provider,
+        upstream_model=val(ec.upstream_model, model.id),
+        input_usd_per_mtok=val(ec.input_usd_per_mtok, None),
+        output_usd_per_mtok=val(ec.output_usd_per_mtok, None),
+        context_length=ec.context_length,
+        quantization=val(ec.quantization, None),
+        supported_parameters=provider.spec.supported_parameters if supported is None else frozenset(supported),
+    )
+
+
+def build(config: Config, env: dict[str, str] | None = None) -> Catalog:
+    """Resolve the config into a catalog; logs one line per disabled provider."""
+    env = dict(os.environ) if env is None else env
+    provider_map = {name: _provider(name, pc, env) for name, pc in config.providers.items()}
+    if "local" in provider_map and not config.local.enabled and config.local.url is None:
+        provider_map["local"].enabled = False
+        provider_map["local"].disabled_reason = "[local] enabled = false"
+    errors: list[str] = []
+    models: list[Model] = []
+    for mc in config.models:
+        model = Model(
+            id=mc.id,
+            name=mc.name if mc.name is not UNSET else mc.id,
+            aliases=list(mc.aliases) if mc.aliases is not UNSET else [],
+            tokenizer=mc.tokenizer if mc.tokenizer is not UNSET else "none",
+        )
+        for i, ec in enumerate(mc.endpoints):
+            provider = provider_map.get(ec.provider)
+            if provider is None:
+                errors.append(f"models[{mc.id}].endpoints[{i}].provider: unknown provider {ec.provider!r}")
+                continue
+            try:
+                model.endpoints.append(_endpoint(mc, i, ec, provider))
+            except ConfigError as exc:
+                errors.extend(exc.errors)
+        models.append(model)
+    if errors:
+        raise ConfigError("config", errors)
+    return Catalog(models, provider_map)

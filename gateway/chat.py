@@ -1,0 +1,135 @@
+"""``POST /v1/chat/completions``, top to bottom:
+authenticate → decode → route → call → account → respond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from gateway.accounting import price_warning
+from gateway.errors import GatewayError, invalid_request
+from gateway.protocol import ChatCompletionOut, ChatRequest, PromptFilterResult
+from gateway.relay import DONE, KEEPALIVE, Call, StreamRelay, complete, sse
+from gateway.state import Gateway
+
+_AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
+
+
+def decode_request(body: bytes) -> ChatRequest:
+    """Decode and validate the body; errors name the offending parameter."""
+    if not body:
+        raise invalid_request("the request body is empty; send a JSON chat request")
+    try:
+        request = msgspec.json.decode(body, type=ChatRequest)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT.search(text)
+        param = match.group("path") if match else None
+        message = text[: match.start()] if match else text
+        raise invalid_request(f"invalid parameter `{param}`: {message}" if param else message, param=param) from None
+    except msgspec.DecodeError as exc:
+        raise invalid_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if request.max_tokens is msgspec.UNSET and request.max_completion_tokens is not msgspec.UNSET:
+        request.max_tokens = request.max_completion_tokens
+    if request.logit_bias is not msgspec.UNSET and not all(k.lstrip("-").isdigit() for k in request.logit_bias):
+        raise invalid_request("logit_bias keys must be token ids", param="logit_bias")
+    return request
+
+
+def _headers(gw: Gateway, call: Call) -> dict[str, str]:
+    headers = {"x-request-id": call.generation_id, "x-gateway-attempts": str(len(call.attempts))}
+    cand = call.served
+    if cand is not None:
+        headers["x-gateway-provider"] = cand.endpoint.provider.name
+        headers["x-gateway-model"] = cand.model.id
+        if cand.dropped:
+            headers["x-gateway-dropped-params"] = ",".join(cand.dropped)
+        warning = price_warning(cand.endpoint)
+        if warning:
+            headers["x-gateway-warning"] = warning
+    return headers
+
+
+async def chat_completions(gw: Gateway, request: Request) -> Response:
+    # 1. Authenticate.
+    gw.keys.authenticate(request.headers.get("authorization"))
+    # 2. Decode at the edge; litestar has already refused bodies over max_body_bytes.
+    chat = decode_request(await request.body())
+    # 3. (Rate limits and budgets go here.)
+    # 4. Route: the ordered candidates, or the reason there are none.
+    candidates = gw.router.plan(chat)
+    prompt_text = "\n".join(m.text() for m in chat.messages)
+    call = Call(
+        request=chat,
+        generation_id="gen-" + secrets.token_hex(12),
+        client=gw.client,
+        health=gw.health,
+        classifier=gw.classifier,
+        candidates=candidates,
+        deadline=time.monotonic() + gw.config.routing.deadline_s,
+        prompt_filter=[PromptFilterResult(0, gw.classifier.classify(prompt_text))],
+    )
+    if chat.stream:
+        return await _stream(gw, call)
+    # 5. Call, failing over between candidates.
+    done = await complete(call)
+    # 6. Account and respond.
+    cand = call.served
+    body = ChatCompletionOut(
+        id=call.generation_id,
+        object="chat.completion",
+        created=done.answer.created or int(time.time()),
+        model=cand.model.id,
+        provider=cand.endpoint.provider.name,
+        choices=done.choices,
+        usage=done.usage,
+        prompt_filter_results=call.prompt_filter,
+        system_fingerprint=done.answer.system_fingerprint or None,
+    )
+    return Response(msgspec.json.encode(body), media_type="application/json", headers=_headers(gw, call))
+
+
+async def _stream(gw: Gateway, call: Call) -> Response:
+    """Streams: errors found before the first chunk are plain HTTP errors; if
+    the first chunk takes longer than ``keepalive_s``, the stream starts with
+    keep-alive comments and any later error goes in-band."""
+    include_usage = call.request.stream_options is not msgspec.UNSET and call.request.stream_options.include_usage
+    relay = StreamRelay(call, include_usage)
+    opening = asyncio.ensure_future(relay.open())
+    await asyncio.wait({opening}, timeout=gw.config.routing.keepalive_s)
+    if opening.done():
+        opening.result()  # raises the GatewayError to answer with
+        return _sse_response(relay.chunks(), _headers(gw, call))
+    return _sse_response(_after_keepalives(relay, opening, gw.config.routing.keepalive_s), _headers(gw, call))
+
+
+async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s: float) -> AsyncIterator[bytes]:
+    try:
+        while not opening.done():
+            yield KEEPALIVE
+            await asyncio.wait({opening}, timeout=every_s)
+        try:
+            opening.result()
+        except GatewayError as exc:
+            yield sse(relay.error_chunk(exc.message))
+            yield DONE
+            return
+        async for piece in relay.chunks():
+            yield piece
+    finally:
+        if not opening.done():
+            opening.cancel()
+        await relay.close()
+
+
+def _sse_response(content: AsyncIterator[bytes], headers: dict[str, str]) -> Stream:
+    headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+    return Stream(content, media_type="text/event-stream", headers=headers)

@@ -1,0 +1,127 @@
+"""``gateway serve | check-config | models``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from msgspec import UNSET
+
+from gateway import config as config_mod
+from gateway.catalog import build
+from gateway.config import ConfigError
+from gateway.models_api import per_token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _load(path: str | None) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        print(f"error: invalid config {exc.source}:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.file)
+        build(cfg, env={})  # resolves providers and endpoints, without needing keys
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{exc.source}: {line}")
+        return 1
+    print(f"{args.file}: ok ({len(cfg.models)} models, {len(cfg.providers)} providers)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    catalog = build(_load(args.config), env={})
+    rows = [("model", "provider", "upstream model", "context", "in $/Mtok", "out $/Mtok")]
+    for m in catalog.models:
+        for e in m.endpoints:
+            price = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+            rows.append((m.id, e.provider.name, e.upstream_model, str(e.context_length),
+                         price(e.input_usd_per_mtok), price(e.output_usd_per_mtok)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import CONFIG_ENV
+    from gateway.local import LocalBackendProcess
+    from gateway.state import LOCAL_URL_ENV
+
+    cfg = _load(args.config)
+    host = args.host or cfg.server.host
+    port = args.port if args.port is not None else cfg.server.port
+    workers = args.workers or cfg.server.workers
+    if not cfg.auth.keys and not _is_loopback(host):
+        print(f"error: refusing to bind {host}: no gateway keys are configured ([[auth.keys]]), "
+              "so anyone who can reach it could use it. Bind 127.0.0.1 or add keys.", file=sys.stderr)
+        return 2
+    local = None
+    if cfg.local.enabled and cfg.local.url is None:
+        catalog = build(cfg, env={})
+        model = catalog.find(cfg.local.model_id)
+        served = model.endpoints[0].upstream_model if model and model.endpoints else "local"
+        local = LocalBackendProcess(cfg.local, served)
+        local.start()
+        os.environ[LOCAL_URL_ENV] = local.url
+    if args.config:
+        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    try:
+        uvicorn.run(
+            "gateway.app:create_app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if local is not None:
+            local.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM routing gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the API")
+    serve.add_argument("--config", help="TOML config file (default: the embedded catalog)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a config file; prints each error with its key path")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+    models = sub.add_parser("models", help="print the catalog with prices and context windows")
+    models.add_argument("--config")
+    models.set_defaults(func=cmd_models)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

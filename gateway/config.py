@@ -1,0 +1,257 @@
+"""Gateway configuration: TOML decoded into msgspec Structs.
+
+The built-in catalog (``gateway/data/catalog.toml``) and the user's file share
+this one schema. The user's file is validated on its own, so every error names
+a key path in the file the user wrote; then it is merged over the built-in
+catalog: providers by name, models by id (case-insensitive), endpoints by
+provider. Fields a user leaves out keep their built-in values, which is why
+overridable fields default to ``UNSET`` rather than a value.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Price = Annotated[float, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    workers: PositiveInt = 1
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+
+
+class KeyConfig(_Section):
+    name: str
+    sha256: Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None
+    key_env: str | None = None
+
+
+class AuthConfig(_Section):
+    keys: list[KeyConfig] = []
+
+
+class RedisConfig(_Section):
+    url: str | None = None
+
+
+class ProviderConfig(_Section):
+    base_url: str | UnsetType = UNSET
+    api_key_env: str | None | UnsetType = UNSET
+    timeout_s: PositiveFloat | UnsetType = UNSET
+    headers: dict[str, str] | UnsetType = UNSET
+    enabled: bool | UnsetType = UNSET
+
+
+class EndpointConfig(_Section):
+    provider: str
+    upstream_model: str | UnsetType = UNSET
+    input_usd_per_mtok: Price | None | UnsetType = UNSET
+    output_usd_per_mtok: Price | None | UnsetType = UNSET
+    context_length: PositiveInt | UnsetType = UNSET
+    quantization: str | None | UnsetType = UNSET
+    supported_parameters: list[str] | None | UnsetType = UNSET
+
+
+class ModelConfig(_Section):
+    id: str
+    name: str | UnsetType = UNSET
+    aliases: list[str] | UnsetType = UNSET
+    tokenizer: Literal["v1", "v3", "tekken", "none"] | UnsetType = UNSET
+    endpoints: list[EndpointConfig] = []
+
+
+class RoutingConfig(_Section):
+    local_fallback: bool = True
+    max_attempts: PositiveInt = 3
+    deadline_s: PositiveFloat = 120.0
+    keepalive_s: PositiveFloat = 2.0
+
+
+class HealthConfig(_Section):
+    failure_threshold: PositiveInt = 3
+    cooldown_s: PositiveFloat = 30.0
+
+
+class LocalConfig(_Section):
+    enabled: bool = True
+    model: str = "embedded"
+    model_id: str = "local/smollm2-135m-instruct"
+    url: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    startup_timeout_s: PositiveFloat = 600.0
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    providers: dict[str, ProviderConfig] = {}
+    models: list[ModelConfig] = []
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    local: LocalConfig = msgspec.field(default_factory=LocalConfig)
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each naming its key path."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(errors))
+        self.source = source
+        self.errors = errors
+
+
+_PATH = re.compile(r"\s+- at `\$(?P<path>[^`]*)`$")
+
+
+def _describe(exc: msgspec.ValidationError, prefix: str) -> str:
+    """Turn msgspec's ``... - at `$.a[0].b``` into ``a[0].b: ...``."""
+    text = str(exc)
+    match = _PATH.search(text)
+    path = prefix
+    if match:
+        path = prefix + match.group("path")
+        text = text[: match.start()]
+    return f"{path.lstrip('.') or '(top level)'}: {text}"
+
+
+def parse(raw: dict, source: str = "config") -> Config:
+    """Validate a decoded TOML document, collecting one error per broken part.
+
+    msgspec stops at the first error; validating each section (and each list
+    item) separately lets ``check-config`` report all of them in one go.
+    """
+    errors: list[str] = []
+    fields = {f.name: f for f in msgspec.structs.fields(Config)}
+    for key in raw:
+        if key not in fields:
+            errors.append(f"{key}: unknown section")
+    out: dict = {}
+    for name, value in raw.items():
+        if name not in fields:
+            continue
+        if name == "models" and isinstance(value, list):
+            items = []
+            for i, item in enumerate(value):
+                try:
+                    items.append(msgspec.convert(item, ModelConfig))
+                except msgspec.ValidationError as exc:
+                    errors.append(_describe(exc, f"models[{i}]"))
+            out[name] = items
+            continue
+        if name == "providers" and isinstance(value, dict):
+            providers = {}
+            for pname, item in value.items():
+                try:
+                    providers[pname] = msgspec.convert(item, ProviderConfig)
+                except msgspec.ValidationError as exc:
+                    errors.append(_describe(exc, f"providers.{pname}"))
+            out[name] = providers
+            continue
+        try:
+            out[name] = msgspec.convert({name: value}, Config).__getattribute__(name)
+        except msgspec.ValidationError as exc:
+            errors.append(_describe(exc, ""))
+    auth = out.get("auth")
+    if auth is not None:
+        for i, key in enumerate(auth.keys):
+            if (key.sha256 is None) == (key.key_env is None):
+                errors.append(f"auth.keys[{i}]: set exactly one of `sha256` or `key_env`")
+    if errors:
+        raise ConfigError(source, errors)
+    return Config(**out)
+
+
+def load_file(path: str | Path) -> Config:
+    """Read and validate a user's TOML config file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"invalid TOML: {exc}"]) from None
+    return parse(raw, str(path))
+
+
+def builtin() -> Config:
+    """The embedded default: the seed providers and the built-in catalog."""
+    text = resources.files("gateway").joinpath("data/catalog.toml").read_text(encoding="utf-8")
+    return parse(tomllib.loads(text), "built-in catalog")
+
+
+def _overlay(base: Struct, top: Struct) -> Struct:
+    """Fields set in ``top`` win; UNSET ones keep ``base``'s value."""
+    changes = {
+        f.name: getattr(top, f.name)
+        for f in msgspec.structs.fields(top)
+        if getattr(top, f.name) is not UNSET
+    }
+    return msgspec.structs.replace(base, **changes)
+
+
+def _merge_model(base: ModelConfig, top: ModelConfig) -> ModelConfig:
+    endpoints = list(base.endpoints)
+    for ep in top.endpoints:
+        for i, old in enumerate(endpoints):
+            if old.provider == ep.provider:
+                endpoints[i] = _overlay(old, ep)
+                break
+        else:
+            endpoints.append(ep)
+    merged = _overlay(base, top)
+    return msgspec.structs.replace(merged, endpoints=endpoints, id=base.id)
+
+
+def merge(base: Config, user: Config, user_raw: dict) -> Config:
+    """Lay a user's config over the built-in one.
+
+    Scalar sections are taken whole from the user's file only when the file
+    has them, so an absent ``[routing]`` keeps the defaults.
+    """
+    providers = dict(base.providers)
+    for name, pc in user.providers.items():
+        providers[name] = _overlay(providers[name], pc) if name in providers else pc
+    models = list(base.models)
+    index = {m.id.lower(): i for i, m in enumerate(models)}
+    for mc in user.models:
+        i = index.get(mc.id.lower())
+        if i is None:
+            index[mc.id.lower()] = len(models)
+            models.append(mc)
+        else:
+            models[i] = _merge_model(models[i], mc)
+    sections = {
+        name: getattr(user, name)
+        for name in ("server", "auth", "redis", "routing", "health", "local")
+        if name in user_raw
+    }
+    return msgspec.structs.replace(base, providers=providers, models=models, **sections)
+
+
+def load(path: str | Path | None) -> Config:
+    """The effective config: built-in catalog, with the user's file on top."""
+    base = builtin()
+    if path is None:
+        return base
+    path = Path(path)
+    user = load_file(path)
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    return merge(base, user, raw)

@@ -1,0 +1,60 @@
+"""Starting the bundled local backend as a child process of ``gateway serve``.
+
+The backend is an ordinary OpenAI-compatible server (``python -m
+local_backend serve``); the gateway reaches it over HTTP like any provider,
+so the same slot can point at a remote backend or at vLLM instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+
+from gateway.config import LocalConfig
+
+log = logging.getLogger("gateway.local")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalBackendProcess:
+    """The child process; its output goes to the gateway's stderr."""
+
+    def __init__(self, local: LocalConfig, served_name: str) -> None:
+        self.local = local
+        self.served_name = served_name
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "local_backend", "serve",
+            "--model", self.local.model,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--device", self.local.device,
+            "--dtype", self.local.dtype,
+            "--served-name", self.served_name,
+        ]
+        log.info("starting local backend: %s", " ".join(cmd[1:]))
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

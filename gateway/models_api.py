@@ -1,0 +1,66 @@
+"""``GET /v1/models`` and ``/v1/models/{id}/endpoints``, in OpenRouter's shape
+(with OpenAI's ``object`` / ``owned_by`` too, so both SDKs read it)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from gateway.catalog import Endpoint, Model
+from gateway.health import HealthTracker
+
+
+def per_token(usd_per_mtok: float | None) -> str | None:
+    """USD per million tokens -> OpenRouter's USD-per-token decimal string."""
+    if usd_per_mtok is None:
+        return None
+    value = Decimal(repr(usd_per_mtok)) / Decimal(1_000_000)
+    return format(value.normalize(), "f")
+
+
+def _cheapest(model: Model) -> Endpoint | None:
+    priced = [e for e in model.endpoints if e.priced]
+    return min(priced, key=lambda e: e.input_usd_per_mtok + e.output_usd_per_mtok, default=None)
+
+
+def endpoint_entry(e: Endpoint, health: HealthTracker | None = None) -> dict:
+    entry = {
+        "name": f"{e.provider.name} | {e.upstream_model}",
+        "provider_name": e.provider.name,
+        "upstream_model": e.upstream_model,
+        "context_length": e.context_length,
+        "quantization": e.quantization,
+        "pricing": {"prompt": per_token(e.input_usd_per_mtok), "completion": per_token(e.output_usd_per_mtok)},
+        "supported_parameters": sorted(e.supported_parameters),
+    }
+    if health is not None:
+        h = health.get(e.key)
+        entry["status"] = {
+            "enabled": e.provider.enabled,
+            "ready": e.provider.ready,
+            "disabled_reason": e.provider.disabled_reason,
+            "circuit": health.circuit(e.key).value,
+            "failures_in_row": h.failures_in_row,
+            "requests": h.requests,
+            "failures": h.failures,
+            "latency_ms": None if h.latency_s is None else round(h.latency_s * 1000, 1),
+            "throughput_tps": None if h.throughput_tps is None else round(h.throughput_tps, 1),
+        }
+    return entry
+
+
+def model_entry(model: Model) -> dict:
+    cheapest = _cheapest(model)
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": model.id.split("/", 1)[0],
+        "name": model.name,
+        "context_length": model.context_length,
+        "pricing": {
+            "prompt": per_token(cheapest.input_usd_per_mtok) if cheapest else None,
+            "completion": per_token(cheapest.output_usd_per_mtok) if cheapest else None,
+        },
+        "supported_parameters": model.supported_parameters,
+        "endpoints": [endpoint_entry(e) for e in model.endpoints],
+    }

@@ -1,0 +1,265 @@
+"""Wire types of the OpenAI chat API, plus the seeds' and OpenRouter's extras.
+
+Requests are decoded once, at the edge, into these Structs; out-of-range
+values fail there with an error naming the parameter. Fields the gateway only
+relays (tools, response_format, tool calls, logprobs) stay ``msgspec.Raw`` so
+they pass through byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+TopP = Annotated[float, Meta(gt=0, le=1)]
+TopK = Annotated[int, Meta(ge=0)]
+MinP = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Meta(gt=0, le=5)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+N = Annotated[int, Meta(ge=1, le=128)]
+Bias = Annotated[float, Meta(ge=-100, le=100)]
+StopList = Annotated[list[str], Meta(max_length=16)]
+USDPerMTok = Annotated[float, Meta(ge=0)]
+
+
+class TextPart(Struct, kw_only=True):
+    """Just enough of a content part to count its text."""
+
+    type: str
+    text: str = ""
+
+
+class Message(Struct, kw_only=True, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[Raw] | None = None
+    name: str | UnsetType = UNSET
+    tool_calls: Raw | UnsetType = UNSET
+    tool_call_id: str | UnsetType = UNSET
+    function_call: Raw | UnsetType = UNSET
+
+    def text(self) -> str:
+        """The message's text, for token counting and content filtering."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        parts = (msgspec.json.decode(raw, type=TextPart) for raw in self.content)
+        return "\n".join(p.text for p in parts if p.type == "text")
+
+
+class StreamOptions(Struct, kw_only=True, omit_defaults=True):
+    include_usage: bool = False
+
+
+class MaxPrice(Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenRouter's max_price, in USD per million tokens."""
+
+    prompt: USDPerMTok | None = None
+    completion: USDPerMTok | None = None
+
+
+class ProviderPreferences(Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenRouter's ``provider`` routing object."""
+
+    order: list[str] | None = None
+    only: list[str] | None = None
+    ignore: list[str] | None = None
+    allow_fallbacks: bool = True
+    require_parameters: bool = False
+    sort: Literal["price", "latency", "throughput"] | None = None
+    max_price: MaxPrice | None = None
+
+
+class ChatRequest(Struct, kw_only=True, omit_defaults=True):
+    """``POST /v1/chat/completions``. Unknown fields are ignored, as OpenAI's
+    own SDKs send new fields before gateways learn about them."""
+
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    model: str | UnsetType = UNSET
+    models: Annotated[list[str], Meta(max_length=16)] | UnsetType = UNSET
+    provider: ProviderPreferences | UnsetType = UNSET
+    stream: bool = False
+    stream_options: StreamOptions | UnsetType = UNSET
+    # Sampling and output controls (ranges as the seeds give them).
+    temperature: Temperature | UnsetType = UNSET
+    top_p: TopP | UnsetType = UNSET
+    top_k: TopK | UnsetType = UNSET
+    min_p: MinP | UnsetType = UNSET
+    max_tokens: MaxTokens | UnsetType = UNSET
+    max_completion_tokens: MaxTokens | UnsetType = UNSET
+    stop: str | StopList | None | UnsetType = UNSET
+    n: N | UnsetType = UNSET
+    seed: int | UnsetType = UNSET
+    presence_penalty: Penalty | UnsetType = UNSET
+    frequency_penalty: Penalty | UnsetType = UNSET
+    repetition_penalty: RepetitionPenalty | UnsetType = UNSET
+    logit_bias: dict[str, Bias] | UnsetType = UNSET
+    logprobs: bool | UnsetType = UNSET
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | UnsetType = UNSET
+    response_format: Raw | UnsetType = UNSET
+    tools: Raw | UnsetType = UNSET
+    tool_choice: Raw | UnsetType = UNSET
+    parallel_tool_calls: bool | UnsetType = UNSET
+    user: str | UnsetType = UNSET
+
+
+# The parameters an endpoint may or may not accept: every request field but
+# the ones the gateway itself consumes or always forwards.
+SAMPLING_PARAMETERS: tuple[str, ...] = tuple(
+    f.name
+    for f in msgspec.structs.fields(ChatRequest)
+    if f.name not in {"messages", "model", "models", "provider", "stream", "stream_options", "max_completion_tokens"}
+)
+
+
+# --- responses -------------------------------------------------------------
+
+
+class Severity(Struct, omit_defaults=False):
+    filtered: bool = False
+    severity: Literal["safe", "low", "medium", "high"] = "safe"
+
+
+class Detection(Struct, omit_defaults=False):
+    filtered: bool = False
+    detected: bool = False
+
+
+class ContentFilterResults(Struct, kw_only=True):
+    """Azure OpenAI's per-category result, as Novita sends it (seed 000)."""
+
+    hate: Severity = msgspec.field(default_factory=Severity)
+    self_harm: Severity = msgspec.field(default_factory=Severity)
+    sexual: Severity = msgspec.field(default_factory=Severity)
+    violence: Severity = msgspec.field(default_factory=Severity)
+    jailbreak: Detection = msgspec.field(default_factory=Detection)
+    profanity: Detection = msgspec.field(default_factory=Detection)
+
+
+class PromptFilterResult(Struct):
+    prompt_index: int
+    content_filter_results: ContentFilterResults
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated_cost: float | None = None
+
+
+class UpstreamUsage(Struct, kw_only=True):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class AssistantMessage(Struct, kw_only=True, omit_defaults=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: Raw | UnsetType = UNSET
+    function_call: Raw | UnsetType = UNSET
+    refusal: str | None | UnsetType = UNSET
+    reasoning: str | None | UnsetType = UNSET
+
+
+class Choice(Struct, kw_only=True, omit_defaults=True):
+    index: int = 0
+    message: AssistantMessage = msgspec.field(default_factory=AssistantMessage)
+    finish_reason: str | None = None
+    logprobs: Raw | None | UnsetType = UNSET
+    content_filter_results: Raw | UnsetType = UNSET
+
+
+class ChatCompletion(Struct, kw_only=True, omit_defaults=True):
+    id: str = ""
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[Choice] = []
+    usage: UpstreamUsage | None = None
+    system_fingerprint: str | None | UnsetType = UNSET
+
+
+class ChoiceOut(Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    content_filter_results: ContentFilterResults
+    logprobs: Raw | None = None
+
+
+class ChatCompletionOut(Struct, kw_only=True):
+    """What the gateway answers: OpenAI's shape plus ``provider``, cost and filter results."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    provider: str
+    choices: list[ChoiceOut]
+    usage: Usage
+    prompt_filter_results: list[PromptFilterResult]
+    system_fingerprint: str | None = None
+
+
+class Delta(Struct, kw_only=True, omit_defaults=True):
+    role: str | UnsetType = UNSET
+    content: str | None | UnsetType = UNSET
+    tool_calls: Raw | UnsetType = UNSET
+    function_call: Raw | UnsetType = UNSET
+    refusal: str | None | UnsetType = UNSET
+    reasoning: str | None | UnsetType = UNSET
+
+
+class ChunkChoice(Struct, kw_only=True, omit_defaults=True):
+    index: int = 0
+    delta: Delta = msgspec.field(default_factory=Delta)
+    finish_reason: str | None = None
+    logprobs: Raw | None | UnsetType = UNSET
+    content_filter_results: Raw | UnsetType = UNSET
+
+
+class ChatChunk(Struct, kw_only=True, omit_defaults=True):
+    id: str = ""
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChunkChoice] = []
+    usage: UpstreamUsage | None = None
+    system_fingerprint: str | None | UnsetType = UNSET
+    error: Raw | UnsetType = UNSET
+
+
+class ChunkChoiceOut(Struct, kw_only=True, omit_defaults=True):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: Raw | UnsetType = UNSET
+    content_filter_results: ContentFilterResults | UnsetType = UNSET
+
+
+class ChatChunkOut(Struct, kw_only=True, omit_defaults=True):
+    id: str
+    object: str
+    created: int
+    model: str
+    provider: str
+    choices: list[ChunkChoiceOut]
+    usage: Usage | UnsetType = UNSET
+    prompt_filter_results: list[PromptFilterResult] | UnsetType = UNSET
+    error: Raw | UnsetType = UNSET
+
+
+class UpstreamErrorBody(Struct, kw_only=True):
+    message: str | None = None
+    code: str | int | None = None
+
+
+class UpstreamError(Struct, kw_only=True):
+    error: UpstreamErrorBody | str | None = None
+    detail: Raw | None = None

@@ -1,0 +1,489 @@
+"""Calling upstreams: one attempt at a time, failing over between candidates.
+
+An attempt fails over (to the next candidate) on a connection error, a
+timeout, HTTP 408/429/5xx, an upstream auth or not-found error, or a body that
+cannot be read, but only until the first byte of the answer has reached the
+client. A 4xx that is the caller's fault (400, 413, 422) goes back as it is.
+For streams, every chunk is normalized (role once, no ``</s>``), counted and
+classified on the way through; a failure after the first chunk becomes an
+in-band error chunk and ``[DONE]``, never a silent cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+from msgspec import UNSET
+
+from gateway import content_filter
+from gateway.accounting import usage_for
+from gateway.catalog import Endpoint
+from gateway.content_filter import Classifier
+from gateway.errors import GatewayError
+from gateway.health import HealthTracker
+from gateway.protocol import (
+    AssistantMessage,
+    ChatChunk,
+    ChatChunkOut,
+    ChatCompletion,
+    ChatRequest,
+    ChoiceOut,
+    ChunkChoiceOut,
+    Delta,
+    PromptFilterResult,
+    UpstreamError,
+    UpstreamUsage,
+    Usage,
+)
+from gateway.routing import Candidate
+from gateway.upstream import UpstreamClient, UpstreamResponse
+from providers.base import clean_content, clean_delta, request_body
+
+log = logging.getLogger("gateway.relay")
+
+#: Upstream statuses that are the caller's fault: answered as they are.
+CALLER_FAULT = frozenset({400, 413, 422})
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class AttemptFailed(Exception):
+    """One attempt failed in a way that lets the next candidate try."""
+
+    def __init__(self, kind: str, detail: str, status: int | None = None, retry_after: str | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind  # connect | timeout | status | invalid
+        self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+
+
+class _StreamCut(AttemptFailed):
+    """The upstream closed the stream without ``[DONE]``."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid", "upstream closed the stream without [DONE]")
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """What one attempt did, for headers, logs and generation records."""
+
+    provider: str
+    endpoint: str
+    outcome: str = "pending"
+    status: int | None = None
+    error: str | None = None
+    latency_s: float | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """Everything one chat request needs while it is being served."""
+
+    request: ChatRequest
+    generation_id: str
+    client: UpstreamClient
+    health: HealthTracker
+    classifier: Classifier
+    candidates: list[Candidate]
+    deadline: float
+    prompt_filter: list[PromptFilterResult]
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    served: Candidate | None = None
+
+    @property
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _headers(endpoint: Endpoint) -> dict[str, str]:
+    provider = endpoint.provider
+    headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+    headers.update(provider.headers)
+    if provider.api_key and provider.spec.bearer_auth:
+        headers["authorization"] = f"Bearer {provider.api_key}"
+    return headers
+
+
+def _scrub(text: str, endpoint: Endpoint) -> str:
+    """Upstream messages go back to callers: never with our upstream key in them."""
+    key = endpoint.provider.api_key
+    if key:
+        text = text.replace(key, "***")
+    return text[:500]
+
+
+async def _error_message(response: UpstreamResponse) -> str:
+    try:
+        raw = await response.read(_ERROR_BODY_LIMIT)
+        body = msgspec.json.decode(raw, type=UpstreamError)
+    except (msgspec.DecodeError, msgspec.ValidationError, httpx.HTTPError):
+        return f"HTTP {response.status}"
+    if isinstance(body.error, str):
+        return body.error
+    if body.error is not None and body.error.message:
+        return body.error.message
+    return f"HTTP {response.status}"
+
+
+async def _open(call: Call, cand: Candidate, stream_usage: bool) -> UpstreamResponse:
+    """Send one attempt and check its status; raises AttemptFailed or GatewayError."""
+    endpoint = cand.endpoint
+    body = request_body(call.request, endpoint.provider.spec, endpoint.upstream_model, cand.dropped, stream_usage=stream_usage)
+    timeout_s = max(0.001, min(endpoint.provider.timeout_s, call.remaining_s))
+    try:
+        response = await call.client.post(endpoint.provider.chat_url, _headers(endpoint), body, timeout_s)
+    except httpx.TimeoutException:
+        raise AttemptFailed("timeout", "timed out") from None
+    except httpx.HTTPError as exc:
+        raise AttemptFailed("connect", f"connection failed ({type(exc).__name__})") from None
+    if response.status == 200:
+        return response
+    try:
+        message = _scrub(await _error_message(response), endpoint)
+    finally:
+        await response.close()
+    if response.status in CALLER_FAULT:
+        raise GatewayError(response.status, message, code="upstream_rejected_request", type="invalid_request_error")
+    raise AttemptFailed("status", f"HTTP {response.status}: {message}", response.status, response.headers.get("retry-after"))
+
+
+def _final_error(call: Call, failures: list[AttemptFailed]) -> GatewayError:
+    """The error to answer when every attempt failed."""
+    summary = "; ".join(f"{a.provider}: {a.error}" for a in call.attempts) or "no attempt could be made"
+    if not failures or call.remaining_s <= 0 and failures[-1].kind == "timeout":
+        return GatewayError(504, f"upstream timed out ({summary})", code="upstream_timeout")
+    last = failures[-1]
+    if all(f.status == 429 for f in failures):
+        return GatewayError(429, f"every provider is rate limited ({summary})", code="upstream_rate_limited",
+                            headers={"retry-after": last.retry_after or "1"})
+    if last.kind == "timeout":
+        return GatewayError(504, f"upstream timed out ({summary})", code="upstream_timeout")
+    if last.kind == "invalid":
+        return GatewayError(502, f"invalid answer from upstream ({summary})", code="upstream_invalid_response")
+    if last.kind == "connect":
+        return GatewayError(503, f"no provider could be reached ({summary})", code="no_provider_available",
+                            headers={"retry-after": "5"})
+    return GatewayError(502, f"upstream error ({summary})", code="upstream_error")
+
+
+class _Attempts:
+    """Iterates candidates within the attempt budget and the deadline."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.failures: list[AttemptFailed] = []
+
+    def __iter__(self):
+        for cand in self.call.candidates:
+            if self.call.remaining_s <= 0:
+                break
+            if not self.call.health.available(cand.endpoint.key):
+                continue
+            record = AttemptRecord(cand.endpoint.provider.name, cand.endpoint.key)
+            self.call.attempts.append(record)
+            self.call.health.begin(cand.endpoint.key)
+            yield cand, record
+
+    def failed(self, cand: Candidate, record: AttemptRecord, exc: AttemptFailed) -> None:
+        record.outcome, record.status, record.error = "failed", exc.status, exc.detail
+        self.failures.append(exc)
+        self.call.health.failure(cand.endpoint.key, exc.kind)
+        log.info("attempt failed: %s %s (%s)", cand.endpoint.key, exc.kind, exc.detail)
+
+
+# --- non-streaming -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Completion:
+    answer: ChatCompletion
+    choices: list[ChoiceOut]
+    usage: Usage
+
+
+async def complete(call: Call) -> Completion:
+    """Try candidates in order until one answers; raises the GatewayError to send."""
+    attempts = _Attempts(call)
+    for cand, record in attempts:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, call.remaining_s)):
+                response = await _open(call, cand, stream_usage=False)
+                try:
+                    raw = await response.read()
+                finally:
+                    await response.close()
+            answer = _decode_completion(raw)
+        except TimeoutError:
+            attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
+            continue
+        except httpx.TimeoutException:
+            attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
+            continue
+        except httpx.HTTPError as exc:
+            attempts.failed(cand, record, AttemptFailed("invalid", f"body could not be read ({type(exc).__name__})"))
+            continue
+        except AttemptFailed as exc:
+            attempts.failed(cand, record, exc)
+            continue
+        except GatewayError as exc:
+            record.outcome, record.status, record.error = "rejected", exc.status, exc.message
+            call.health.success(cand.endpoint.key)
+            raise
+        elapsed = time.monotonic() - started
+        record.outcome, record.status, record.latency_s = "ok", 200, elapsed
+        call.health.success(cand.endpoint.key, elapsed)
+        call.served = cand
+        return _finish_completion(call, cand, answer, elapsed)
+    raise _final_error(call, attempts.failures)
+
+
+def _decode_completion(raw: bytes) -> ChatCompletion:
+    try:
+        answer = msgspec.json.decode(raw, type=ChatCompletion)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise AttemptFailed("invalid", "unreadable JSON body") from None
+    if not answer.choices:
+        raise AttemptFailed("invalid", "answer has no choices")
+    return answer
+
+
+def _finish_completion(call: Call, cand: Candidate, answer: ChatCompletion, elapsed: float) -> Completion:
+    spec = cand.endpoint.provider.spec
+    choices = []
+    texts = []
+    for choice in answer.choices:
+        message = choice.message
+        content = clean_content(spec, message.content)
+        if content is not message.content:
+            message = msgspec.structs.replace(message, content=content)
+        texts.append(content or "")
+        results = content_filter.merge(
+            call.classifier.classify(content or ""),
+            content_filter.decode_upstream(choice.content_filter_results or None),
+        )
+        choices.append(
+            ChoiceOut(
+                index=choice.index,
+                message=message,
+                finish_reason=choice.finish_reason,
+                content_filter_results=results,
+                logprobs=choice.logprobs if choice.logprobs is not UNSET else None,
+            )
+        )
+    prompt_tokens = cand.prompt.exact if answer.usage is None or answer.usage.prompt_tokens is None else 0
+    usage = usage_for(cand.endpoint, cand.model.tokenizer, answer.usage, prompt_tokens, "".join(texts))
+    call.health.throughput(cand.endpoint.key, usage.completion_tokens, elapsed)
+    return Completion(answer, choices, usage)
+
+
+# --- streaming ---------------------------------------------------------------
+
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(chunk: ChatChunkOut) -> bytes:
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+
+@dataclass(slots=True)
+class _ChoiceState:
+    text: list[str] = field(default_factory=list)
+    role_sent: bool = False
+    finished: ChunkChoiceOut | None = None
+
+
+class StreamRelay:
+    """One streamed answer: opens an upstream (failing over), then relays it."""
+
+    def __init__(self, call: Call, include_usage: bool) -> None:
+        self.call = call
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self._response: UpstreamResponse | None = None
+        self._lines: AsyncIterator[str] | None = None
+        self._first: ChatChunk | None = None
+        self._choices: dict[int, _ChoiceState] = {}
+        self._usage: UpstreamUsage | None = None
+        self._first_at = 0.0
+
+    async def open(self) -> Candidate:
+        """Find a candidate whose stream yields a first valid chunk."""
+        attempts = _Attempts(self.call)
+        for cand, record in attempts:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, self.call.remaining_s)):
+                    response = await _open(self.call, cand, stream_usage=True)
+                    lines = response.lines()
+                    try:
+                        first = await self._next_chunk(lines)
+                    except BaseException:
+                        await response.close()
+                        raise
+                if first is None:
+                    await response.close()
+                    raise AttemptFailed("invalid", "stream ended before the first chunk")
+            except TimeoutError:
+                attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
+                continue
+            except httpx.TimeoutException:
+                attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
+                continue
+            except httpx.HTTPError as exc:
+                attempts.failed(cand, record, AttemptFailed("invalid", f"stream broke ({type(exc).__name__})"))
+                continue
+            except AttemptFailed as exc:
+                attempts.failed(cand, record, exc)
+                continue
+            except GatewayError as exc:
+                record.outcome, record.status, record.error = "rejected", exc.status, exc.message
+                self.call.health.success(cand.endpoint.key)
+                raise
+            except asyncio.CancelledError:
+                self.call.health.release(cand.endpoint.key)
+                raise
+            self._first_at = time.monotonic()
+            record.outcome, record.status, record.latency_s = "ok", 200, self._first_at - started
+            self.call.health.success(cand.endpoint.key, self._first_at - started)
+            self.call.served = cand
+            self._response, self._lines, self._first = response, lines, first
+            return cand
+        raise _final_error(self.call, attempts.failures)
+
+    async def _next_chunk(self, lines: AsyncIterator[str]) -> ChatChunk | None:
+        """The next data chunk; None at ``[DONE]`` or end of stream."""
+        async for line in lines:
+            if not line.startswith("data:"):
+                continue  # blank separators, comments (": OPENROUTER PROCESSING"), event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return None
+            try:
+                chunk = msgspec.json.decode(data, type=ChatChunk)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                raise AttemptFailed("invalid", "unreadable stream chunk") from None
+            if chunk.error is not UNSET:
+                raise AttemptFailed("status", "upstream sent an error chunk")
+            return chunk
+        raise _StreamCut
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """SSE bytes for the client, from the first chunk to ``[DONE]``."""
+        assert self._lines is not None and self._first is not None and self.call.served is not None
+        cand = self.call.served
+        try:
+            out = self._relay(self._first, first=True)
+            if out is not None:
+                yield sse(out)
+            while True:
+                try:
+                    chunk = await self._next_chunk(self._lines)
+                except _StreamCut:
+                    if self._choices and all(s.finished for s in self._choices.values()):
+                        break  # complete answer, only [DONE] missing
+                    raise AttemptFailed("invalid", "upstream closed the stream mid-answer") from None
+                if chunk is None:
+                    break
+                out = self._relay(chunk, first=False)
+                if out is not None:
+                    yield sse(out)
+            for piece in self._ending(cand):
+                yield piece
+        except (AttemptFailed, httpx.HTTPError) as exc:
+            detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({type(exc).__name__})"
+            log.info("stream failed after first chunk: %s %s", cand.endpoint.key, detail)
+            self.call.health.failure(cand.endpoint.key, "stream")
+            self.call.attempts[-1].outcome, self.call.attempts[-1].error = "failed_mid_stream", detail
+            yield sse(self.error_chunk(f"upstream stream failed: {detail}"))
+            yield DONE
+        finally:
+            await self.close()
+
+    def _relay(self, chunk: ChatChunk, first: bool) -> ChatChunkOut | None:
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        spec = self.call.served.endpoint.provider.spec
+        choices = []
+        for c in chunk.choices:
+            state = self._choices.setdefault(c.index, _ChoiceState())
+            delta = clean_delta(spec, c.delta, first=not state.role_sent)
+            if delta is not None and delta.role is UNSET and not state.role_sent:
+                delta = msgspec.structs.replace(delta, role="assistant")
+            if delta is not None and isinstance(delta.content, str):
+                state.text.append(delta.content)
+            state.role_sent = True
+            if c.finish_reason is not None:
+                state.finished = ChunkChoiceOut(
+                    index=c.index, delta=delta or Delta(), finish_reason=c.finish_reason,
+                    content_filter_results=content_filter.merge(
+                        self.call.classifier.classify("".join(state.text)),
+                        content_filter.decode_upstream(c.content_filter_results or None),
+                    ),
+                )
+                continue  # held back until the end, so usage can ride on it
+            if delta is None:
+                continue
+            out = ChunkChoiceOut(index=c.index, delta=delta)
+            if c.logprobs not in (UNSET, None):
+                out.logprobs = c.logprobs
+            choices.append(out)
+        if not choices and not first:
+            return None
+        out = self._chunk(choices)
+        if first:
+            out.prompt_filter_results = self.call.prompt_filter
+        return out
+
+    def _chunk(self, choices: list[ChunkChoiceOut]) -> ChatChunkOut:
+        cand = self.call.served or self.call.candidates[0]
+        return ChatChunkOut(
+            id=self.call.generation_id,
+            object="chat.completion.chunk",
+            created=self.created,
+            model=cand.model.id,
+            provider=cand.endpoint.provider.name if self.call.served else "",
+            choices=choices,
+        )
+
+    def usage(self) -> Usage:
+        cand = self.call.served
+        text = "".join("".join(s.text) for s in self._choices.values())
+        prompt = cand.prompt.exact if self._usage is None or self._usage.prompt_tokens is None else 0
+        return usage_for(cand.endpoint, cand.model.tokenizer, self._usage, prompt, text)
+
+    def _ending(self, cand: Candidate) -> list[bytes]:
+        usage = self.usage()
+        self.call.health.throughput(cand.endpoint.key, usage.completion_tokens, time.monotonic() - self._first_at)
+        finished = [s.finished for _, s in sorted(self._choices.items()) if s.finished is not None]
+        pieces = []
+        for i, choice in enumerate(finished):
+            out = self._chunk([choice])
+            if i == len(finished) - 1 and not self.include_usage:
+                out.usage = usage
+            pieces.append(sse(out))
+        if self.include_usage or not finished:
+            pieces.append(sse(msgspec.structs.replace(self._chunk([]), usage=usage)))
+        pieces.append(DONE)
+        self.final_usage = usage
+        return pieces
+
+    def error_chunk(self, message: str) -> ChatChunkOut:
+        """The in-band error: ``finish_reason: "error"`` on every open choice."""
+        indexes = [i for i, s in sorted(self._choices.items()) if s.finished is None] or [0]
+        out = self._chunk([ChunkChoiceOut(index=i, delta=Delta(), finish_reason="error") for i in indexes])
+        out.error = msgspec.Raw(msgspec.json.encode({"message": message, "type": "upstream_error", "code": "stream_failed"}))
+        return out
+
+    async def close(self) -> None:
+        if self._response is not None:
+            response, self._response = self._response, None
+            await response.close()

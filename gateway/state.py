@@ -1,0 +1,92 @@
+"""The gateway's long-lived parts, built once per worker process from config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import httpx
+
+from gateway import catalog as catalog_mod
+from gateway.auth import KeyRing
+from gateway.config import Config
+from gateway.content_filter import Classifier, LexiconClassifier
+from gateway.health import HealthTracker
+from gateway.routing import Router
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+#: Set by ``gateway serve`` for its workers: where the local backend it started listens.
+LOCAL_URL_ENV = "GATEWAY_LOCAL_URL"
+
+
+class Gateway:
+    """Config, catalog, health, router, keys, classifier and the upstream client."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        env: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        env = dict(os.environ) if env is None else env
+        self.config = config
+        self.catalog = catalog_mod.build(config, env)
+        self.health = HealthTracker(config.health.failure_threshold, config.health.cooldown_s)
+        local = self.catalog.providers.get("local")
+        local_url = config.local.url or env.get(LOCAL_URL_ENV)
+        self._watch_local = False
+        if local is not None and local.enabled:
+            if local_url:
+                local.base_url = local_url.rstrip("/")
+                # A backend we started may still be loading its model.
+                self._watch_local = config.local.url is None
+                local.ready = not self._watch_local
+            else:
+                local.enabled, local.disabled_reason = False, "no local backend running"
+        for p in self.catalog.providers.values():
+            if not p.enabled:
+                log.info("provider %s disabled: %s", p.name, p.disabled_reason)
+        self.router = Router(
+            self.catalog,
+            self.health,
+            max_attempts=config.routing.max_attempts,
+            local_fallback=config.routing.local_fallback,
+            local_model_id=config.local.model_id if local is not None and local.enabled else None,
+        )
+        self.keys = KeyRing(config.auth.keys, env)
+        self.classifier = classifier or LexiconClassifier()
+        self.client = UpstreamClient(transport)
+        self._tasks: list[asyncio.Task] = []
+
+    async def startup(self) -> None:
+        if self._watch_local:
+            self._tasks.append(asyncio.create_task(self._wait_for_local()))
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.client.close()
+
+    async def _wait_for_local(self) -> None:
+        """Mark the local provider ready once its ``/health`` answers 200."""
+        local = self.catalog.providers["local"]
+        url = local.base_url.removesuffix("/v1") + "/health"
+        while True:
+            try:
+                if await self.client.get(url, 2.0) == 200:
+                    local.ready = True
+                    log.info("local backend ready at %s", local.base_url)
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Ready when at least one enabled provider can take traffic."""
+        usable = [p.name for p in self.catalog.providers.values() if p.enabled and p.ready]
+        return bool(usable), usable

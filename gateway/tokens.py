@@ -1,0 +1,79 @@
+"""Prompt and completion token counts, with the model's own Mistral tokenizer.
+
+Counting exactly costs a tokenizer pass, so routing first asks for a cheap
+upper bound: SentencePiece and tekken never emit more tokens than UTF-8 bytes
+(byte fallback is one token per byte), plus one for the leading word marker.
+Only when that bound does not fit an endpoint's context is the prompt
+tokenized for real.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from importlib import resources
+
+from gateway.protocol import Message
+
+# Template tokens around each message: [INST] ... [/INST] are plain text in v1
+# and control tokens in v3 and tekken.
+_PER_MESSAGE = {"v1": 8, "v3": 3, "tekken": 3}
+_FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3", "tekken": "tekken_240911.json"}
+_lock = threading.Lock()
+
+
+@functools.cache
+def _tokenizer(version: str):
+    """The raw tokenizer for a mistral-common version; ``none`` approximates with v3."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    name = _FILES.get(version, _FILES["v3"])
+    path = resources.files("mistral_common").joinpath("data", name)
+    with _lock:
+        return MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+
+
+def _overhead(version: str) -> int:
+    return _PER_MESSAGE.get(version, 4)
+
+
+def prompt_upper_bound(messages: list[Message], version: str) -> int:
+    """A bound no tokenizer output exceeds; costs one pass over the bytes."""
+    per = _overhead(version) + 1
+    return 1 + sum(len(m.text().encode()) + per for m in messages)
+
+
+def count_text(text: str, version: str) -> int:
+    if not text:
+        return 0
+    return len(_tokenizer(version).encode(text, bos=False, eos=False))
+
+
+def count_prompt(messages: list[Message], version: str) -> int:
+    """Tokens of the text of every message, plus the chat template's own."""
+    per = _overhead(version)
+    return 1 + sum(count_text(m.text(), version) + per for m in messages)
+
+
+class PromptTokens:
+    """One request's prompt size: the bound at once, the exact count on demand."""
+
+    __slots__ = ("messages", "version", "upper_bound", "_exact")
+
+    def __init__(self, messages: list[Message], version: str) -> None:
+        self.messages = messages
+        self.version = version
+        self.upper_bound = prompt_upper_bound(messages, version)
+        self._exact: int | None = None
+
+    @property
+    def exact(self) -> int:
+        if self._exact is None:
+            self._exact = count_prompt(self.messages, self.version)
+        return self._exact
+
+    def fits(self, budget: int) -> bool:
+        """Does the prompt fit in ``budget`` tokens? Tokenizes only near the limit."""
+        if self.upper_bound <= budget:
+            return True
+        return self.exact <= budget
