@@ -1,0 +1,343 @@
+"""Continuous-batching engine: scheduler, slot bookkeeping, and the asyncio bridge.
+
+Design (like vLLM's engine vs. its OpenAI server): the engine knows token ids and
+sampling params, never HTTP. It runs in its own thread (torch releases the GIL in
+its kernels); requests arrive through a thread-safe inbox and outputs go back
+through per-request asyncio queues fed with `loop.call_soon_threadsafe`.
+
+Each iteration (1) admits waiting requests while a slot is free, (2) runs at most
+one prompt chunk for the request being prefilled (chunked prefill: a long prompt
+costs running streams one chunk of latency per step, not the whole prompt), and
+(3) runs ONE batched decode forward for every running sequence. Requests join and
+leave between iterations; a finished request's slot is filled by moving the last
+running sequence into it, so the decode batch is always slots 0..B-1.
+
+Why our own engine and not transformers' continuous batching
+(`model.generate_batch` / ContinuousBatchingManager with paged attention): both
+were measured in the same run by `bench/local_backend_bench.py` on the 2-core CPU
+box (SmolLM2-135M, 16 prompts x 64 new tokens, see docs/local_backend.md).
+generate_batch was the slowest batched option there (paged-attention bookkeeping
+and per-step Python dominate at this model size on CPU), and its manager offers no
+per-request sampling params, stop strings, seeded RNG per request, or
+cancellation hook. Our engine's fused-weight forward over a pre-allocated slot KV
+cache decodes all running sequences in one forward and measurably wins, so we keep it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .detokenize import IncrementalDetokenizer, StopMatcher
+from .runner import ModelRunner
+from .sampling import Sampler, SamplingParams, sample_batch
+
+log = logging.getLogger("local_backend.engine")
+
+
+class QueueFull(Exception):
+    """Admission refused: too many requests already waiting."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the local backend queue is full, retry later")
+        self.retry_after = retry_after
+
+
+class ContextLengthExceeded(Exception):
+    """prompt + max_tokens does not fit the model's context."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 16
+    max_queue: int = 64
+    max_model_len: int = 2048
+    prefill_chunk: int = 128  # prompt tokens per step while other streams decode
+    prefill_chunk_idle: int = 512  # ...and while nobody waits on us
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "error" | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[StepOutput], None]
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    output_ids: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose KV is in the cache
+    last_token: int = 0
+    finished: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """The scheduler thread. Public methods are thread-safe."""
+
+    def __init__(self, runner: ModelRunner, decode: Callable[[list[int]], str],
+                 eos_token_ids: frozenset[int], config: EngineConfig) -> None:
+        if config.max_batch >= runner.max_slots:
+            raise ValueError("runner needs max_batch + 1 slots (one for the prefilling request)")
+        self.runner = runner
+        self.decode_text = decode
+        self.eos = eos_token_ids
+        self.cfg = config
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._num_waiting = 0
+        self._waiting: list[_Request] = []
+        self._prefilling: _Request | None = None
+        self._running: list[_Request] = []  # index == KV slot
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self.steps = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="local-backend-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[StepOutput], None]) -> int:
+        """Queue a request; raises ContextLengthExceeded / QueueFull synchronously."""
+        need = len(prompt_ids) + params.max_tokens
+        if not prompt_ids or need > self.cfg.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.cfg.max_model_len} tokens. However, you "
+                f"requested {need} tokens ({len(prompt_ids)} in the messages, {params.max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.")
+        with self._lock:
+            if self._num_waiting >= self.cfg.max_queue:
+                raise QueueFull(retry_after=self._retry_after())
+            self._num_waiting += 1
+        req = _Request(
+            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, sink=sink,
+            sampler=Sampler(params, prompt_ids, self.runner.device),
+            detok=IncrementalDetokenizer(self.decode_text), stops=StopMatcher(params.stop))
+        self._inbox.put(("add", req))
+        return req.id
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request (client went away); its slot is freed before the next step."""
+        self._inbox.put(("abort", request_id))
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + (self._prefilling is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    def _retry_after(self) -> int:
+        # Rough: one queue's worth of requests drains in a few seconds on this model size.
+        return max(1, min(30, self._num_waiting // max(self.cfg.max_batch, 1) + 1))
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        self.ready.set()
+        while not self._stop.is_set():
+            idle = not (self._running or self._prefilling or self._waiting)
+            self._drain_inbox(block=idle)
+            try:
+                self._admit()
+                if self._prefilling is not None:
+                    self._prefill_step()
+                if self._running:
+                    self._decode_step()
+                self.steps += 1
+            except Exception:  # keep serving: fail what was in flight, not the process
+                log.exception("engine step failed; failing in-flight requests")
+                for r in list(self._running) + ([self._prefilling] if self._prefilling else []):
+                    self._emit(r, "", [], "error")
+                self._running.clear()
+                self._prefilling = None
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                self._waiting.append(payload)  # type: ignore[arg-type]
+            elif kind == "abort":
+                self._abort(payload)  # type: ignore[arg-type]
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _abort(self, request_id: int) -> None:
+        for r in self._waiting:
+            if r.id == request_id:
+                self._waiting.remove(r)
+                with self._lock:
+                    self._num_waiting -= 1
+                return
+        if self._prefilling is not None and self._prefilling.id == request_id:
+            self._prefilling = None
+            return
+        for i, r in enumerate(self._running):
+            if r.id == request_id:
+                self._release(i)
+                return
+
+    def _admit(self) -> None:
+        if self._prefilling is None and self._waiting and len(self._running) < self.cfg.max_batch:
+            req = self._waiting.pop(0)
+            with self._lock:
+                self._num_waiting -= 1
+            slot = len(self._running)
+            self.runner.clear(slot, 0, self._need(req))
+            self._prefilling = req
+
+    def _need(self, req: _Request) -> int:
+        return min(len(req.prompt_ids) + req.params.max_tokens, self.runner.max_len)
+
+    def _prefill_step(self) -> None:
+        req = self._prefilling
+        assert req is not None
+        chunk = self.cfg.prefill_chunk if self._running else self.cfg.prefill_chunk_idle
+        toks = req.prompt_ids[req.computed:req.computed + chunk]
+        logits = self.runner.prefill(len(self._running), toks, req.computed)
+        req.computed += len(toks)
+        if req.computed < len(req.prompt_ids):
+            return
+        self._prefilling = None
+        token = sample_batch(logits.unsqueeze(0), [req.sampler])[0]
+        self._running.append(req)
+        self._accept(req, token)
+        if req.finished:
+            self._release(len(self._running) - 1)
+
+    def _decode_step(self) -> None:
+        running = self._running
+        dev = self.runner.device
+        tokens = torch.tensor([r.last_token for r in running], device=dev)
+        positions = torch.tensor([r.computed for r in running], device=dev)
+        logits = self.runner.decode(tokens, positions)
+        for r in running:
+            r.computed += 1
+        new = sample_batch(logits, [r.sampler for r in running])
+        for r, t in zip(running, new):
+            self._accept(r, t)
+        for i in range(len(running) - 1, -1, -1):
+            if running[i].finished:
+                self._release(i)
+
+    def _accept(self, req: _Request, token: int) -> None:
+        """Record a sampled token, stream its text, decide whether the request is done."""
+        p = req.params
+        req.last_token = token
+        if token in self.eos and not p.ignore_eos:
+            text, stopped = req.stops.push(req.detok.flush())
+            self._emit(req, text + ("" if stopped else req.stops.flush()), [], "stop")
+            return
+        req.output_ids.append(token)
+        req.sampler.append(token)
+        text, stopped = req.stops.push(req.detok.add(token))
+        if stopped:
+            self._emit(req, text, [token], "stop")
+        elif len(req.output_ids) >= p.max_tokens or req.computed + 1 >= self.runner.max_len:
+            text2, stopped = req.stops.push(req.detok.flush())
+            tail = "" if stopped else req.stops.flush()
+            self._emit(req, text + text2 + tail, [token], "stop" if stopped else "length")
+        else:
+            self._emit(req, text, [token], None)
+
+    def _emit(self, req: _Request, text: str, ids: list[int], finish: str | None) -> None:
+        if finish is not None:
+            req.finished = True
+        req.sink(StepOutput(text, ids, finish, len(req.prompt_ids), len(req.output_ids)))
+
+    def _release(self, index: int) -> None:
+        """Free running slot `index`, keeping running sequences in slots 0..B-1."""
+        running = self._running
+        last = len(running) - 1
+        if index != last:
+            moved = running[last]
+            self.runner.move(last, index, moved.computed)
+            self.runner.clear(index, moved.computed, self._need(moved))
+            running[index] = moved
+        running.pop()
+        if self._prefilling is not None:  # it lives just past the running slots
+            p = self._prefilling
+            self.runner.move(last + 1, last, p.computed)
+            self.runner.clear(last, p.computed, self._need(p))
+
+
+class RequestStream:
+    """Async iterator over one request's StepOutputs; aborts the request if dropped early."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.request_id = 0
+        self.finished = False
+
+    def _put(self, out: StepOutput) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finish_reason is not None:
+            self.finished = True
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+def add_request(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+    """Submit from asyncio code. Raises QueueFull / ContextLengthExceeded immediately."""
+    stream = RequestStream(engine)
+    stream.request_id = engine.submit(prompt_ids, params, stream._put)
+    return stream
+
+
+def build_engine(model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: frozenset[int],
+                 config: EngineConfig) -> Engine:
+    """Fuse the model's weights into a runner sized for the config and wrap it in an Engine."""
+    runner = ModelRunner(model, max_slots=config.max_batch + 1, max_len=config.max_model_len)
+    return Engine(runner, decode, eos_token_ids, config)

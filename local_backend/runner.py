@@ -1,0 +1,147 @@
+"""Mistral forward pass over a pre-allocated, slot-indexed KV cache.
+
+Why not `model(...)` with a transformers Cache: every sequence in a continuous batch
+sits at a different position, which transformers' StaticCache (one shared
+cache_position) cannot express, and a DynamicCache per sequence has to be stacked
+and split every step. Here the weights come from the loaded `MistralForCausalLM`
+(q/k/v and gate/up fused into one matmul each, so a layer is 4 GEMMs) and the cache
+is one tensor per layer, `[slots, kv_heads, max_len, head_dim]`. Running sequences
+occupy slots 0..B-1 so a decode step reads a plain view `cache[:B, :, :L]`; rows of
+different lengths are masked. RoPE comes from the model's own rotary module, so
+every rope variant transformers supports is honoured.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ModelRunner:
+    """Owns fused weights and the KV cache; knows nothing about requests."""
+
+    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int) -> None:
+        cfg = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.n_heads // self.n_kv
+        self.eps = cfg.rms_norm_eps
+        self.window = getattr(cfg, "sliding_window", None)
+        self.vocab_size = cfg.vocab_size
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.scale = self.head_dim ** -0.5
+        self.rotary = model.model.rotary_emb
+
+        self.layers: list[dict[str, torch.Tensor | None]] = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
+            self.layers.append({
+                "ln1": layer.input_layernorm.weight.detach(),
+                "wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                "bqkv": torch.cat(biases).detach() if all(b is not None for b in biases) else None,
+                "wo": a.o_proj.weight.detach(),
+                "ln2": layer.post_attention_layernorm.weight.detach(),
+                "wgu": torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                "wd": m.down_proj.weight.detach(),
+            })
+            # Drop the unfused copies so big checkpoints are not held twice.
+            for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                p.weight = None  # type: ignore[assignment]
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.norm = model.model.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+
+        shape = (len(self.layers), max_slots, self.n_kv, max_len, self.head_dim)
+        # torch.empty: pages are only touched when written; clear() zeroes what a slot uses.
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._arange = torch.arange(max_len, device=self.device)
+
+    # ------------------------------------------------------------------ cache slots
+
+    def clear(self, slot: int, start: int, end: int) -> None:
+        """Zero a slot range before use: masked-out garbage could be NaN and NaN*0 = NaN."""
+        self.k_cache[:, slot, :, start:end].zero_()
+        self.v_cache[:, slot, :, start:end].zero_()
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's KV to another slot (keeps running slots contiguous)."""
+        self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
+        self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
+
+    # ------------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of slots 0..B-1. tokens/positions: [B] -> logits [B, vocab]."""
+        b = tokens.shape[0]
+        kv_len = int(positions.max()) + 1
+        x = self.embed[tokens].unsqueeze(1)  # [B, 1, hidden]
+        pos = positions.unsqueeze(1)  # [B, 1]
+        h = self._forward(x, pos, slice(0, b), kv_len)
+        return self._logits(h[:, -1])
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed a prompt chunk into `slot` at positions start.. -> logits of its last token."""
+        t = len(tokens)
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(0)
+        pos = torch.arange(start, start + t, device=self.device).unsqueeze(0)
+        h = self._forward(self.embed[ids], pos, slice(slot, slot + 1), start + t)
+        return self._logits(h[:, -1])[0]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """[B, 1, G*T, L] bool: causal, per-row length, optional sliding window."""
+        j = self._arange[:kv_len]
+        p = pos.unsqueeze(-1)  # [B, T, 1]
+        allowed = j <= p
+        if self.window is not None and kv_len > self.window:
+            allowed &= j > p - self.window
+        b, t, _ = allowed.shape
+        if t == 1:
+            return allowed.unsqueeze(1)  # broadcasts over the G query rows
+        return allowed.unsqueeze(1).expand(b, self.group, t, kv_len).reshape(b, 1, self.group * t, kv_len)
+
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, slots: slice, kv_len: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        cos, sin = self.rotary(x, pos)  # [B, T, D]
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
+        mask = self._mask(pos, kv_len)
+        rows = torch.arange(slots.start, slots.stop, device=self.device).unsqueeze(1)
+        nk, g, d = self.n_kv, self.group, self.head_dim
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
+            qkv = F.linear(h, w["wqkv"], w["bqkv"])
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = _rope(q.view(b, t, self.n_heads, d), cos, sin)
+            k = _rope(k.view(b, t, nk, d), cos, sin)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[rows, :, pos] = k  # [B, T, nk, D] scattered into [slot, :, pos, :]
+            vc[rows, :, pos] = v.view(b, t, nk, d)
+            # GQA without repeat_kv: fold each kv head's query group into the query axis.
+            q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
+            o = F.scaled_dot_product_attention(
+                q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale)
+            o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
+            x = x + F.linear(o, w["wo"])
+            h = F.rms_norm(x, (x.shape[-1],), w["ln2"], self.eps)
+            gate, up = F.linear(h, w["wgu"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w["wd"])
+        return x
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
