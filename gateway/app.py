@@ -9,6 +9,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from gateway import chat, config as config_mod
@@ -43,7 +44,7 @@ async def list_models(request: Request) -> Response:
 
 
 @get("/v1/models/{path:path}", summary="One model, or its endpoints with live health (…/endpoints)")
-async def model_detail(request: Request, path: str) -> Response:
+async def model_detail(request: Request, path: FromPath[str]) -> Response:
     gw = _gateway(request)
     gw.keys.authenticate(request.headers.get("authorization"))
     name = path.strip("/")

@@ -32,7 +32,7 @@ def decode_request(body: bytes) -> ChatRequest:
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _AT.search(text)
-        param = match.group("path") if match else None
+        param = match.group("path").replace("[...]", "") if match else None  # dict values
         message = text[: match.start()] if match else text
         raise invalid_request(f"invalid parameter `{param}`: {message}" if param else message, param=param) from None
     except msgspec.DecodeError as exc:
