@@ -1,0 +1,71 @@
+"""`python -m local_backend serve ...`: argument parsing and process wiring."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+MAX_DEFAULT_CONTEXT = 8192
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m local_backend")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a Mistral-family model over OpenAI-compatible HTTP")
+    s.add_argument("--model", default="embedded",
+                   help="'embedded' (SmolLM2-135M-Instruct), a local HF directory, or a hub id")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    s.add_argument("--served-name", default=None, help="model name clients must send")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context length (default: the model's, capped at {MAX_DEFAULT_CONTEXT})")
+    s.add_argument("--tokenizer", default=None, help="mistral-common tokenizer file (tokenizer.model.v3, tekken.json)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    s.add_argument("--log-level", default="info")
+    return ap.parse_args(argv)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from .engine import EngineConfig, build_engine
+    from .models import default_served_name, load_model
+    from .server import Backend, create_app
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    served = args.served_name or default_served_name(args.model)
+
+    def load() -> Backend:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+        max_len = args.max_model_len or min(lm.max_model_len, MAX_DEFAULT_CONTEXT)
+        cfg = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=max_len)
+        vocab = lm.model.config.vocab_size
+        engine = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg)
+        engine.runner.clear(0, 0, 8)
+        engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
+        engine.start()
+        engine.ready.wait()
+        return Backend(engine=engine, tokenizer=lm.tokenizer, vocab_size=vocab)
+
+    app = create_app(served, load)
+    logging.getLogger("local_backend").info(
+        "listening on http://%s:%d (model %s, served as %r; /health is 503 until loaded)",
+        args.host, args.port, args.model, served)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(args)
+    return 0

@@ -1,0 +1,226 @@
+"""OpenAI-compatible HTTP front end (litestar) over the engine.
+
+Knows the wire format and HTTP status codes; knows nothing about tensors. The model
+loads in a background thread after the socket is up, so a supervisor can poll
+/health (503 while loading, 200 once the engine runs) and read the conversion logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.response import Stream
+
+from . import protocol as P
+from .engine import ContextLengthExceeded, Engine, QueueFull, RequestStream, add_request
+from .models import ChatTokenizer
+from .sampling import InvalidParam, SamplingParams
+
+log = logging.getLogger("local_backend.server")
+JSON = "application/json"
+
+
+@dataclass
+class Backend:
+    """What the HTTP layer needs once loading is done."""
+
+    engine: Engine
+    tokenizer: ChatTokenizer
+    vocab_size: int
+
+
+class State:
+    def __init__(self, served_name: str) -> None:
+        self.served_name = served_name
+        self.backend: Backend | None = None
+        self.created = int(time.time())
+
+
+def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+          headers: dict[str, str] | None = None) -> Response[bytes]:
+    body = P.encode(P.ErrorResponse(P.ErrorBody(message=message, type=type_, param=param, code=code)))
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
+def bad_param(param: str | None, message: str) -> Response[bytes]:
+    return error(400, message, "invalid_request_error", param=param, code="invalid_parameter")
+
+
+def sampling_params(req: P.ChatCompletionRequest, prompt_len: int, max_model_len: int,
+                    vocab_size: int) -> SamplingParams:
+    """Map OpenAI request fields to SamplingParams; raises InvalidParam naming the field."""
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    bias: dict[int, float] = {}
+    for k, v in (req.logit_bias or {}).items():
+        try:
+            bias[int(k)] = float(v)
+        except ValueError:
+            raise InvalidParam("logit_bias", f"logit_bias key {k!r} is not a token id") from None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(max_model_len - prompt_len, 1)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed, stop=stop, logit_bias=bias, ignore_eos=req.ignore_eos,
+    )
+    params.validate(vocab_size)
+    return params
+
+
+def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: bool = True) -> Litestar:
+    """The ASGI app. `load` runs in a thread at startup; /health turns 200 when it returns."""
+    state = State(served_name)
+
+    def _load() -> None:
+        try:
+            state.backend = load()
+            log.info("ready: serving %r", served_name)
+        except Exception:
+            log.exception("model load failed")
+            if exit_on_failure:
+                logging.shutdown()
+                os._exit(1)
+
+    def on_startup() -> None:
+        threading.Thread(target=_load, name="local-backend-load", daemon=True).start()
+
+    def on_shutdown() -> None:
+        if state.backend is not None:
+            state.backend.engine.shutdown()
+
+    @get("/health", sync_to_thread=False)
+    def health() -> Response[bytes]:
+        b = state.backend
+        if b is None or not b.engine.ready.is_set():
+            return Response(b'{"status":"loading"}', status_code=503, media_type=JSON,
+                            headers={"Retry-After": "1"})
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    @get("/v1/models", sync_to_thread=False)
+    def models() -> Response[bytes]:
+        return Response(P.encode(P.ModelList([P.ModelCard(id=served_name, created=state.created)])),
+                        media_type=JSON)
+
+    @post("/v1/chat/completions")
+    async def chat(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        try:
+            req = P.decode_request(await request.body())
+        except msgspec.ValidationError as e:
+            return bad_param(P.param_of(e), str(e))
+        except msgspec.DecodeError as e:
+            return bad_param(None, f"invalid JSON body: {e}")
+        if req.model != served_name:
+            return error(404, f"The model `{req.model}` does not exist. This server serves `{served_name}`.",
+                         "invalid_request_error", param="model", code="model_not_found")
+        b = state.backend
+        if b is None:
+            return error(503, "the model is still loading", "server_error", code="model_loading",
+                         headers={"Retry-After": "5"})
+        if req.n not in (None, 1):
+            return bad_param("n", "only n=1 is supported")
+        if not req.messages:
+            return bad_param("messages", "messages must not be empty")
+        try:
+            prompt = b.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        except Exception as e:  # template/validation errors are the caller's messages
+            return bad_param("messages", f"cannot format messages: {e}")
+        try:
+            params = sampling_params(req, len(prompt), b.engine.cfg.max_model_len, b.vocab_size)
+            stream = add_request(b.engine, prompt, params)
+        except InvalidParam as e:
+            return bad_param(e.param, str(e))
+        except ContextLengthExceeded as e:
+            return error(400, str(e), "invalid_request_error", param="messages", code="context_length_exceeded")
+        except QueueFull as e:
+            return error(503, str(e), "server_error", code="queue_full",
+                         headers={"Retry-After": str(e.retry_after)})
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return Stream(_sse(stream, rid, served_name, include_usage), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})
+        return await _complete(request, stream, rid, served_name)
+
+    return Litestar(route_handlers=[health, models, chat], on_startup=[on_startup],
+                    on_shutdown=[on_shutdown], debug=False)
+
+
+async def _complete(request: Request[Any, Any, Any], stream: RequestStream, rid: str,
+                    model: str) -> Response[bytes]:
+    """Non-streamed: gather the text, but abort the request if the client disconnects."""
+
+    async def collect() -> tuple[str, str, int, int]:
+        parts: list[str] = []
+        async for out in stream:
+            parts.append(out.text)
+            if out.finish_reason is not None:
+                return "".join(parts), out.finish_reason, out.prompt_tokens, out.completion_tokens
+        raise RuntimeError("stream ended without a finish reason")
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collector = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not collector.done():
+            collector.cancel()
+            stream.abort()
+    if not collector.done() or collector.cancelled():
+        return error(499, "client closed request", "invalid_request_error")
+    text, finish, n_prompt, n_out = collector.result()
+    if finish == "error":
+        return error(500, "the engine failed while generating", "server_error")
+    body = P.ChatCompletion(
+        id=rid, created=int(time.time()), model=model,
+        choices=[P.Choice(0, P.ResponseMessage("assistant", text), finish)],
+        usage=P.Usage(n_prompt, n_out, n_prompt + n_out))
+    return Response(P.encode(body), media_type=JSON)
+
+
+async def _sse(stream: RequestStream, rid: str, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI chunk stream. Leaving early (client disconnect cancels us) aborts the request."""
+    created = int(time.time())
+
+    def chunk(delta: P.Delta, finish: str | None = None) -> bytes:
+        c = P.ChatCompletionChunk(rid, created, model, [P.ChunkChoice(0, delta, finish)])
+        return b"data: " + P.encode(c) + b"\n\n"
+
+    try:
+        yield chunk(P.Delta(role="assistant", content=""))
+        async for out in stream:
+            if out.text:
+                yield chunk(P.Delta(content=out.text))
+            if out.finish_reason == "error":
+                err = P.ErrorResponse(P.ErrorBody("the engine failed while generating", "server_error"))
+                yield b"data: " + P.encode(err) + b"\n\n"
+            elif out.finish_reason is not None:
+                yield chunk(P.Delta(), out.finish_reason)
+                if include_usage:
+                    usage = P.Usage(out.prompt_tokens, out.completion_tokens,
+                                    out.prompt_tokens + out.completion_tokens)
+                    yield b"data: " + P.encode(P.ChatCompletionChunk(rid, created, model, [], usage=usage)) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        stream.abort()
