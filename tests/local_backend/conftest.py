@@ -1,0 +1,50 @@
+"""Fixtures: a tiny random Mistral with the real mistral-common v3 tokenizer, and engines over it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from local_backend.engine import Engine, EngineConfig, build_engine
+from local_backend.models import load_model
+
+V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 layers, hidden 64, vocab 32768: runs in milliseconds, formats chats like Mistral v3."""
+    d = tmp_path_factory.mktemp("tiny-mistral")
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=32768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        max_position_embeddings=512, initializer_range=0.2, sliding_window=None,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    MistralForCausalLM(cfg).save_pretrained(d)
+    shutil.copy(V3_TOKENIZER, d / "tokenizer.model.v3")
+    return d
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir: Path):
+    """Factory: a started Engine over the tiny model; shut down after the test."""
+    engines: list[Engine] = []
+
+    def make(**overrides: int) -> Engine:
+        lm = load_model(str(tiny_model_dir))
+        cfg = EngineConfig(**{"max_batch": 4, "max_queue": 8, "max_model_len": 256, "prefill_chunk": 16,
+                              "prefill_chunk_idle": 64, **overrides})
+        eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg)
+        eng.tokenizer = lm.tokenizer  # type: ignore[attr-defined]
+        eng.start()
+        engines.append(eng)
+        return eng
+
+    yield make
+    for e in engines:
+        e.shutdown()
