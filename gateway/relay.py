@@ -143,7 +143,7 @@ async def _open(call: Call, cand: Candidate, stream_usage: bool) -> UpstreamResp
         raise AttemptFailed("timeout", "timed out") from None
     except httpx.HTTPError as exc:
         raise AttemptFailed("connect", f"connection failed ({type(exc).__name__})") from None
-    if response.status == 200:
+    if 200 <= response.status < 300:
         return response
     try:
         message = _scrub(await _error_message(response), endpoint)
