@@ -6,6 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .server import Backend
 
 MAX_DEFAULT_CONTEXT = 8192
 
@@ -32,29 +36,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def serve(args: argparse.Namespace) -> None:
-    import torch
-    import uvicorn
-
+def make_loader(model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None,
+                max_batch: int = 16, max_queue: int = 64, max_model_len: int | None = None
+                ) -> Callable[[], Backend]:
+    """The start-up work the server runs in a thread: load, fuse, warm up, start the engine."""
     from .engine import EngineConfig, build_engine
-    from .models import default_served_name, load_model
-    from .server import Backend, create_app
-
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    served = args.served_name or default_served_name(args.model)
+    from .models import load_model
+    from .server import Backend
 
     def load() -> Backend:
-        lm = load_model(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
-        max_len = args.max_model_len or min(lm.max_model_len, MAX_DEFAULT_CONTEXT)
-        cfg = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=max_len)
+        lm = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer)
+        max_len = max_model_len or min(lm.max_model_len, MAX_DEFAULT_CONTEXT)
+        cfg = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_model_len=max_len)
         vocab = lm.model.config.vocab_size
         engine = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg)
-        engine.runner.clear(0, 0, 8)
         engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
         engine.start()
         engine.ready.wait()
         return Backend(engine=engine, tokenizer=lm.tokenizer, vocab_size=vocab)
 
+    return load
+
+
+def serve(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from .models import default_served_name
+    from .server import create_app
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    served = args.served_name or default_served_name(args.model)
+    load = make_loader(args.model, args.device, args.dtype, args.tokenizer, args.max_batch,
+                       args.max_queue, args.max_model_len)
     app = create_app(served, load)
     logging.getLogger("local_backend").info(
         "listening on http://%s:%d (model %s, served as %r; /health is 503 until loaded)",

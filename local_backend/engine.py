@@ -220,12 +220,7 @@ class Engine:
             req = self._waiting.pop(0)
             with self._lock:
                 self._num_waiting -= 1
-            slot = len(self._running)
-            self.runner.clear(slot, 0, self._need(req))
             self._prefilling = req
-
-    def _need(self, req: _Request) -> int:
-        return min(len(req.prompt_ids) + req.params.max_tokens, self.runner.max_len)
 
     def _prefill_step(self) -> None:
         req = self._prefilling
@@ -290,13 +285,11 @@ class Engine:
         if index != last:
             moved = running[last]
             self.runner.move(last, index, moved.computed)
-            self.runner.clear(index, moved.computed, self._need(moved))
             running[index] = moved
         running.pop()
         if self._prefilling is not None:  # it lives just past the running slots
             p = self._prefilling
             self.runner.move(last + 1, last, p.computed)
-            self.runner.clear(last, p.computed, self._need(p))
 
 
 class RequestStream:

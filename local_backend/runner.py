@@ -59,22 +59,33 @@ class ModelRunner:
         self.kv_size = self.n_kv * self.head_dim
 
         shape = (len(self.layers), max_slots, self.n_kv, max_len, self.head_dim)
-        # torch.empty: pages are only touched when written; clear() zeroes what a slot uses.
+        # torch.empty: pages are only touched when used; see _ensure_clean.
         self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self._arange = torch.arange(max_len, device=self.device)
+        self._clean = [0] * max_slots
 
     # ------------------------------------------------------------------ cache slots
 
-    def clear(self, slot: int, start: int, end: int) -> None:
-        """Zero a slot range before use: masked-out garbage could be NaN and NaN*0 = NaN."""
-        self.k_cache[:, slot, :, start:end].zero_()
-        self.v_cache[:, slot, :, start:end].zero_()
+    # Invariant: positions [0, clean[slot]) of every slot hold finite values. A decode
+    # step reads up to the longest row, and a masked entry still multiplies into the
+    # output as 0 * value, so never-written memory (possibly NaN) must be zeroed first.
+    # Every write (prefill, decode, move) stores finite K/V, so the mark only grows.
+
+    def _ensure_clean(self, rows: int, kv_len: int) -> None:
+        for slot in range(rows):
+            start = self._clean[slot]
+            if start < kv_len:
+                end = min(self.max_len, kv_len + 256)  # amortize: zero ahead in blocks
+                self.k_cache[:, slot, :, start:end].zero_()
+                self.v_cache[:, slot, :, start:end].zero_()
+                self._clean[slot] = end
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's KV to another slot (keeps running slots contiguous)."""
         self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
         self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
+        self._clean[dst] = max(self._clean[dst], length)
 
     # ------------------------------------------------------------------ forward
 
@@ -83,6 +94,7 @@ class ModelRunner:
         """One token for each of slots 0..B-1. tokens/positions: [B] -> logits [B, vocab]."""
         b = tokens.shape[0]
         kv_len = int(positions.max()) + 1
+        self._ensure_clean(b, kv_len)
         x = self.embed[tokens].unsqueeze(1)  # [B, 1, hidden]
         pos = positions.unsqueeze(1)  # [B, 1]
         h = self._forward(x, pos, slice(0, b), kv_len)
@@ -95,6 +107,7 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=self.device).unsqueeze(0)
         pos = torch.arange(start, start + t, device=self.device).unsqueeze(0)
         h = self._forward(self.embed[ids], pos, slice(slot, slot + 1), start + t)
+        self._clean[slot] = max(self._clean[slot], start + t)
         return self._logits(h[:, -1])[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

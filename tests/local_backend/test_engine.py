@@ -67,7 +67,7 @@ async def test_greedy_identical_alone_and_in_a_changing_batch(make_engine) -> No
     results = await asyncio.gather(*others)
     assert len(results) == 3 and all(len(r[0]) > 0 for r in results)
     assert batched == alone
-    assert eng.steps > 0 and eng.num_running == 0
+    await wait_for(lambda: eng.num_running == 0)
 
 
 async def test_seeded_sampling_is_reproducible(make_engine) -> None:
