@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import KeyConfig
 from gateway.errors import GatewayError
+from gateway.limit_stores import Quota
 
 log = logging.getLogger("gateway.auth")
 
@@ -23,9 +24,19 @@ log = logging.getLogger("gateway.auth")
 @dataclass(frozen=True, slots=True)
 class GatewayKey:
     name: str
+    quota: Quota = field(default_factory=Quota)
+    #: Lower-cased model ids this key may ask for; None = any.
+    models: frozenset[str] | None = None
 
 
 OPEN = GatewayKey(name="open")
+
+
+def _key(k: KeyConfig) -> GatewayKey:
+    quota = Quota(rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent,
+                  budget_usd_per_day=k.budget_usd_per_day, budget_usd_per_month=k.budget_usd_per_month)
+    models = None if k.models is None else frozenset(m.lower() for m in k.models)
+    return GatewayKey(k.name, quota, models)
 
 
 def digest(key: str) -> str:
@@ -40,11 +51,11 @@ class KeyRing:
         self._by_digest: dict[str, GatewayKey] = {}
         for k in keys:
             if k.sha256 is not None:
-                self._by_digest[k.sha256.lower()] = GatewayKey(k.name)
+                self._by_digest[k.sha256.lower()] = _key(k)
             elif k.key_env:
                 value = env.get(k.key_env)
                 if value:
-                    self._by_digest[digest(value)] = GatewayKey(k.name)
+                    self._by_digest[digest(value)] = _key(k)
                 else:
                     log.warning("gateway key %s disabled: $%s is not set", k.name, k.key_env)
         self.configured = bool(keys)

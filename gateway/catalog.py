@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 import providers
+from gateway.limit_stores import Quota
 from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, ProviderConfig
 from msgspec import UNSET
 
@@ -29,6 +30,8 @@ class ProviderRuntime:
     enabled: bool
     spec: providers.Provider
     disabled_reason: str | None = None
+    #: The provider's own quota across all its endpoints.
+    quota: Quota = field(default_factory=Quota)
     #: False while a provider we started ourselves (the local backend) is loading.
     ready: bool = True
 
@@ -49,6 +52,9 @@ class Endpoint:
     context_length: int
     quantization: str | None
     supported_parameters: frozenset[str]
+    quota: Quota = field(default_factory=Quota)
+    #: (entity, quota) pairs an attempt here must take: the endpoint's and its provider's.
+    quotas: list[tuple[str, Quota]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -125,7 +131,12 @@ def _provider(name: str, pc: ProviderConfig, env: dict[str, str]) -> ProviderRun
         enabled=enabled,
         spec=providers.get(name),
         disabled_reason=reason,
+        quota=Quota(rpm=_opt(pc.rpm), tpm=_opt(pc.tpm), max_concurrent=_opt(pc.max_concurrent)),
     )
+
+
+def _opt(value):
+    return None if value is UNSET else value
 
 
 def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: ProviderRuntime) -> Endpoint:
@@ -136,7 +147,7 @@ def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: Provider
         return default if v is UNSET else v
 
     supported = val(ec.supported_parameters, None)
-    return Endpoint(
+    endpoint = Endpoint(
         model_id=model.id,
         provider=provider,
         upstream_model=val(ec.upstream_model, model.id),
@@ -145,7 +156,13 @@ def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: Provider
         context_length=ec.context_length,
         quantization=val(ec.quantization, None),
         supported_parameters=provider.spec.supported_parameters if supported is None else frozenset(supported),
+        quota=Quota(rpm=_opt(ec.rpm), tpm=_opt(ec.tpm), max_concurrent=_opt(ec.max_concurrent)),
     )
+    if not endpoint.quota.empty:
+        endpoint.quotas.append((f"endpoint:{endpoint.key}", endpoint.quota))
+    if not provider.quota.empty:
+        endpoint.quotas.append((f"provider:{provider.name}", provider.quota))
+    return endpoint
 
 
 def build(config: Config, env: dict[str, str] | None = None) -> Catalog:

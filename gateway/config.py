@@ -40,6 +40,13 @@ class KeyConfig(_Section):
     name: str
     sha256: Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None
     key_env: str | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrent: PositiveInt | None = None
+    budget_usd_per_day: Price | None = None
+    budget_usd_per_month: Price | None = None
+    #: Allow-list of model ids (or aliases); absent = every model.
+    models: list[str] | None = None
 
 
 class AuthConfig(_Section):
@@ -48,6 +55,10 @@ class AuthConfig(_Section):
 
 class RedisConfig(_Section):
     url: str | None = None
+    #: When Redis fails: "open" serves anyway (counted in a metric), "closed" answers 503.
+    on_error: Literal["open", "closed"] = "open"
+    timeout_s: PositiveFloat = 0.25
+    prefix: str = "gw:"
 
 
 class ProviderConfig(_Section):
@@ -56,6 +67,9 @@ class ProviderConfig(_Section):
     timeout_s: PositiveFloat | UnsetType = UNSET
     headers: dict[str, str] | UnsetType = UNSET
     enabled: bool | UnsetType = UNSET
+    rpm: PositiveInt | None | UnsetType = UNSET
+    tpm: PositiveInt | None | UnsetType = UNSET
+    max_concurrent: PositiveInt | None | UnsetType = UNSET
 
 
 class EndpointConfig(_Section):
@@ -66,6 +80,9 @@ class EndpointConfig(_Section):
     context_length: PositiveInt | UnsetType = UNSET
     quantization: str | None | UnsetType = UNSET
     supported_parameters: list[str] | None | UnsetType = UNSET
+    rpm: PositiveInt | None | UnsetType = UNSET
+    tpm: PositiveInt | None | UnsetType = UNSET
+    max_concurrent: PositiveInt | None | UnsetType = UNSET
 
 
 class ModelConfig(_Section):

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 import httpx
 import msgspec
 from msgspec import UNSET
@@ -27,6 +28,7 @@ from gateway.catalog import Endpoint
 from gateway.content_filter import Classifier
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
+from gateway.limits import Limiter
 from gateway.protocol import (
     AssistantMessage,
     ChatChunk,
@@ -94,12 +96,20 @@ class Call:
     candidates: list[Candidate]
     deadline: float
     prompt_filter: list[PromptFilterResult]
+    limiter: Limiter
+    #: Tokens reserved against quotas until the real usage is known.
+    estimate: int = 0
     attempts: list[AttemptRecord] = field(default_factory=list)
     served: Candidate | None = None
 
     @property
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
+
+    async def release(self, cand: Candidate, tokens: int) -> None:
+        """Hand back an attempt's share of its upstream's quota, with the real tokens."""
+        if cand.endpoint.quotas:
+            await self.limiter.release_upstream(cand.endpoint.quotas, self.generation_id, tokens)
 
 
 def _headers(endpoint: Endpoint) -> dict[str, str]:
@@ -157,6 +167,9 @@ async def _open(call: Call, cand: Candidate, stream_usage: bool) -> UpstreamResp
 def _final_error(call: Call, failures: list[AttemptFailed]) -> GatewayError:
     """The error to answer when every attempt failed."""
     summary = "; ".join(f"{a.provider}: {a.error}" for a in call.attempts) or "no attempt could be made"
+    if not failures and any(a.outcome == "at_quota" for a in call.attempts):
+        return GatewayError(503, f"every provider is at its quota ({summary})", code="upstream_quota_exhausted",
+                            headers={"retry-after": "1"})
     if not failures or call.remaining_s <= 0 and failures[-1].kind == "timeout":
         return GatewayError(504, f"upstream timed out ({summary})", code="upstream_timeout")
     last = failures[-1]
@@ -180,21 +193,27 @@ class _Attempts:
         self.call = call
         self.failures: list[AttemptFailed] = []
 
-    def __iter__(self):
-        for cand in self.call.candidates:
-            if self.call.remaining_s <= 0:
+    async def __aiter__(self):
+        call = self.call
+        for cand in call.candidates:
+            if call.remaining_s <= 0:
                 break
-            if not self.call.health.available(cand.endpoint.key):
+            if not call.health.available(cand.endpoint.key):
                 continue
             record = AttemptRecord(cand.endpoint.provider.name, cand.endpoint.key)
-            self.call.attempts.append(record)
-            self.call.health.begin(cand.endpoint.key)
+            call.attempts.append(record)
+            if cand.endpoint.quotas and not await call.limiter.acquire_upstream(
+                    cand.endpoint.quotas, call.generation_id, call.estimate):
+                record.outcome, record.error = "at_quota", "at its quota"
+                continue
+            call.health.begin(cand.endpoint.key)
             yield cand, record
 
-    def failed(self, cand: Candidate, record: AttemptRecord, exc: AttemptFailed) -> None:
+    async def failed(self, cand: Candidate, record: AttemptRecord, exc: AttemptFailed) -> None:
         record.outcome, record.status, record.error = "failed", exc.status, exc.detail
         self.failures.append(exc)
         self.call.health.failure(cand.endpoint.key, exc.kind)
+        await self.call.release(cand, 0)
         log.info("attempt failed: %s %s (%s)", cand.endpoint.key, exc.kind, exc.detail)
 
 
@@ -211,7 +230,7 @@ class Completion:
 async def complete(call: Call) -> Completion:
     """Try candidates in order until one answers; raises the GatewayError to send."""
     attempts = _Attempts(call)
-    for cand, record in attempts:
+    async for cand, record in attempts:
         started = time.monotonic()
         try:
             async with asyncio.timeout(max(0.0, call.remaining_s)):
@@ -222,26 +241,29 @@ async def complete(call: Call) -> Completion:
                     await response.close()
             answer = _decode_completion(raw)
         except TimeoutError:
-            attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
+            await attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
             continue
         except httpx.TimeoutException:
-            attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
+            await attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
             continue
         except httpx.HTTPError as exc:
-            attempts.failed(cand, record, AttemptFailed("invalid", f"body could not be read ({type(exc).__name__})"))
+            await attempts.failed(cand, record, AttemptFailed("invalid", f"body could not be read ({type(exc).__name__})"))
             continue
         except AttemptFailed as exc:
-            attempts.failed(cand, record, exc)
+            await attempts.failed(cand, record, exc)
             continue
         except GatewayError as exc:
             record.outcome, record.status, record.error = "rejected", exc.status, exc.message
             call.health.success(cand.endpoint.key)
+            await call.release(cand, 0)
             raise
         elapsed = time.monotonic() - started
         record.outcome, record.status, record.latency_s = "ok", 200, elapsed
         call.health.success(cand.endpoint.key, elapsed)
         call.served = cand
-        return _finish_completion(call, cand, answer, elapsed)
+        done = _finish_completion(call, cand, answer, elapsed)
+        await call.release(cand, done.usage.total_tokens)
+        return done
     raise _final_error(call, attempts.failures)
 
 
@@ -314,11 +336,13 @@ class StreamRelay:
         self._choices: dict[int, _ChoiceState] = {}
         self._usage: UpstreamUsage | None = None
         self._first_at = 0.0
+        #: Set once the stream ended normally; until then usage() counts what came so far.
+        self.final_usage: Usage | None = None
 
     async def open(self) -> Candidate:
         """Find a candidate whose stream yields a first valid chunk."""
         attempts = _Attempts(self.call)
-        for cand, record in attempts:
+        async for cand, record in attempts:
             started = time.monotonic()
             try:
                 async with asyncio.timeout(max(0.0, self.call.remaining_s)):
@@ -333,23 +357,26 @@ class StreamRelay:
                     await response.close()
                     raise AttemptFailed("invalid", "stream ended before the first chunk")
             except TimeoutError:
-                attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
+                await attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
                 continue
             except httpx.TimeoutException:
-                attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
+                await attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
                 continue
             except httpx.HTTPError as exc:
-                attempts.failed(cand, record, AttemptFailed("invalid", f"stream broke ({type(exc).__name__})"))
+                await attempts.failed(cand, record, AttemptFailed("invalid", f"stream broke ({type(exc).__name__})"))
                 continue
             except AttemptFailed as exc:
-                attempts.failed(cand, record, exc)
+                await attempts.failed(cand, record, exc)
                 continue
             except GatewayError as exc:
                 record.outcome, record.status, record.error = "rejected", exc.status, exc.message
                 self.call.health.success(cand.endpoint.key)
+                await self.call.release(cand, 0)
                 raise
             except asyncio.CancelledError:
                 self.call.health.release(cand.endpoint.key)
+                with anyio.CancelScope(shield=True):
+                    await self.call.release(cand, 0)
                 raise
             self._first_at = time.monotonic()
             record.outcome, record.status, record.latency_s = "ok", 200, self._first_at - started
@@ -406,7 +433,8 @@ class StreamRelay:
             yield sse(self.error_chunk(f"upstream stream failed: {detail}"))
             yield DONE
         finally:
-            await self.close()
+            with anyio.CancelScope(shield=True):
+                await self.close()
 
     def _relay(self, chunk: ChatChunk, first: bool) -> ChatChunkOut | None:
         if chunk.usage is not None:

@@ -13,6 +13,8 @@ from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.content_filter import Classifier, LexiconClassifier
 from gateway.health import HealthTracker
+from gateway.limit_stores import MemoryStore, RedisStore
+from gateway.limits import Limiter, redis_client
 from gateway.routing import Router
 from gateway.upstream import UpstreamClient
 
@@ -61,15 +63,35 @@ class Gateway:
         self.keys = KeyRing(config.auth.keys, env)
         self.classifier = classifier or LexiconClassifier()
         self.client = UpstreamClient(transport)
-        self._tasks: list[asyncio.Task] = []
+        if config.redis.url:
+            store = RedisStore(redis_client(config.redis.url, config.redis.timeout_s), config.redis.prefix)
+        else:
+            store = MemoryStore()  # exact for this process only: one replica
+        self.limiter = Limiter(store, on_error=config.redis.on_error, timeout_s=config.redis.timeout_s,
+                               lease_ttl_s=config.routing.deadline_s + 60)
+        self._tasks: set[asyncio.Task] = set()
+        self._local_watch: asyncio.Task | None = None
+
+    def spawn(self, coro) -> None:
+        """Run work that must finish even if the request that started it was
+        cancelled (settling a stream whose client went away)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def startup(self) -> None:
         if self._watch_local:
-            self._tasks.append(asyncio.create_task(self._wait_for_local()))
+            self._local_watch = asyncio.get_running_loop().create_task(self._wait_for_local())
 
     async def shutdown(self) -> None:
+        if self._local_watch is not None:
+            self._local_watch.cancel()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
         for task in self._tasks:
             task.cancel()
+        await self.limiter.close()
         await self.client.close()
 
     async def _wait_for_local(self) -> None:

@@ -77,3 +77,10 @@ class PromptTokens:
         if self.upper_bound <= budget:
             return True
         return self.exact <= budget
+
+
+def reservation(messages: list[Message], max_tokens: int | None) -> int:
+    """Tokens to reserve against a tpm limit before the real count is known:
+    about 4 bytes per prompt token, plus max_tokens. Settled with real usage."""
+    prompt = sum(len(m.text().encode()) // 4 + 4 for m in messages)
+    return prompt + (max_tokens or 0)

@@ -1,0 +1,326 @@
+"""Where rate limits, concurrency leases and spend are counted.
+
+Algorithm: a sliding-window log. Each admitted request is an entry (id,
+timestamp, tokens) kept for one window (60 s); a request is admitted when the
+entries younger than the window leave room for it. Chosen over GCRA and token
+buckets because it is exact over every 60-second interval: "rpm = 50" means no
+60 s span ever holds a 51st request, however the burst is spread, and a token
+reservation can be reconciled later by changing its own entry. Its memory is
+one entry per request in the window, which the limit itself bounds.
+
+Every check is one atomic round trip: a Lua script that checks requests,
+tokens, concurrency and budget together and commits all or nothing. Time comes
+from the Redis server (``TIME``), so replicas with skewed clocks still agree.
+Keys for one limited entity share a hash tag, so the script also runs on
+Redis Cluster. :class:`MemoryStore` runs the same logic in-process, for a
+single replica without Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+WINDOW_MS = 60_000
+
+
+@dataclass(slots=True)
+class Quota:
+    """What one entity (a gateway key, a provider, an endpoint) may use."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budget_usd_per_day: float | None = None
+    budget_usd_per_month: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.rpm, self.tpm, self.max_concurrent,
+                                        self.budget_usd_per_day, self.budget_usd_per_month))
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The outcome of one admission check.
+
+    ``denied`` is None when admitted, else one of ``requests``, ``tokens``,
+    ``concurrency``, ``budget_day``, ``budget_month``.
+    """
+
+    denied: str | None
+    retry_after_ms: int = 0
+    requests_remaining: int = 0
+    requests_reset_ms: int = 0
+    tokens_remaining: int = 0
+    tokens_reset_ms: int = 0
+
+
+@dataclass(slots=True)
+class Periods:
+    """The budget periods a request falls in (UTC)."""
+
+    day: str
+    month: str
+    day_ttl_s: int = 2 * 86400
+    month_ttl_s: int = 32 * 86400
+
+    @classmethod
+    def now(cls) -> "Periods":
+        t = time.gmtime()
+        return cls(day=time.strftime("%Y%m%d", t), month=time.strftime("%Y%m", t))
+
+
+class LimitStore(Protocol):
+    async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+                    periods: Periods, window_ms: int = WINDOW_MS) -> Verdict: ...
+
+    async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
+                     periods: Periods) -> None: ...
+
+    async def spent(self, entity: str, periods: Periods) -> tuple[float, float]: ...
+
+    async def close(self) -> None: ...
+
+
+# KEYS: 1 requests log (zset id->ts), 2 tokens log (zset id->ts), 3 tokens per id (hash),
+#       4 tokens sum (string), 5 leases (zset id->expiry), 6 spend today, 7 spend this month
+# ARGV: 1 window_ms, 2 rpm, 3 tpm, 4 max_concurrent, 5 tokens, 6 request id, 7 lease ttl ms,
+#       8 budget day, 9 budget month   (0 or "" = no limit)
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local rpm, tpm, maxc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens, id, ttl = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local bday, bmonth = tonumber(ARGV[8]), tonumber(ARGV[9])
+local since = now - window
+
+local function oldest_reset(key)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) + window - now end
+  return 0
+end
+
+-- requests
+local rcount, rreset = 0, 0
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', since)
+  rcount = redis.call('ZCARD', KEYS[1])
+  rreset = oldest_reset(KEYS[1])
+  if rcount >= rpm then return {'requests', rreset, 0, rreset, 0, 0} end
+end
+-- tokens: drop expired entries and their share of the sum
+local tsum, treset = 0, 0
+if tpm > 0 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', since)
+  if #old > 0 then
+    local drop = 0
+    for _, m in ipairs(old) do drop = drop + tonumber(redis.call('HGET', KEYS[3], m) or '0') end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', since)
+    for _, m in ipairs(old) do redis.call('HDEL', KEYS[3], m) end
+    redis.call('DECRBY', KEYS[4], drop)
+  end
+  tsum = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if tsum < 0 then tsum = 0 end
+  treset = oldest_reset(KEYS[2])
+  if tsum + tokens > tpm then
+    local wait = treset
+    if tsum == 0 then wait = window end
+    return {'tokens', wait, math.max(rpm - rcount, 0), rreset, math.max(tpm - tsum, 0), treset}
+  end
+end
+-- concurrency
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  if redis.call('ZCARD', KEYS[5]) >= maxc then
+    return {'concurrency', 1000, math.max(rpm - rcount, 0), rreset, math.max(tpm - tsum, 0), treset}
+  end
+end
+-- budgets
+if bday > 0 and tonumber(redis.call('GET', KEYS[6]) or '0') >= bday then
+  return {'budget_day', 0, 0, 0, 0, 0}
+end
+if bmonth > 0 and tonumber(redis.call('GET', KEYS[7]) or '0') >= bmonth then
+  return {'budget_month', 0, 0, 0, 0, 0}
+end
+-- admitted: commit everything
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, id)
+  redis.call('PEXPIRE', KEYS[1], window)
+  if rcount == 0 then rreset = window end
+  rcount = rcount + 1
+end
+if tpm > 0 then
+  redis.call('ZADD', KEYS[2], now, id)
+  redis.call('HSET', KEYS[3], id, tokens)
+  redis.call('INCRBY', KEYS[4], tokens)
+  for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], window * 2) end
+  if treset == 0 then treset = window end
+  tsum = tsum + tokens
+end
+if maxc > 0 then
+  redis.call('ZADD', KEYS[5], now + ttl, id)
+  redis.call('PEXPIRE', KEYS[5], ttl * 2)
+end
+return {'', 0, math.max(rpm - rcount, 0), rreset, math.max(tpm - tsum, 0), treset}
+"""
+
+# KEYS: 1 tokens log, 2 tokens per id, 3 tokens sum, 4 leases, 5 spend today, 6 spend this month
+# ARGV: 1 request id, 2 real tokens, 3 cost usd, 4 day ttl s, 5 month ttl s
+_SETTLE = """
+local reserved = redis.call('HGET', KEYS[2], ARGV[1])
+if reserved then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('INCRBY', KEYS[3], tonumber(ARGV[2]) - tonumber(reserved))
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+local cost = tonumber(ARGV[3])
+if cost > 0 then
+  redis.call('INCRBYFLOAT', KEYS[5], ARGV[3])
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('INCRBYFLOAT', KEYS[6], ARGV[3])
+  redis.call('EXPIRE', KEYS[6], ARGV[5])
+end
+return 1
+"""
+
+
+def _keys(prefix: str, entity: str, periods: Periods) -> list[str]:
+    tag = f"{prefix}{{{entity}}}"  # one hash slot per entity (Redis Cluster)
+    return [f"{tag}:req", f"{tag}:tok", f"{tag}:tokn", f"{tag}:toksum", f"{tag}:lease",
+            f"{tag}:spend:{periods.day}", f"{tag}:spend:{periods.month}"]
+
+
+def _verdict(raw: list) -> Verdict:
+    denied = raw[0].decode() if isinstance(raw[0], bytes) else raw[0]
+    return Verdict(denied or None, *(int(x) for x in raw[1:]))
+
+
+class RedisStore:
+    """Limits shared by every replica through one Redis (or Cluster, or Sentinel)."""
+
+    def __init__(self, client, prefix: str = "gw:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+
+    async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+                    periods: Periods, window_ms: int = WINDOW_MS) -> Verdict:
+        args = [window_ms, quota.rpm or 0, quota.tpm or 0, quota.max_concurrent or 0, tokens, request_id,
+                lease_ttl_ms, quota.budget_usd_per_day or 0, quota.budget_usd_per_month or 0]
+        return _verdict(await self._admit(keys=_keys(self.prefix, entity, periods), args=args))
+
+    async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
+                     periods: Periods) -> None:
+        keys = _keys(self.prefix, entity, periods)[1:]
+        await self._settle(keys=keys, args=[request_id, tokens, repr(float(cost_usd)), periods.day_ttl_s,
+                                            periods.month_ttl_s])
+
+    async def spent(self, entity: str, periods: Periods) -> tuple[float, float]:
+        keys = _keys(self.prefix, entity, periods)
+        day, month = await self.client.mget(keys[5], keys[6])
+        return float(day or 0), float(month or 0)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass(slots=True)
+class _Entity:
+    # Insertion order is time order, so expired entries are always at the front.
+    requests: dict[str, int] = field(default_factory=dict)  # id -> admitted at (ms)
+    tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (at ms, tokens)
+    token_sum: int = 0
+    leases: dict[str, int] = field(default_factory=dict)  # id -> expires at (ms)
+    spend: dict[str, float] = field(default_factory=dict)  # period -> usd
+
+    def expire(self, since: int, now: int) -> None:
+        while self.requests:
+            key, at = next(iter(self.requests.items()))
+            if at > since:
+                break
+            del self.requests[key]
+        while self.tokens:
+            key, (at, n) = next(iter(self.tokens.items()))
+            if at > since:
+                break
+            del self.tokens[key]
+            self.token_sum -= n
+        while self.leases:
+            key, until = next(iter(self.leases.items()))
+            if until > now:
+                break
+            del self.leases[key]
+
+
+class MemoryStore:
+    """The same limits kept in this process: exact for one replica only.
+
+    Checks never await, so on one event loop each is atomic; expiry is
+    amortized O(1) per request.
+    """
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._entities: dict[str, _Entity] = {}
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+                    periods: Periods, window_ms: int = WINDOW_MS) -> Verdict:
+        e = self._entities.setdefault(entity, _Entity())
+        now = self._now()
+        e.expire(now - window_ms, now)
+        rpm, tpm = quota.rpm or 0, quota.tpm or 0
+        rcount, tsum = len(e.requests), e.token_sum
+        rreset = next(iter(e.requests.values())) + window_ms - now if e.requests else 0
+        treset = next(iter(e.tokens.values()))[0] + window_ms - now if e.tokens else 0
+        if rpm and rcount >= rpm:
+            return Verdict("requests", rreset, 0, rreset, 0, 0)
+        if tpm and tsum + tokens > tpm:
+            return Verdict("tokens", treset if tsum else window_ms, max(rpm - rcount, 0), rreset,
+                           max(tpm - tsum, 0), treset)
+        if quota.max_concurrent and len(e.leases) >= quota.max_concurrent:
+            return Verdict("concurrency", 1000, max(rpm - rcount, 0), rreset, max(tpm - tsum, 0), treset)
+        if quota.budget_usd_per_day and e.spend.get(periods.day, 0.0) >= quota.budget_usd_per_day:
+            return Verdict("budget_day")
+        if quota.budget_usd_per_month and e.spend.get(periods.month, 0.0) >= quota.budget_usd_per_month:
+            return Verdict("budget_month")
+        if rpm:
+            e.requests[request_id] = now
+            rreset = rreset or window_ms
+            rcount += 1
+        if tpm:
+            e.tokens[request_id] = (now, tokens)
+            e.token_sum += tokens
+            treset = treset or window_ms
+            tsum += tokens
+        if quota.max_concurrent:
+            e.leases[request_id] = now + lease_ttl_ms
+        return Verdict(None, 0, max(rpm - rcount, 0) if rpm else 0, rreset if rpm else 0,
+                       max(tpm - tsum, 0) if tpm else 0, treset if tpm else 0)
+
+    async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
+                     periods: Periods) -> None:
+        e = self._entities.setdefault(entity, _Entity())
+        if request_id in e.tokens:
+            at, reserved = e.tokens[request_id]
+            e.tokens[request_id] = (at, tokens)
+            e.token_sum += tokens - reserved
+        e.leases.pop(request_id, None)
+        if cost_usd > 0:
+            for period in (periods.day, periods.month):
+                e.spend[period] = e.spend.get(period, 0.0) + cost_usd
+
+    async def spent(self, entity: str, periods: Periods) -> tuple[float, float]:
+        e = self._entities.get(entity)
+        if e is None:
+            return 0.0, 0.0
+        return e.spend.get(periods.day, 0.0), e.spend.get(periods.month, 0.0)
+
+    async def close(self) -> None:
+        return None

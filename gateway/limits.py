@@ -1,0 +1,185 @@
+"""Rate limits, concurrency caps and budgets, for gateway keys and upstreams.
+
+A gateway key's limits are checked once at admission (one atomic round trip)
+and settled when the request ends, streams and cancelled streams included:
+the token reservation (prompt estimate + max_tokens) is replaced by the real
+usage and the cost is drawn from the budgets. An upstream's own quota
+(``rpm``/``tpm``/``max_concurrent`` on a provider or an endpoint) is taken per
+attempt, so routing skips an endpoint at its cap instead of collecting 429s.
+
+When Redis fails, ``[redis] on_error`` decides: ``open`` serves anyway
+(counted in a metric, logged once per interval), ``closed`` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from gateway.errors import GatewayError
+from gateway.limit_stores import LimitStore, Periods, Quota, Verdict
+
+log = logging.getLogger("gateway.limits")
+
+STORE_ERRORS = Counter("gateway_limit_store_errors_total", "Rate-limit store (Redis) calls that failed or timed out")
+_LOG_EVERY_S = 30.0
+
+
+def duration(ms: int) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest, 3):g}s"
+
+
+def headers_for(quota: Quota, v: Verdict) -> dict[str, str]:
+    """OpenAI's rate-limit headers, for the limits this key has."""
+    out: dict[str, str] = {}
+    if quota.rpm:
+        out["x-ratelimit-limit-requests"] = str(quota.rpm)
+        out["x-ratelimit-remaining-requests"] = str(v.requests_remaining)
+        out["x-ratelimit-reset-requests"] = duration(v.requests_reset_ms)
+    if quota.tpm:
+        out["x-ratelimit-limit-tokens"] = str(quota.tpm)
+        out["x-ratelimit-remaining-tokens"] = str(v.tokens_remaining)
+        out["x-ratelimit-reset-tokens"] = duration(v.tokens_reset_ms)
+    return out
+
+
+_MESSAGES = {
+    "requests": (429, "rate limit reached for requests per minute", "rate_limit_exceeded"),
+    "tokens": (429, "rate limit reached for tokens per minute", "rate_limit_exceeded"),
+    "concurrency": (429, "too many concurrent requests for this key", "concurrency_limit_exceeded"),
+    "budget_day": (402, "the daily budget of this key is spent", "budget_exceeded"),
+    "budget_month": (402, "the monthly budget of this key is spent", "budget_exceeded"),
+}
+
+
+@dataclass(slots=True)
+class Admission:
+    """A key's admitted request: what to settle later and the headers to send."""
+
+    entity: str
+    quota: Quota
+    request_id: str
+    periods: Periods
+    headers: dict[str, str]
+    counted: bool  # False when the store failed open: nothing to settle
+
+
+class Limiter:
+    """Keys' and upstreams' limits over one store (Redis or in-process)."""
+
+    def __init__(self, store: LimitStore, *, on_error: str = "open", timeout_s: float = 0.25,
+                 lease_ttl_s: float = 600.0) -> None:
+        self.store = store
+        self.on_error = on_error
+        self.timeout_s = timeout_s
+        self.lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._last_log = 0.0
+
+    def _store_failed(self, exc: BaseException) -> None:
+        STORE_ERRORS.inc()
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            log.warning("rate-limit store unavailable (%s); failing %s", type(exc).__name__, self.on_error)
+
+    async def _call(self, coro):
+        async with asyncio.timeout(self.timeout_s):
+            return await coro
+
+    async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
+        """Admit a request under a gateway key, or raise the 429/402/503 to answer."""
+        entity = f"key:{name}"
+        periods = Periods.now()
+        if quota.empty:
+            return Admission(entity, quota, request_id, periods, {}, counted=False)
+        try:
+            verdict = await self._call(self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods))
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
+            self._store_failed(exc)
+            if self.on_error == "closed":
+                raise GatewayError(503, "rate limiting is unavailable; try again shortly",
+                                   code="rate_limiter_unavailable", headers={"retry-after": "1"}) from None
+            return Admission(entity, quota, request_id, periods, {}, counted=False)
+        headers = headers_for(quota, verdict)
+        if verdict.denied is not None:
+            status, message, code = _MESSAGES[verdict.denied]
+            if status == 429:
+                headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))
+            raise GatewayError(status, message, code=code, headers=headers)
+        return Admission(entity, quota, request_id, periods, headers, counted=True)
+
+    async def settle_key(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
+        """Reconcile the reservation with real usage and spend the cost. Never raises."""
+        if not admission.counted:
+            return
+        try:
+            await self._call(self.store.settle(admission.entity, admission.quota, admission.request_id,
+                                               tokens, cost_usd or 0.0, admission.periods))
+        except Exception as exc:  # noqa: BLE001
+            self._store_failed(exc)
+
+    async def acquire_upstream(self, entities: list[tuple[str, Quota]], request_id: str, tokens: int) -> bool:
+        """Take one attempt's share of upstream quotas; False = at cap, skip it.
+
+        A store failure counts as allowed: an upstream's own 429 still fails
+        over, so failing open cannot hurt the caller.
+        """
+        taken: list[tuple[str, Quota]] = []
+        periods = Periods.now()
+        for entity, quota in entities:
+            try:
+                verdict = await self._call(self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods))
+            except Exception as exc:  # noqa: BLE001
+                self._store_failed(exc)
+                continue
+            if verdict.denied is not None:
+                await self.release_upstream(taken, request_id, 0)
+                return False
+            taken.append((entity, quota))
+        return True
+
+    async def release_upstream(self, entities: list[tuple[str, Quota]], request_id: str, tokens: int) -> None:
+        periods = Periods.now()
+        for entity, quota in entities:
+            try:
+                await self._call(self.store.settle(entity, quota, request_id, tokens, 0.0, periods))
+            except Exception as exc:  # noqa: BLE001
+                self._store_failed(exc)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def redis_client(url: str, timeout_s: float):
+    """A redis-py asyncio client for ``redis://``, ``rediss://``, ``unix://``,
+    ``redis+cluster://host:port`` and ``redis+sentinel://host:port[,host:port]/service``."""
+    import redis.asyncio as redis
+
+    opts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if url.startswith("redis+cluster://"):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"), **opts)
+    if url.startswith("redis+sentinel://"):
+        from redis.asyncio.sentinel import Sentinel
+
+        rest = url.removeprefix("redis+sentinel://")
+        hosts, _, service = rest.partition("/")
+        nodes = []
+        for node in hosts.split(","):
+            host, sep, port = node.rpartition(":")
+            nodes.append((host, int(port)) if sep else (node, 26379))
+        return Sentinel(nodes, **opts).master_for(service or "mymaster", **opts)
+    return redis.from_url(url, **opts)

@@ -1,0 +1,193 @@
+"""Term lists (data files) compiled into one Aho-Corasick automaton.
+
+Each ``data/*.toml`` file may hold:
+
+``[[terms]]``      category, severity, phrases: a direct hit.
+``[[tags]]``       tag, phrases: a word class used only by combos/modifiers.
+``[[combos]]``     category, severity, a, b (tags), within (chars): both tags
+                   hit within that distance of each other ("how to make" near
+                   "pipe bomb"; a group noun near "vermin").
+``[[exempt]]``     phrases: benign look-alikes; a hit lying inside an exempt
+                   span is dropped ("kill the process", "bomb-sniffing dog").
+``[[downgrade]]``  category, tag, levels: when the tag occurs in the text, the
+                   category's severity drops by that many levels (help-seeking
+                   and medical questions about self-harm).
+
+Phrase syntax: ``{a|b|}`` expands to alternatives (an empty one included),
+a trailing ``*`` makes a prefix match (``fuck*`` covers "fucking").
+Every phrase goes through the same normalisation as the text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterator
+
+import ahocorasick
+
+from gateway.safety.normalize import Normalizer
+
+SEVERITY_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+DETECTION_CATEGORIES = ("jailbreak", "profanity")
+CATEGORIES = SEVERITY_CATEGORIES + DETECTION_CATEGORIES
+RANK = {"safe": 0, "low": 1, "medium": 2, "high": 3}
+LEVELS = ("safe", "low", "medium", "high")
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+# Kinds of automaton entries.
+TERM, TAG, EXEMPT = 0, 1, 2
+
+
+def expand(phrase: str) -> list[str]:
+    """``"ignore {all |}{previous|prior} rules"`` -> the four spellings."""
+    parts = _BRACES.split(phrase)
+    # split() with one group alternates literal, alternatives, literal, ...
+    choices = [[p] if i % 2 == 0 else p.split("|") for i, p in enumerate(parts)]
+    return ["".join(c) for c in itertools.product(*choices)]
+
+
+def _one_variants(word: str) -> Iterator[str]:
+    """'1' in leetspeak stands for 'i' or 'l'; the text decodes it to 'i', so
+    a term with 'l' also gets spellings with some 'l's as 'i' ("ki11")."""
+    positions = [i for i, c in enumerate(word) if c == "l"]
+    if not positions:
+        return
+    if len(positions) > 4:
+        yield word.replace("l", "i")
+        return
+    for r in range(1, len(positions) + 1):
+        for subset in itertools.combinations(positions, r):
+            chars = list(word)
+            for i in subset:
+                chars[i] = "i"
+            yield "".join(chars)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: int
+    name: str  # category, tag or "" for exempt
+    severity: str
+    length: int  # length of the matched key in the normalised text
+
+
+@dataclass(slots=True)
+class Combo:
+    category: str
+    severity: str
+    a: str
+    b: str
+    within: int
+
+
+@dataclass(slots=True)
+class Lexicon:
+    normalizer: Normalizer
+    automaton: ahocorasick.Automaton
+    combos: list[Combo] = field(default_factory=list)
+    downgrades: list[tuple[str, str, int]] = field(default_factory=list)
+    size: int = 0
+
+
+def _keys(normalizer: Normalizer, phrase: str) -> Iterator[str]:
+    for spelled in expand(phrase):
+        prefix = spelled.endswith("*")
+        norm = normalizer.normalize(spelled.rstrip("*"))
+        if norm.strip() == "":
+            continue
+        if prefix:
+            norm = norm.rstrip()  # " fuck" matches " fucking "
+        yield norm
+        body = norm.strip()
+        for variant in _one_variants(body):
+            yield norm.replace(body, variant)
+
+
+def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
+    """Read every TOML file under the data folder into one automaton."""
+    root = resources.files(package) / folder
+    docs = [tomllib.loads(f.read_text("utf-8")) for f in sorted(root.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".toml")]
+    confusables: dict[str, str] = {}
+    for doc in docs:
+        confusables.update(doc.get("confusables", {}))
+    normalizer = Normalizer(confusables)
+    automaton = ahocorasick.Automaton()
+    entries: dict[str, list[Entry]] = {}
+
+    def add(key: str, entry: Entry) -> None:
+        entries.setdefault(key, []).append(entry)
+
+    combos: list[Combo] = []
+    downgrades: list[tuple[str, str, int]] = []
+    for doc in docs:
+        for block in doc.get("terms", []):
+            category, severity = block["category"], block.get("severity", "high")
+            if category not in CATEGORIES or severity not in RANK:
+                raise ValueError(f"bad term block {category}/{severity}")
+            for phrase in block["phrases"]:
+                for key in _keys(normalizer, phrase):
+                    add(key, Entry(TERM, category, severity, len(key)))
+        for block in doc.get("tags", []):
+            for phrase in block["phrases"]:
+                for key in _keys(normalizer, phrase):
+                    add(key, Entry(TAG, block["tag"], "", len(key)))
+        for block in doc.get("exempt", []):
+            for phrase in block["phrases"]:
+                for key in _keys(normalizer, phrase):
+                    add(key, Entry(EXEMPT, "", "", len(key)))
+        for block in doc.get("combos", []):
+            if block["category"] not in CATEGORIES:
+                raise ValueError(f"bad combo category {block['category']}")
+            combos.append(Combo(block["category"], block.get("severity", "high"), block["a"], block["b"],
+                                int(block.get("within", 60))))
+        for block in doc.get("downgrade", []):
+            downgrades.append((block["category"], block["tag"], int(block.get("levels", 1))))
+    for key, es in entries.items():
+        automaton.add_word(key, tuple(dict.fromkeys(es)))
+    automaton.make_automaton()
+    return Lexicon(normalizer, automaton, combos, downgrades, len(entries))
+
+
+def scan(lexicon: Lexicon, view: str) -> dict[str, int]:
+    """Worst severity rank per category found in one normalised view.
+
+    Detection categories are reported with rank 3 when detected.
+    """
+    hits: list[tuple[int, int, Entry]] = []
+    exempt: list[tuple[int, int]] = []
+    for end, entries in lexicon.automaton.iter(view):
+        for e in entries:
+            start = end - e.length + 1
+            if e.kind == EXEMPT:
+                exempt.append((start, end))
+            else:
+                hits.append((start, end, e))
+    if not hits:
+        return {}
+    if exempt:
+        hits = [h for h in hits if not any(s <= h[0] and h[1] <= t for s, t in exempt)]
+    found: dict[str, int] = {}
+    tags: dict[str, list[int]] = {}
+    for start, _end, e in hits:
+        if e.kind == TERM:
+            rank = RANK[e.severity]
+            if rank > found.get(e.name, 0):
+                found[e.name] = rank
+        else:
+            tags.setdefault(e.name, []).append(start)
+    for combo in lexicon.combos:
+        pa, pb = tags.get(combo.a), tags.get(combo.b)
+        if pa and pb and any(abs(x - y) <= combo.within for x in pa for y in pb):
+            rank = RANK[combo.severity]
+            if rank > found.get(combo.category, 0):
+                found[combo.category] = rank
+    for category, tag, levels in lexicon.downgrades:
+        if category in found and tag in tags:
+            found[category] = max(RANK["low"], found[category] - levels) if found[category] else 0
+    return found

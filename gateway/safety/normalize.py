@@ -1,0 +1,76 @@
+"""Text normalisation shared by the text and by the term lists.
+
+Obfuscation (``k1ll``, ``k i l l``, ``kіll`` with a Cyrillic ``і``, zero-width
+joiners, ``f*ck``) is undone here, and the same function is applied to every
+term when the lists are loaded, so a term and its disguised spellings meet in
+one canonical form. The output holds only ``[a-z0-9#]`` words separated by
+single spaces and is padded with a space at each end, so a term `` kill you ``
+matches on word boundaries without any per-match checks in Python.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Characters that render as nothing (or as a join) and are used to split words.
+_INVISIBLE = dict.fromkeys(
+    map(ord, "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f"
+        "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\ufeff"),
+    None,
+)
+
+# Leetspeak digits and symbols, decoded only next to a letter (see _LEET_RUN):
+# "k1ll" becomes "kill" but "top 10" and "$5" stay as they are.
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t",
+                       "@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
+_LEET_RUN = re.compile(r"(?<=[a-z])[013457@$!|+€]+|[013457@$|+€]+(?=[a-z])|!+(?=[a-z])")
+# A '*' (or run of them) inside a word masks letters: "f*ck", "sh**t".
+_MASK = re.compile(r"(?<=[a-z])\*+(?=[a-z])")
+# Three or more single characters joined by one separator: "k i l l", "k.i.l.l".
+_SPACED = re.compile(r"(?<![a-z0-9])(?:[a-z0-9@$!|*][ .\-_·,/~+]){2,}[a-z0-9@$!|*](?![a-z0-9])")
+_SEPARATORS = re.compile(r"[ .\-_·,/~+]")
+_NON_WORD = re.compile(r"[^a-z0-9#]+")
+_RUN3 = re.compile(r"([a-z])\1{2,}")
+
+
+class Normalizer:
+    """Maps text to the canonical form the matcher works on.
+
+    Built with a confusables table (from data), then pure and thread-safe.
+    """
+
+    def __init__(self, confusables: dict[str, str]) -> None:
+        table: dict[int, str | None] = dict(_INVISIBLE)
+        for src, dst in confusables.items():
+            for ch in src:
+                table[ord(ch)] = dst
+        self._table = table
+
+    def fold(self, text: str) -> str:
+        """Case, Unicode and invisible-character folding; keeps punctuation."""
+        if not text.isascii():
+            text = unicodedata.normalize("NFKC", text).translate(self._table)
+            if not text.isascii():
+                # Strip accents: "kíll" -> "kill". Non-Latin scripts stay, which
+                # is fine: no term is written in them.
+                text = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+        return text.lower()
+
+    def normalize(self, text: str) -> str:
+        """The padded canonical form: ``" word word "``."""
+        text = self.fold(text)
+        if _SPACED.search(text) is not None:
+            text = _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group()), text)
+        text = _LEET_RUN.sub(lambda m: m.group().translate(_LEET), text)
+        text = _MASK.sub("#", text)
+        return " " + _NON_WORD.sub(" ", text).strip() + " "
+
+
+def squeezed_views(normalized: str) -> tuple[str, ...]:
+    """Extra views for stretched words ("fuuuck", "kiiilll"): runs of three or
+    more letters cut to two, and to one. Empty when there is no such run, which
+    is the common case and costs one regex search."""
+    if _RUN3.search(normalized) is None:
+        return ()
+    return (_RUN3.sub(r"\1\1", normalized), _RUN3.sub(r"\1", normalized))
