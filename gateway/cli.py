@@ -61,6 +61,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    """Print a fresh key once, and the config lines that admit it (only its digest is stored)."""
+    import secrets
+
+    from gateway.auth import digest
+
+    key = "sk-gw-" + secrets.token_urlsafe(32)
+    print(f"key (shown once, give it to {args.name}): {key}")
+    print()
+    print("[[auth.keys]]")
+    print(f'name = "{args.name}"')
+    print(f'sha256 = "{digest(key)}"')
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -120,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="print the catalog with prices and context windows")
     models.add_argument("--config")
     models.set_defaults(func=cmd_models)
+    keys = sub.add_parser("keys", help="manage gateway keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a fresh random key and its [[auth.keys]] config lines")
+    new.add_argument("name")
+    new.set_defaults(func=cmd_keys_new)
     args = parser.parse_args(argv)
     return args.func(args)
 

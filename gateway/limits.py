@@ -182,4 +182,6 @@ def redis_client(url: str, timeout_s: float):
             host, sep, port = node.rpartition(":")
             nodes.append((host, int(port)) if sep else (node, 26379))
         return Sentinel(nodes, **opts).master_for(service or "mymaster", **opts)
-    return redis.from_url(url, **opts)
+    # Concurrent requests wait briefly for a pooled connection instead of failing.
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=128, timeout=timeout_s, **opts)
+    return redis.Redis(connection_pool=pool)

@@ -16,11 +16,12 @@ PROVIDER_KEYS = {"novita": "nv-key-e2e", "deepinfra": "di-key-e2e", "openrouter"
 ENV_NAMES = {"novita": "NOVITA_API_KEY", "deepinfra": "DEEPINFRA_TOKEN", "openrouter": "OPENROUTER_API_KEY"}
 
 
-def gateway_config(fakes: dict[str, FakeUpstream], extra: str = "") -> str:
+def gateway_config(fakes: dict[str, FakeUpstream], extra: str = "", key_fields: str = "") -> str:
     lines = [
         "[[auth.keys]]",
         'name = "e2e"',
         f'sha256 = "{hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()}"',
+        key_fields,
         "[local]",
         "enabled = false",
     ]
@@ -52,9 +53,9 @@ def start_gateway(fakes):
     """``start_gateway(extra_toml)`` -> a running GatewayProcess, stopped after the test."""
     running = []
 
-    def start(extra: str = "", args: list[str] | None = None) -> GatewayProcess:
+    def start(extra: str = "", args: list[str] | None = None, key_fields: str = "") -> GatewayProcess:
         env = {ENV_NAMES[n]: PROVIDER_KEYS[n] for n in fakes}
-        gw = GatewayProcess(gateway_config(fakes, extra), env=env, args=args)
+        gw = GatewayProcess(gateway_config(fakes, extra, key_fields), env=env, args=args)
         running.append(gw)
         return gw.start()
 
