@@ -12,6 +12,7 @@ from gateway.safety.lexicon import (
     Lexicon,
     load,
     scan,
+    scan_raw,
 )
 from gateway.safety.normalize import squeezed_views
 
@@ -21,9 +22,6 @@ log = logging.getLogger(__name__)
 # trained on toxic comments, so it also scores plain insults high; 0.9 keeps
 # its false positives on the benign evaluation texts down (see docs/safety.md).
 PROFANITY_THRESHOLD = 0.9
-# Texts longer than this are not given to the model: its TF-IDF vector dilutes
-# one swear word in a long text anyway, and the term list still applies.
-PROFANITY_MODEL_MAX_CHARS = 4096
 
 
 def _results(found: dict[str, int]) -> ContentFilterResults:
@@ -69,6 +67,7 @@ class DefaultClassifier:
         lex = self._lexicon
         view = lex.normalizer.normalize(text)
         found = scan(lex, view)
+        scan_raw(lex, lex.normalizer.fold(text), found)
         for extra in squeezed_views(view):
             for name, rank in scan(lex, extra).items():
                 if rank > found.get(name, 0):
@@ -76,7 +75,6 @@ class DefaultClassifier:
         if (
             self._model is not None
             and "profanity" not in found
-            and len(view) <= PROFANITY_MODEL_MAX_CHARS
             and self._model.probability(view) >= PROFANITY_THRESHOLD
         ):
             found["profanity"] = 3

@@ -2,7 +2,10 @@
 
 Each ``data/*.toml`` file may hold:
 
-``[[terms]]``      category, severity, phrases: a direct hit.
+``[[terms]]``      category, severity, phrases: a direct hit. With ``raw = true``
+                   the phrases are matched as substrings of the lower-cased
+                   text instead (role markers such as ``<|im_start|>system``,
+                   whose punctuation normalisation would strip).
 ``[[tags]]``       tag, phrases: a word class used only by combos/modifiers.
 ``[[combos]]``     category, severity, a, b (tags), within (chars): both tags
                    hit within that distance of each other ("how to make" near
@@ -74,6 +77,7 @@ class Entry:
     name: str  # category, tag or "" for exempt
     severity: str
     length: int  # length of the matched key in the normalised text
+    trail: int = 1  # 1 when the key ends with the padding space (not a prefix)
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class Combo:
 class Lexicon:
     normalizer: Normalizer
     automaton: ahocorasick.Automaton
+    raw: ahocorasick.Automaton | None = None
     combos: list[Combo] = field(default_factory=list)
     downgrades: list[tuple[str, str, int]] = field(default_factory=list)
     size: int = 0
@@ -125,22 +130,27 @@ def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
 
     combos: list[Combo] = []
     downgrades: list[tuple[str, str, int]] = []
+    raw: dict[str, tuple[str, int]] = {}
     for doc in docs:
         for block in doc.get("terms", []):
             category, severity = block["category"], block.get("severity", "high")
             if category not in CATEGORIES or severity not in RANK:
                 raise ValueError(f"bad term block {category}/{severity}")
+            if block.get("raw", False):
+                for phrase in block["phrases"]:
+                    raw[normalizer.fold(phrase)] = (category, RANK[severity])
+                continue
             for phrase in block["phrases"]:
                 for key in _keys(normalizer, phrase):
-                    add(key, Entry(TERM, category, severity, len(key)))
+                    add(key, Entry(TERM, category, severity, len(key), int(key.endswith(" "))))
         for block in doc.get("tags", []):
             for phrase in block["phrases"]:
                 for key in _keys(normalizer, phrase):
-                    add(key, Entry(TAG, block["tag"], "", len(key)))
+                    add(key, Entry(TAG, block["tag"], "", len(key), int(key.endswith(" "))))
         for block in doc.get("exempt", []):
             for phrase in block["phrases"]:
                 for key in _keys(normalizer, phrase):
-                    add(key, Entry(EXEMPT, "", "", len(key)))
+                    add(key, Entry(EXEMPT, "", "", len(key), int(key.endswith(" "))))
         for block in doc.get("combos", []):
             if block["category"] not in CATEGORIES:
                 raise ValueError(f"bad combo category {block['category']}")
@@ -151,7 +161,22 @@ def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
     for key, es in entries.items():
         automaton.add_word(key, tuple(dict.fromkeys(es)))
     automaton.make_automaton()
-    return Lexicon(normalizer, automaton, combos, downgrades, len(entries))
+    raw_automaton = None
+    if raw:
+        raw_automaton = ahocorasick.Automaton()
+        for key, value in raw.items():
+            raw_automaton.add_word(key, value)
+        raw_automaton.make_automaton()
+    return Lexicon(normalizer, automaton, raw_automaton, combos, downgrades, len(entries) + len(raw))
+
+
+def scan_raw(lexicon: Lexicon, folded: str, found: dict[str, int]) -> None:
+    """Substring hits of the raw terms in the folded (not normalised) text."""
+    if lexicon.raw is None:
+        return
+    for _end, (category, rank) in lexicon.raw.iter(folded):
+        if rank > found.get(category, 0):
+            found[category] = rank
 
 
 def scan(lexicon: Lexicon, view: str) -> dict[str, int]:
@@ -163,11 +188,12 @@ def scan(lexicon: Lexicon, view: str) -> dict[str, int]:
     exempt: list[tuple[int, int]] = []
     for end, entries in lexicon.automaton.iter(view):
         for e in entries:
-            start = end - e.length + 1
+            # The word span, without the padding spaces around the key.
+            start, stop = end - e.length + 2, end - e.trail
             if e.kind == EXEMPT:
-                exempt.append((start, end))
+                exempt.append((start, stop))
             else:
-                hits.append((start, end, e))
+                hits.append((start, stop, e))
     if not hits:
         return {}
     if exempt:

@@ -30,8 +30,18 @@ _MASK = re.compile(r"(?<=[a-z])\*+(?=[a-z])")
 # Three or more single characters joined by one separator: "k i l l", "k.i.l.l".
 _SPACED = re.compile(r"(?<![a-z0-9])(?:[a-z0-9@$!|*][ .\-_·,/~+]){2,}[a-z0-9@$!|*](?![a-z0-9])")
 _SEPARATORS = re.compile(r"[ .\-_·,/~+]")
+_NON_SPACE_SEPARATORS = re.compile(r"[.\-_·,/~+]")
 _NON_WORD = re.compile(r"[^a-z0-9#]+")
 _RUN3 = re.compile(r"([a-z])\1{2,}")
+
+
+def _join_spaced(m: re.Match[str]) -> str:
+    """"k i l l" -> "kill"; "k.i.l.l y.o.u" -> "kill you" (when letters are
+    joined by another separator, a space still separates words)."""
+    run = m.group()
+    if " " in run and _NON_SPACE_SEPARATORS.search(run) is not None:
+        return _NON_SPACE_SEPARATORS.sub("", run)
+    return _SEPARATORS.sub("", run)
 
 
 class Normalizer:
@@ -61,7 +71,7 @@ class Normalizer:
         """The padded canonical form: ``" word word "``."""
         text = self.fold(text)
         if _SPACED.search(text) is not None:
-            text = _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group()), text)
+            text = _SPACED.sub(_join_spaced, text)
         text = _LEET_RUN.sub(lambda m: m.group().translate(_LEET), text)
         text = _MASK.sub("#", text)
         return " " + _NON_WORD.sub(" ", text).strip() + " "
