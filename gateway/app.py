@@ -9,10 +9,10 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from gateway import chat, config as config_mod
+from gateway import chat, config as config_mod, metrics
 from gateway.errors import GatewayError
 from gateway.models_api import endpoint_entry, model_entry
 from gateway.state import Gateway
@@ -66,6 +66,26 @@ async def model_detail(request: Request, path: FromPath[str]) -> Response:
     })
 
 
+@get("/v1/generation", summary="The record of a past request, by its id")
+async def generation(request: Request, id: FromQuery[str]) -> Response:
+    gw = _gateway(request)
+    key = gw.keys.authenticate(request.headers.get("authorization"))
+    record = await gw.generations.get(id)
+    # A key sees only its own records (open mode sees all).
+    if record is None or (not gw.keys.open and record.key != key.name):
+        raise GatewayError(404, f"no generation {id!r}", code="generation_not_found", param="id")
+    return _json({"data": record})
+
+
+@get("/metrics", summary="Prometheus metrics, summed over all workers", include_in_schema=False)
+async def metrics_endpoint(request: Request) -> Response:
+    gw = _gateway(request)
+    gw.refresh_gauges()
+    body, content_type = metrics.render()
+    body += await gw.local_metrics()
+    return Response(body, media_type=content_type)
+
+
 @get("/health/live", summary="The process is up")
 async def live() -> Response:
     return _json({"status": "ok"})
@@ -103,7 +123,7 @@ def create_app(gw: Gateway) -> Litestar:
         await gw.shutdown()
 
     app = Litestar(
-        route_handlers=[chat_completions, list_models, model_detail, live, ready],
+        route_handlers=[chat_completions, list_models, model_detail, generation, metrics_endpoint, live, ready],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
         on_startup=[startup],
         on_shutdown=[shutdown],

@@ -60,6 +60,9 @@ class KeyRing:
                     log.warning("gateway key %s disabled: $%s is not set", k.name, k.key_env)
         self.configured = bool(keys)
 
+    def keys(self) -> list[GatewayKey]:
+        return list(self._by_digest.values())
+
     @property
     def open(self) -> bool:
         return not self.configured

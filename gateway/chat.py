@@ -1,5 +1,5 @@
 """``POST /v1/chat/completions``, top to bottom:
-authenticate → decode → route → call → account → respond.
+authenticate → decode → limit → route → call → account → respond.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from gateway.accounting import price_warning
 from gateway.auth import GatewayKey
 from gateway.errors import GatewayError, invalid_request
 from gateway.limits import Admission
+from gateway.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS, TTFT
 from gateway.protocol import ChatCompletionOut, ChatRequest, PromptFilterResult
 from gateway.relay import DONE, KEEPALIVE, Call, StreamRelay, complete, sse
 from gateway.routing import requested_models
 from gateway.state import Gateway
 from gateway.tokens import reservation
+from gateway.trace import Trace
 
 _AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
 
@@ -56,6 +58,7 @@ def check_allowed(gw: Gateway, key: GatewayKey, request: ChatRequest) -> None:
     for name in requested_models(request):
         model = gw.router.resolve(name)
         if model.id.lower() not in key.models and name.lower() not in key.models:
+            LIMIT_REJECTIONS.labels(key.name, "model_not_allowed").inc()
             raise GatewayError(403, f"this key may not use model {model.id!r}", code="model_not_allowed",
                                param="model")
 
@@ -75,22 +78,27 @@ def _headers(admission: Admission, call: Call) -> dict[str, str]:
 
 
 async def chat_completions(gw: Gateway, request: Request) -> Response:
-    # 1. Authenticate.
-    key = gw.keys.authenticate(request.headers.get("authorization"))
-    # 2. Decode at the edge; litestar has already refused bodies over max_body_bytes.
-    chat = decode_request(await request.body())
-    check_allowed(gw, key, chat)
-    # 3. Limit: rate, concurrency and budget of the key, in one round trip.
-    generation_id = "gen-" + secrets.token_hex(12)
-    estimate = reservation(chat.messages, chat.max_tokens or None)
-    admission = await gw.limiter.admit_key(key.name, key.quota, generation_id, estimate)
+    trace = Trace(id="gen-" + secrets.token_hex(12))
+    IN_FLIGHT.inc()
     try:
+        # 1. Authenticate.
+        key = gw.keys.authenticate(request.headers.get("authorization"))
+        trace.key = key.name
+        # 2. Decode at the edge; litestar has already refused bodies over max_body_bytes.
+        chat = decode_request(await request.body())
+        trace.requested_model = chat.model if chat.model is not msgspec.UNSET else None
+        trace.streamed = chat.stream
+        check_allowed(gw, key, chat)
+        # 3. Limit: rate, concurrency and budget of the key, in one round trip.
+        estimate = reservation(chat.messages, chat.max_tokens or None)
+        admission = await gw.limiter.admit_key(key.name, key.quota, trace.id, estimate)
+        trace.admission = admission
         # 4. Route: the ordered candidates, or the reason there are none.
         candidates = gw.router.plan(chat)
         prompt_text = "\n".join(m.text() for m in chat.messages)
-        call = Call(
+        call = trace.call = Call(
             request=chat,
-            generation_id=generation_id,
+            generation_id=trace.id,
             client=gw.client,
             health=gw.health,
             classifier=gw.classifier,
@@ -101,31 +109,50 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
             estimate=estimate,
         )
         if chat.stream:
-            return await _stream(gw, call, admission)
+            response = await _stream(gw, call, admission, trace)
+            trace.handed_off = True  # the stream accounts for itself when it ends
+            return response
         # 5. Call, failing over between candidates.
         done = await complete(call)
-    except BaseException:
-        await gw.limiter.settle_key(admission, 0, None)
+        trace.usage, trace.finish_reason = done.usage, done.choices[0].finish_reason
+        # 6. Respond; accounting runs in `finally`.
+        cand = call.served
+        body = ChatCompletionOut(
+            id=trace.id,
+            object="chat.completion",
+            created=done.answer.created or int(time.time()),
+            model=cand.model.id,
+            provider=cand.endpoint.provider.name,
+            choices=done.choices,
+            usage=done.usage,
+            prompt_filter_results=call.prompt_filter,
+            system_fingerprint=done.answer.system_fingerprint or None,
+        )
+        return Response(msgspec.json.encode(body), media_type="application/json", headers=_headers(admission, call))
+    except GatewayError as exc:
+        trace.status, trace.error = exc.status, exc.message
+        exc.headers.setdefault("x-request-id", trace.id)
         raise
-    # 6. Account: settle the reservation with the real usage and cost.
-    await gw.limiter.settle_key(admission, done.usage.total_tokens, done.usage.estimated_cost)
-    # 7. Respond.
-    cand = call.served
-    body = ChatCompletionOut(
-        id=call.generation_id,
-        object="chat.completion",
-        created=done.answer.created or int(time.time()),
-        model=cand.model.id,
-        provider=cand.endpoint.provider.name,
-        choices=done.choices,
-        usage=done.usage,
-        prompt_filter_results=call.prompt_filter,
-        system_fingerprint=done.answer.system_fingerprint or None,
-    )
-    return Response(msgspec.json.encode(body), media_type="application/json", headers=_headers(admission, call))
+    except BaseException as exc:
+        trace.status, trace.error = 500, type(exc).__name__
+        raise
+    finally:
+        if not trace.handed_off:
+            IN_FLIGHT.dec()
+            await account(gw, trace)
 
 
-async def _stream(gw: Gateway, call: Call, admission: Admission) -> Response:
+async def account(gw: Gateway, trace: Trace) -> None:
+    """Settle the key's reservation with real usage, then metrics, log line and record."""
+    usage = trace.usage
+    if trace.admission is not None:
+        await gw.limiter.settle_key(trace.admission, usage.total_tokens if usage else 0,
+                                    usage.estimated_cost if usage else None)
+    trace.observe()
+    gw.spawn(gw.generations_put(trace.record()))
+
+
+async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Response:
     """Streams: errors found before the first chunk are plain HTTP errors; if
     the first chunk takes longer than ``keepalive_s``, the stream starts with
     keep-alive comments and any later error goes in-band."""
@@ -134,34 +161,11 @@ async def _stream(gw: Gateway, call: Call, admission: Admission) -> Response:
     opening = asyncio.ensure_future(relay.open())
     await asyncio.wait({opening}, timeout=gw.config.routing.keepalive_s)
     if opening.done():
-        try:
-            opening.result()  # raises the GatewayError to answer with
-        except BaseException:
-            await gw.limiter.settle_key(admission, 0, None)
-            raise
+        opening.result()  # raises the GatewayError to answer with
         body = relay.chunks()
     else:
         body = _after_keepalives(relay, opening, gw.config.routing.keepalive_s)
-    return _sse_response(_settled(gw, relay, admission, body), _headers(admission, call))
-
-
-async def _settled(gw: Gateway, relay: StreamRelay, admission: Admission, body: AsyncIterator[bytes]):
-    """Relay the stream, then settle quotas with what was really used, even
-    when the client went away mid-stream (the stream is cancelled then, so
-    the settlement runs as its own task)."""
-    try:
-        async for piece in body:
-            yield piece
-    finally:
-        gw.spawn(_settle_stream(gw, relay, admission))
-
-
-async def _settle_stream(gw: Gateway, relay: StreamRelay, admission: Admission) -> None:
-    usage = relay.final_usage or (relay.usage() if relay.call.served is not None else None)
-    tokens = usage.total_tokens if usage else 0
-    if relay.call.served is not None:
-        await relay.call.release(relay.call.served, tokens)
-    await gw.limiter.settle_key(admission, tokens, usage.estimated_cost if usage else None)
+    return _sse_response(_accounted(gw, relay, trace, body), _headers(admission, call))
 
 
 async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s: float) -> AsyncIterator[bytes]:
@@ -182,6 +186,40 @@ async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s
             opening.cancel()
         with anyio.CancelScope(shield=True):
             await relay.close()
+
+
+async def _accounted(gw: Gateway, relay: StreamRelay, trace: Trace, body: AsyncIterator[bytes]):
+    """Relay the stream, timing its chunks, then account for what was really
+    used, even when the client went away mid-stream (the stream is cancelled
+    then, so accounting runs as its own task)."""
+    last = None
+    try:
+        async for piece in body:
+            if piece.startswith(b"data: {"):
+                now = time.perf_counter()
+                if last is None:
+                    trace.ttft_s = now - trace.started
+                else:
+                    INTER_CHUNK.labels(*trace.labels()).observe(now - last)
+                last = now
+            yield piece
+    except BaseException:
+        trace.error = trace.error or "client went away"
+        raise
+    finally:
+        gw.spawn(_account_stream(gw, relay, trace))
+
+
+async def _account_stream(gw: Gateway, relay: StreamRelay, trace: Trace) -> None:
+    IN_FLIGHT.dec()
+    served = relay.call.served
+    trace.usage = relay.final_usage or (relay.usage() if served is not None else None)
+    trace.finish_reason = relay.finish_reason
+    if served is not None:
+        await relay.call.release(served, trace.usage.total_tokens if trace.usage else 0)
+    if trace.ttft_s is not None:
+        TTFT.labels(*trace.labels()).observe(trace.ttft_s)
+    await account(gw, trace)
 
 
 def _sse_response(content: AsyncIterator[bytes], headers: dict[str, str]) -> Stream:

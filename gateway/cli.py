@@ -10,7 +10,7 @@ import sys
 
 from msgspec import UNSET
 
-from gateway import config as config_mod
+from gateway import config as config_mod, logs
 from gateway.catalog import build
 from gateway.config import ConfigError
 from gateway.models_api import per_token
@@ -77,6 +77,14 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    # Before prometheus_client is imported anywhere: every worker then writes
+    # its samples to this directory and /metrics adds them up.
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
     import uvicorn
 
     from gateway.app import CONFIG_ENV
@@ -109,18 +117,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=port,
             workers=workers,
             log_level="info",
+            log_config=None,  # keep our JSON handler
             access_log=False,
             timeout_graceful_shutdown=10,
         )
     finally:
         if local is not None:
             local.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    logs.setup()
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM routing gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the API")

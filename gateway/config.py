@@ -115,6 +115,13 @@ class LocalConfig(_Section):
     startup_timeout_s: PositiveFloat = 600.0
 
 
+class GenerationsConfig(_Section):
+    """Generation records (``GET /v1/generation``): Redis TTL or in-process ring size."""
+
+    ttl_s: PositiveInt = 7 * 86400
+    capacity: PositiveInt = 10_000
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
@@ -124,6 +131,7 @@ class Config(_Section):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     local: LocalConfig = msgspec.field(default_factory=LocalConfig)
+    generations: GenerationsConfig = msgspec.field(default_factory=GenerationsConfig)
 
 
 class ConfigError(Exception):
@@ -257,7 +265,7 @@ def merge(base: Config, user: Config, user_raw: dict) -> Config:
             models[i] = _merge_model(models[i], mc)
     sections = {
         name: getattr(user, name)
-        for name in ("server", "auth", "redis", "routing", "health", "local")
+        for name in ("server", "auth", "redis", "routing", "health", "local", "generations")
         if name in user_raw
     }
     return msgspec.structs.replace(base, providers=providers, models=models, **sections)

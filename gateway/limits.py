@@ -19,14 +19,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from prometheus_client import Counter
-
 from gateway.errors import GatewayError
 from gateway.limit_stores import LimitStore, Periods, Quota, Verdict
+from gateway.metrics import LIMIT_REJECTIONS, LIMIT_STORE_ERRORS
 
 log = logging.getLogger("gateway.limits")
-
-STORE_ERRORS = Counter("gateway_limit_store_errors_total", "Rate-limit store (Redis) calls that failed or timed out")
 _LOG_EVERY_S = 30.0
 
 
@@ -88,7 +85,7 @@ class Limiter:
         self._last_log = 0.0
 
     def _store_failed(self, exc: BaseException) -> None:
-        STORE_ERRORS.inc()
+        LIMIT_STORE_ERRORS.inc()
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
@@ -114,6 +111,7 @@ class Limiter:
             return Admission(entity, quota, request_id, periods, {}, counted=False)
         headers = headers_for(quota, verdict)
         if verdict.denied is not None:
+            LIMIT_REJECTIONS.labels(name, verdict.denied).inc()
             status, message, code = _MESSAGES[verdict.denied]
             if status == 429:
                 headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))

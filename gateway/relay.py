@@ -29,6 +29,7 @@ from gateway.content_filter import Classifier
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.limits import Limiter
+from gateway.metrics import FAILOVERS, UPSTREAM_ERRORS
 from gateway.protocol import (
     AssistantMessage,
     ChatChunk,
@@ -82,6 +83,12 @@ class AttemptRecord:
     status: int | None = None
     error: str | None = None
     latency_s: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
 
 
 @dataclass(slots=True)
@@ -207,10 +214,14 @@ class _Attempts:
                 record.outcome, record.error = "at_quota", "at its quota"
                 continue
             call.health.begin(cand.endpoint.key)
+            if any(a.outcome == "failed" for a in call.attempts):
+                FAILOVERS.labels(cand.model.id).inc()
             yield cand, record
 
     async def failed(self, cand: Candidate, record: AttemptRecord, exc: AttemptFailed) -> None:
         record.outcome, record.status, record.error = "failed", exc.status, exc.detail
+        record.ended = time.monotonic()
+        UPSTREAM_ERRORS.labels(cand.endpoint.provider.name, exc.kind).inc()
         self.failures.append(exc)
         self.call.health.failure(cand.endpoint.key, exc.kind)
         await self.call.release(cand, 0)
@@ -254,11 +265,13 @@ async def complete(call: Call) -> Completion:
             continue
         except GatewayError as exc:
             record.outcome, record.status, record.error = "rejected", exc.status, exc.message
+            record.ended = time.monotonic()
             call.health.success(cand.endpoint.key)
             await call.release(cand, 0)
             raise
         elapsed = time.monotonic() - started
         record.outcome, record.status, record.latency_s = "ok", 200, elapsed
+        record.ended = time.monotonic()
         call.health.success(cand.endpoint.key, elapsed)
         call.served = cand
         done = _finish_completion(call, cand, answer, elapsed)
@@ -338,6 +351,7 @@ class StreamRelay:
         self._first_at = 0.0
         #: Set once the stream ended normally; until then usage() counts what came so far.
         self.final_usage: Usage | None = None
+        self.finish_reason: str | None = None
 
     async def open(self) -> Candidate:
         """Find a candidate whose stream yields a first valid chunk."""
@@ -370,6 +384,7 @@ class StreamRelay:
                 continue
             except GatewayError as exc:
                 record.outcome, record.status, record.error = "rejected", exc.status, exc.message
+                record.ended = time.monotonic()
                 self.call.health.success(cand.endpoint.key)
                 await self.call.release(cand, 0)
                 raise
@@ -429,10 +444,13 @@ class StreamRelay:
             detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({type(exc).__name__})"
             log.info("stream failed after first chunk: %s %s", cand.endpoint.key, detail)
             self.call.health.failure(cand.endpoint.key, "stream")
+            UPSTREAM_ERRORS.labels(cand.endpoint.provider.name, "stream").inc()
             self.call.attempts[-1].outcome, self.call.attempts[-1].error = "failed_mid_stream", detail
+            self.finish_reason = "error"
             yield sse(self.error_chunk(f"upstream stream failed: {detail}"))
             yield DONE
         finally:
+            self.call.attempts[-1].ended = time.monotonic()
             with anyio.CancelScope(shield=True):
                 await self.close()
 
@@ -492,6 +510,8 @@ class StreamRelay:
         usage = self.usage()
         self.call.health.throughput(cand.endpoint.key, usage.completion_tokens, time.monotonic() - self._first_at)
         finished = [s.finished for _, s in sorted(self._choices.items()) if s.finished is not None]
+        if finished:
+            self.finish_reason = finished[0].finish_reason
         pieces = []
         for i, choice in enumerate(finished):
             out = self._chunk([choice])

@@ -12,7 +12,9 @@ from gateway import catalog as catalog_mod
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.content_filter import Classifier, LexiconClassifier
-from gateway.health import HealthTracker
+from gateway.generations import Generation, GenerationStore, MemoryGenerations, RedisGenerations
+from gateway.health import Circuit, HealthTracker
+from gateway.metrics import AVAILABLE, BUDGET, CIRCUIT
 from gateway.limit_stores import MemoryStore, RedisStore
 from gateway.limits import Limiter, redis_client
 from gateway.routing import Router
@@ -63,14 +65,40 @@ class Gateway:
         self.keys = KeyRing(config.auth.keys, env)
         self.classifier = classifier or LexiconClassifier()
         self.client = UpstreamClient(transport)
+        self.generations: GenerationStore
         if config.redis.url:
-            store = RedisStore(redis_client(config.redis.url, config.redis.timeout_s), config.redis.prefix)
+            redis = redis_client(config.redis.url, config.redis.timeout_s)
+            store = RedisStore(redis, config.redis.prefix)
+            self.generations = RedisGenerations(redis, config.redis.prefix, config.generations.ttl_s)
         else:
             store = MemoryStore()  # exact for this process only: one replica
+            self.generations = MemoryGenerations(config.generations.capacity)
         self.limiter = Limiter(store, on_error=config.redis.on_error, timeout_s=config.redis.timeout_s,
                                lease_ttl_s=config.routing.deadline_s + 60)
         self._tasks: set[asyncio.Task] = set()
         self._local_watch: asyncio.Task | None = None
+
+    async def generations_put(self, record: Generation) -> None:
+        try:
+            async with asyncio.timeout(max(self.config.redis.timeout_s, 1.0)):
+                await self.generations.put(record)
+        except Exception as exc:  # noqa: BLE001 - a lost record must not fail anything else
+            log.warning("generation record %s not stored (%s)", record.id, type(exc).__name__)
+
+    def refresh_gauges(self) -> None:
+        """Circuit and availability gauges, from this worker's view, before a scrape."""
+        for model in self.catalog.models:
+            for e in model.endpoints:
+                circuit = self.health.circuit(e.key)
+                CIRCUIT.labels(e.provider.name, e.key).set(
+                    {Circuit.CLOSED: 0, Circuit.HALF_OPEN: 1, Circuit.OPEN: 2}[circuit])
+                usable = e.provider.enabled and e.provider.ready and circuit is not Circuit.OPEN
+                AVAILABLE.labels(model.id, e.provider.name, e.key).set(1 if usable else 0)
+        for key in self.keys.keys():
+            if key.quota.budget_usd_per_day is not None:
+                BUDGET.labels(key.name, "day").set(key.quota.budget_usd_per_day)
+            if key.quota.budget_usd_per_month is not None:
+                BUDGET.labels(key.name, "month").set(key.quota.budget_usd_per_month)
 
     def spawn(self, coro) -> None:
         """Run work that must finish even if the request that started it was
@@ -100,13 +128,25 @@ class Gateway:
         url = local.base_url.removesuffix("/v1") + "/health"
         while True:
             try:
-                if await self.client.get(url, 2.0) == 200:
+                if (await self.client.get(url, 2.0))[0] == 200:
                     local.ready = True
                     log.info("local backend ready at %s", local.base_url)
                     return
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.5)
+
+    async def local_metrics(self) -> bytes:
+        """The local backend's own metrics (queue depth, batch size, tokens), when
+        we started it, so one scrape of the gateway covers both."""
+        local = self.catalog.providers.get("local")
+        if not self._watch_local or local is None or not local.ready:
+            return b""
+        try:
+            status, body = await self.client.get(local.base_url.removesuffix("/v1") + "/metrics", 1.0)
+        except httpx.HTTPError:
+            return b""
+        return body if status == 200 else b""
 
     def ready(self) -> tuple[bool, list[str]]:
         """Ready when at least one enabled provider can take traffic."""

@@ -60,11 +60,10 @@ class UpstreamClient:
         response = await self._client.send(request, stream=True)
         return UpstreamResponse(response)
 
-    async def get(self, url: str, timeout_s: float) -> int:
-        """Status of a GET, for readiness checks of backends we started."""
+    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+        """Status and body of a GET, for backends we started (readiness, metrics)."""
         response = await self._client.get(url, timeout=timeout_s)
-        await response.aclose()
-        return response.status_code
+        return response.status_code, response.content
 
     async def close(self) -> None:
         await self._client.aclose()

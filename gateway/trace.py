@@ -1,0 +1,102 @@
+"""One request's trace: what it asked, who served it, what it cost, how long
+it took. At the end it becomes metrics, one JSON log line and a generation
+record, so all three always agree."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from gateway.generations import AttemptOut, Generation
+from gateway.limits import Admission
+from gateway.metrics import COST, DURATION, OVERHEAD, REQUESTS, TOKENS
+from gateway.protocol import Usage
+from gateway.relay import Call
+
+access_log = logging.getLogger("gateway.access")
+
+
+@dataclass(slots=True)
+class Trace:
+    id: str
+    key: str = ""
+    requested_model: str | None = None
+    streamed: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    created_at: float = field(default_factory=time.time)
+    status: int = 200
+    error: str | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    ttft_s: float | None = None
+    admission: Admission | None = None
+    call: Call | None = None
+    #: The streamed response took over accounting from the handler.
+    handed_off: bool = False
+
+    def labels(self) -> tuple[str, str]:
+        """(model, provider) of whoever served, or of what was asked."""
+        served = self.call.served if self.call else None
+        if served is not None:
+            return served.model.id, served.endpoint.provider.name
+        return self.requested_model or "", ""
+
+    def observe(self) -> None:
+        """Metrics and the access-log line. Never prompt or completion text."""
+        duration = time.perf_counter() - self.started
+        upstream = sum(a.duration_s for a in self.call.attempts) if self.call else 0.0
+        model, provider = self.labels()
+        REQUESTS.labels(model, provider, self.key, str(self.status)).inc()
+        DURATION.labels(model, provider).observe(duration)
+        OVERHEAD.observe(max(duration - upstream, 0.0))
+        usage = self.usage
+        if usage is not None:
+            TOKENS.labels(model, provider, self.key, "prompt").inc(usage.prompt_tokens)
+            TOKENS.labels(model, provider, self.key, "completion").inc(usage.completion_tokens)
+            if usage.estimated_cost:
+                COST.labels(model, provider, self.key).inc(usage.estimated_cost)
+        access_log.info("request", extra={"fields": {
+            "id": self.id,
+            "key": self.key,
+            "model": model,
+            "provider": provider,
+            "status": self.status,
+            "stream": self.streamed,
+            "attempts": len(self.call.attempts) if self.call else 0,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "cost_usd": usage.estimated_cost if usage else None,
+            "duration_ms": round(duration * 1000, 2),
+            "overhead_ms": round(max(duration - upstream, 0.0) * 1000, 3),
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+        }})
+
+    def record(self) -> Generation:
+        model, provider = self.labels()
+        usage = self.usage
+        attempts = self.call.attempts if self.call else []
+        return Generation(
+            id=self.id,
+            key=self.key,
+            created_at=self.created_at,
+            model=model or None,
+            provider=provider or None,
+            requested_model=self.requested_model,
+            streamed=self.streamed,
+            status=self.status,
+            finish_reason=self.finish_reason,
+            tokens_prompt=usage.prompt_tokens if usage else 0,
+            tokens_completion=usage.completion_tokens if usage else 0,
+            total_cost=usage.estimated_cost if usage else None,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 2),
+            ttft_ms=None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
+            error=self.error,
+            attempts=[
+                AttemptOut(a.provider, a.endpoint, a.outcome, a.status, a.error,
+                           None if a.latency_s is None else round(a.latency_s * 1000, 2))
+                for a in attempts
+            ],
+        )
