@@ -104,5 +104,9 @@ def test_two_replicas_behind_nginx_share_limits_and_records(start_gateway, redis
                             headers={"authorization": f"Bearer {GATEWAY_KEY}"})
             assert rec.status_code == 200 and rec.json()["data"]["provider"] == r.model_extra["provider"]
     finally:
-        nginx.kill()
-        nginx.wait()
+        nginx.terminate()  # SIGTERM: the master stops its workers too (SIGKILL would orphan them)
+        try:
+            nginx.wait(10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            nginx.wait()
