@@ -8,7 +8,7 @@ Each ``data/*.toml`` file may hold:
                    whose punctuation normalisation would strip).
 ``[[tags]]``       tag, phrases: a word class used only by combos/modifiers.
 ``[[combos]]``     category, severity, a, b (tags), within (chars): both tags
-                   hit within that distance of each other ("how to make" near
+                   hit, with at most that many characters between them ("how to make" near
                    "pipe bomb"; a group noun near "vermin").
 ``[[exempt]]``     phrases: benign look-alikes; a hit lying inside an exempt
                    span is dropped ("kill the process", "bomb-sniffing dog").
@@ -24,7 +24,6 @@ Every phrase goes through the same normalisation as the text.
 from __future__ import annotations
 
 import itertools
-import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -40,18 +39,44 @@ CATEGORIES = SEVERITY_CATEGORIES + DETECTION_CATEGORIES
 RANK = {"safe": 0, "low": 1, "medium": 2, "high": 3}
 LEVELS = ("safe", "low", "medium", "high")
 
-_BRACES = re.compile(r"\{([^{}]*)\}")
 
 # Kinds of automaton entries.
 TERM, TAG, EXEMPT = 0, 1, 2
 
 
 def expand(phrase: str) -> list[str]:
-    """``"ignore {all |}{previous|prior} rules"`` -> the four spellings."""
-    parts = _BRACES.split(phrase)
-    # split() with one group alternates literal, alternatives, literal, ...
-    choices = [[p] if i % 2 == 0 else p.split("|") for i, p in enumerate(parts)]
-    return ["".join(c) for c in itertools.product(*choices)]
+    """``"ignore {all |}{previous|prior} rules"`` -> the four spellings.
+    Braces nest: ``"{a {b|c}|d}"`` -> a b, a c, d."""
+    out, rest = _expand_seq(phrase, 0)
+    if rest != len(phrase):
+        raise ValueError(f"unbalanced braces in {phrase!r}")
+    return out
+
+
+def _expand_seq(s: str, i: int) -> tuple[list[str], int]:
+    """Expand from ``i`` up to an unmatched ``|`` or ``}`` (or the end)."""
+    results = [""]
+    while i < len(s) and s[i] not in "|}":
+        if s[i] == "{":
+            alternatives: list[str] = []
+            i += 1
+            while True:
+                part, i = _expand_seq(s, i)
+                alternatives.extend(part)
+                if i >= len(s):
+                    raise ValueError(f"unbalanced braces in {s!r}")
+                if s[i] == "}":
+                    i += 1
+                    break
+                i += 1  # skip "|"
+            results = [r + a for r in results for a in alternatives]
+        else:
+            j = i
+            while j < len(s) and s[j] not in "{|}":
+                j += 1
+            results = [r + s[i:j] for r in results]
+            i = j
+    return results, i
 
 
 def _one_variants(word: str) -> Iterator[str]:
@@ -116,8 +141,13 @@ def _keys(normalizer: Normalizer, phrase: str) -> Iterator[str]:
 def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
     """Read every TOML file under the data folder into one automaton."""
     root = resources.files(package) / folder
-    docs = [tomllib.loads(f.read_text("utf-8")) for f in sorted(root.iterdir(), key=lambda f: f.name)
-            if f.name.endswith(".toml")]
+    docs = []
+    for f in sorted(root.iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".toml"):
+            try:
+                docs.append(tomllib.loads(f.read_text("utf-8")))
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{f.name}: {exc}") from exc
     confusables: dict[str, str] = {}
     for doc in docs:
         confusables.update(doc.get("confusables", {}))
@@ -143,6 +173,11 @@ def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
             for phrase in block["phrases"]:
                 for key in _keys(normalizer, phrase):
                     add(key, Entry(TERM, category, severity, len(key), int(key.endswith(" "))))
+                    # Letter-spaced text ("k i l l m y s e l f") collapses to
+                    # one word; long multi-word terms also match that form.
+                    joined = " " + key.strip().replace(" ", "") + (" " if key.endswith(" ") else "")
+                    if " " in key.strip() and len(joined.strip()) >= 9:
+                        add(joined, Entry(TERM, category, severity, len(joined), int(joined.endswith(" "))))
         for block in doc.get("tags", []):
             for phrase in block["phrases"]:
                 for key in _keys(normalizer, phrase):
@@ -199,17 +234,18 @@ def scan(lexicon: Lexicon, view: str) -> dict[str, int]:
     if exempt:
         hits = [h for h in hits if not any(s <= h[0] and h[1] <= t for s, t in exempt)]
     found: dict[str, int] = {}
-    tags: dict[str, list[int]] = {}
-    for start, _end, e in hits:
+    tags: dict[str, list[tuple[int, int]]] = {}
+    for start, stop, e in hits:
         if e.kind == TERM:
             rank = RANK[e.severity]
             if rank > found.get(e.name, 0):
                 found[e.name] = rank
         else:
-            tags.setdefault(e.name, []).append(start)
+            tags.setdefault(e.name, []).append((start, stop))
     for combo in lexicon.combos:
         pa, pb = tags.get(combo.a), tags.get(combo.b)
-        if pa and pb and any(abs(x - y) <= combo.within for x in pa for y in pb):
+        # ``within``: at most that many characters between the two spans.
+        if pa and pb and any(max(b0 - a1, a0 - b1) <= combo.within for a0, a1 in pa for b0, b1 in pb):
             rank = RANK[combo.severity]
             if rank > found.get(combo.category, 0):
                 found[combo.category] = rank
