@@ -23,6 +23,7 @@ Every phrase goes through the same normalisation as the text.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import tomllib
 from dataclasses import dataclass, field
@@ -138,8 +139,13 @@ def _keys(normalizer: Normalizer, phrase: str) -> Iterator[str]:
             yield norm.replace(body, variant)
 
 
+@functools.lru_cache(maxsize=4)
 def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
-    """Read every TOML file under the data folder into one automaton."""
+    """Read every TOML file under the data folder into one automaton.
+
+    Cached: the result is read-only after construction, so classifiers built
+    in one process share it (building takes about a second).
+    """
     root = resources.files(package) / folder
     docs = []
     for f in sorted(root.iterdir(), key=lambda f: f.name):

@@ -21,10 +21,11 @@ _INVISIBLE = dict.fromkeys(
 )
 
 # Leetspeak digits and symbols, decoded only next to a letter (see _LEET_RUN):
-# "k1ll" becomes "kill" but "top 10" and "$5" stay as they are.
+# "k1ll" becomes "kill" but "top 10" and "$5" stay as they are. "!", "|" and
+# "+" only count before a letter, so "hello!" keeps its punctuation.
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t",
                        "@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
-_LEET_RUN = re.compile(r"(?<=[a-z])[013457@$!|+€]+|[013457@$|+€]+(?=[a-z])|!+(?=[a-z])")
+_LEET_RUN = re.compile(r"(?<=[a-z])[013457@$€]+|[013457@$|+€!]+(?=[a-z])")
 # A '*' (or run of them) inside a word masks letters: "f*ck", "sh**t".
 _MASK = re.compile(r"(?<=[a-z])\*+(?=[a-z])")
 # Three or more single characters joined by one separator: "k i l l", "k.i.l.l".
