@@ -4,7 +4,7 @@ import pytest
 
 from gateway.protocol import ContentFilterResults
 from gateway.safety import DefaultClassifier
-from gateway.safety.evaluate import flagged
+from gateway.safety.evaluation import flagged
 
 
 def summary(r: ContentFilterResults) -> dict[str, str | bool]:

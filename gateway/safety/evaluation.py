@@ -1,6 +1,9 @@
 """Precision/recall of the default classifier on a labelled set.
 
-    python -m gateway.safety.evaluate [--data PATH] [--split tune|heldout|all] [--errors]
+    python -m gateway.safety.evaluation [--data PATH] [--split tune|heldout|all] [--errors]
+
+(Not ``gateway.safety.evaluate``: a submodule of that name would shadow the
+``evaluate`` policy function exported by the package.)
 
 A text counts as flagged for a severity category at "medium" or above (the
 Azure default blocking level; "low" is an annotation only) and for jailbreak
