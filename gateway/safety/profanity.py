@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
@@ -42,11 +43,19 @@ class ProfanityModel:
 
     def probability(self, text: str) -> float:
         """Same value as ``profanity_check.predict_prob([text])[0]``."""
-        counts: dict[str, int] = {}
+        return self._score(Counter(_TOKEN.findall(text.lower())))
+
+    def probability_normalized(self, view: str) -> float:
+        """``probability`` for a normaliser view (only ``[a-z0-9#]`` words and
+        spaces), where ``str.split`` gives the same tokens as the
+        vectoriser's regex, several times faster."""
+        if "#" in view:
+            view = view.replace("#", " ")
+        return self._score(Counter(view.split()))
+
+    def _score(self, all_counts: Counter[str]) -> float:
         weights = self._weights
-        for token in _TOKEN.findall(text.lower()):
-            if token in weights:
-                counts[token] = counts.get(token, 0) + 1
+        counts = {t: n for t, n in all_counts.items() if t in weights}
         sums = [0.0] * self._n
         norm2 = 0.0
         for token, count in counts.items():

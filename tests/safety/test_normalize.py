@@ -38,3 +38,13 @@ def test_brace_expansion_nests():
     assert expand("a {b {c|d}|e}{| f}") == ["a b c", "a b c f", "a b d", "a b d f", "a e", "a e f"]
     with pytest.raises(ValueError):
         expand("a {b|c")
+
+
+def test_squeezed_views_cover_only_the_stretched_region(norm):
+    from gateway.safety.normalize import squeezed_views
+
+    assert squeezed_views(norm("nothing stretched here")) == ()
+    view = norm("lorem ipsum " * 50 + "what the fuuuuck " + "dolor sit " * 50)
+    two, one = squeezed_views(view)
+    assert " fuuck " in two and " fuck " in one
+    assert len(one) < 120 and one.startswith(" ") and one.endswith(" ")

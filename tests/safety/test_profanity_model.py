@@ -21,3 +21,12 @@ def test_fast_path_equals_scikit_learn():
     expected = predict_prob(TEXTS)
     for text, want in zip(TEXTS, expected):
         assert model.probability(text) == pytest.approx(float(want), abs=1e-9), text
+
+
+def test_normalized_fast_path_equals_regex_tokenizer():
+    from gateway.safety.lexicon import load
+
+    model, norm = ProfanityModel(), load().normalizer.normalize
+    for text in TEXTS + ["f*ck you, a$$hole", "k i l l  y o u"]:
+        view = norm(text)
+        assert model.probability_normalized(view) == pytest.approx(model.probability(view), abs=1e-12)
