@@ -118,7 +118,7 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
         return Response(P.encode(P.ModelList([P.ModelCard(id=served_name, created=state.created)])),
                         media_type=JSON)
 
-    @post("/v1/chat/completions")
+    @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
         try:
             req = P.decode_request(await request.body())
@@ -158,8 +158,10 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
                           headers={"Cache-Control": "no-cache"})
         return await _complete(request, stream, rid, served_name)
 
-    return Litestar(route_handlers=[health, models, chat], on_startup=[on_startup],
-                    on_shutdown=[on_shutdown], debug=False)
+    app = Litestar(route_handlers=[health, models, chat], on_startup=[on_startup],
+                   on_shutdown=[on_shutdown], debug=False)
+    app.state.local_backend = state
+    return app
 
 
 async def _complete(request: Request[Any, Any, Any], stream: RequestStream, rid: str,

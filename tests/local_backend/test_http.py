@@ -10,6 +10,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from local_backend.cli import make_loader
+from local_backend.engine import QueueFull
 from local_backend.server import create_app
 
 NAME = "tiny"
@@ -71,16 +72,15 @@ async def test_errors_are_openai_shaped(client: AsyncTestClient, payload, status
         assert err["code"] == code
 
 
-async def test_full_queue_is_503_with_retry_after(client: AsyncTestClient) -> None:
+async def test_full_queue_is_503_with_retry_after(client: AsyncTestClient, monkeypatch) -> None:
+    """The engine's QueueFull (tested for real in test_engine) becomes 503 + Retry-After."""
     engine = client.app.state.local_backend.backend.engine
-    engine.shutdown()  # freeze scheduling so the queue (max_queue=1) deterministically fills
-    waiting = asyncio.create_task(client.post("/v1/chat/completions", json=body(max_tokens=1)))
-    for _ in range(100):
-        if engine.num_waiting == 1:
-            break
-        await asyncio.sleep(0.02)
+
+    def full(*args, **kwargs):
+        raise QueueFull(retry_after=7)
+
+    monkeypatch.setattr(engine, "submit", full)
     r = await client.post("/v1/chat/completions", json=body(max_tokens=1))
     assert r.status_code == 503, r.text
-    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["retry-after"] == "7"
     assert r.json()["error"]["code"] == "queue_full"
-    waiting.cancel()
