@@ -57,7 +57,9 @@ class RedisConfig(_Section):
     url: str | None = None
     #: When Redis fails: "open" serves anyway (counted in a metric), "closed" answers 503.
     on_error: Literal["open", "closed"] = "open"
-    timeout_s: PositiveFloat = 0.25
+    #: Socket timeout of each Redis call. Wall-clock, so it includes event-loop
+    #: lag: too short a value fails open under load, not just when Redis is down.
+    timeout_s: PositiveFloat = 1.0
     prefix: str = "gw:"
 
 

@@ -92,7 +92,11 @@ class Limiter:
             log.warning("rate-limit store unavailable (%s); failing %s", type(exc).__name__, self.on_error)
 
     async def _call(self, coro):
-        async with asyncio.timeout(self.timeout_s):
+        # A dead or hung Redis is caught by the socket timeouts (timeout_s) of
+        # the client; this wider bound is the no-hang backstop. It is wider so
+        # that a busy event loop under load is not mistaken for a Redis failure
+        # (which would fail open and let requests past the limit).
+        async with asyncio.timeout(backstop_s(self.timeout_s)):
             return await coro
 
     async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
@@ -160,6 +164,10 @@ class Limiter:
         await self.store.close()
 
 
+def backstop_s(timeout_s: float) -> float:
+    return max(2.0, 10 * timeout_s)
+
+
 def redis_client(url: str, timeout_s: float):
     """A redis-py asyncio client for ``redis://``, ``rediss://``, ``unix://``,
     ``redis+cluster://host:port`` and ``redis+sentinel://host:port[,host:port]/service``."""
@@ -181,5 +189,5 @@ def redis_client(url: str, timeout_s: float):
             nodes.append((host, int(port)) if sep else (node, 26379))
         return Sentinel(nodes, **opts).master_for(service or "mymaster", **opts)
     # Concurrent requests wait briefly for a pooled connection instead of failing.
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=128, timeout=timeout_s, **opts)
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=backstop_s(timeout_s), **opts)
     return redis.Redis(connection_pool=pool)

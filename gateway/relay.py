@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
-import httpx
 import msgspec
 from msgspec import UNSET
 
@@ -45,7 +44,13 @@ from gateway.protocol import (
     Usage,
 )
 from gateway.routing import Candidate
-from gateway.upstream import UpstreamClient, UpstreamResponse
+from gateway.upstream import (
+    UpstreamBroken,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from providers.base import clean_content, clean_delta, request_body
 
 log = logging.getLogger("gateway.relay")
@@ -140,7 +145,7 @@ async def _error_message(response: UpstreamResponse) -> str:
     try:
         raw = await response.read(_ERROR_BODY_LIMIT)
         body = msgspec.json.decode(raw, type=UpstreamError)
-    except (msgspec.DecodeError, msgspec.ValidationError, httpx.HTTPError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UpstreamTimeout, UpstreamBroken):
         return f"HTTP {response.status}"
     if isinstance(body.error, str):
         return body.error
@@ -156,10 +161,10 @@ async def _open(call: Call, cand: Candidate, stream_usage: bool) -> UpstreamResp
     timeout_s = max(0.001, min(endpoint.provider.timeout_s, call.remaining_s))
     try:
         response = await call.client.post(endpoint.provider.chat_url, _headers(endpoint), body, timeout_s)
-    except httpx.TimeoutException:
+    except UpstreamTimeout:
         raise AttemptFailed("timeout", "timed out") from None
-    except httpx.HTTPError as exc:
-        raise AttemptFailed("connect", f"connection failed ({type(exc).__name__})") from None
+    except (UpstreamUnreachable, UpstreamBroken) as exc:
+        raise AttemptFailed("connect", f"connection failed ({exc})") from None
     if 200 <= response.status < 300:
         return response
     try:
@@ -254,11 +259,11 @@ async def complete(call: Call) -> Completion:
         except TimeoutError:
             await attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
             continue
-        except httpx.TimeoutException:
+        except UpstreamTimeout:
             await attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
             continue
-        except httpx.HTTPError as exc:
-            await attempts.failed(cand, record, AttemptFailed("invalid", f"body could not be read ({type(exc).__name__})"))
+        except UpstreamBroken as exc:
+            await attempts.failed(cand, record, AttemptFailed("invalid", f"body could not be read ({exc})"))
             continue
         except AttemptFailed as exc:
             await attempts.failed(cand, record, exc)
@@ -373,11 +378,11 @@ class StreamRelay:
             except TimeoutError:
                 await attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
                 continue
-            except httpx.TimeoutException:
+            except UpstreamTimeout:
                 await attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
                 continue
-            except httpx.HTTPError as exc:
-                await attempts.failed(cand, record, AttemptFailed("invalid", f"stream broke ({type(exc).__name__})"))
+            except UpstreamBroken as exc:
+                await attempts.failed(cand, record, AttemptFailed("invalid", f"stream broke ({exc})"))
                 continue
             except AttemptFailed as exc:
                 await attempts.failed(cand, record, exc)
@@ -440,8 +445,8 @@ class StreamRelay:
                     yield sse(out)
             for piece in self._ending(cand):
                 yield piece
-        except (AttemptFailed, httpx.HTTPError) as exc:
-            detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({type(exc).__name__})"
+        except (AttemptFailed, UpstreamTimeout, UpstreamBroken) as exc:
+            detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({exc})"
             log.info("stream failed after first chunk: %s %s", cand.endpoint.key, detail)
             self.call.health.failure(cand.endpoint.key, "stream")
             UPSTREAM_ERRORS.labels(cand.endpoint.provider.name, "stream").inc()

@@ -18,7 +18,7 @@ from gateway.metrics import AVAILABLE, BUDGET, CIRCUIT
 from gateway.limit_stores import MemoryStore, RedisStore
 from gateway.limits import Limiter, redis_client
 from gateway.routing import Router
-from gateway.upstream import UpstreamClient
+from gateway.upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable, make_client
 
 log = logging.getLogger("gateway")
 
@@ -64,7 +64,7 @@ class Gateway:
         )
         self.keys = KeyRing(config.auth.keys, env)
         self.classifier = classifier or LexiconClassifier()
-        self.client = UpstreamClient(transport)
+        self.client = make_client(transport)
         self.generations: GenerationStore
         if config.redis.url:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
@@ -132,7 +132,7 @@ class Gateway:
                     local.ready = True
                     log.info("local backend ready at %s", local.base_url)
                     return
-            except httpx.HTTPError:
+            except (UpstreamTimeout, UpstreamUnreachable, UpstreamBroken):
                 pass
             await asyncio.sleep(0.5)
 
@@ -144,7 +144,7 @@ class Gateway:
             return b""
         try:
             status, body = await self.client.get(local.base_url.removesuffix("/v1") + "/metrics", 1.0)
-        except httpx.HTTPError:
+        except (UpstreamTimeout, UpstreamUnreachable, UpstreamBroken):
             return b""
         return body if status == 200 else b""
 

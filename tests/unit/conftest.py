@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import httpx
+
 import pytest
 from litestar.testing import TestClient
 
@@ -25,7 +27,8 @@ def make_gateway(toml: str = "", env: dict[str, str] | None = None, tmp_path=Non
 
         raw = tomllib.loads(toml)
         cfg = config_mod.merge(cfg, config_mod.parse(raw), raw)
-    gw = Gateway(cfg, env=KEYS if env is None else env)
+    # An httpx transport selects the httpx client, which respx intercepts.
+    gw = Gateway(cfg, env=KEYS if env is None else env, transport=httpx.AsyncHTTPTransport())
     gw.router.rng = random.Random(seed)
     return gw
 
