@@ -160,3 +160,22 @@ def test_compose_file_mentions_no_real_secrets():
     for name in ("NOVITA_API_KEY", "DEEPINFRA_TOKEN", "OPENROUTER_API_KEY", "GATEWAY_API_KEY"):
         value = _compose()["services"]["gateway-1"]["environment"][name]
         assert value.startswith("${" + name), f"{name} must come from the environment"
+
+
+def _local_served_name() -> str:
+    catalog = tomllib.loads((ROOT / "gateway" / "data" / "catalog.toml").read_text())
+    (endpoint,) = [e for m in catalog["models"] for e in m.get("endpoints", []) if e["provider"] == "local"]
+    return endpoint["upstream_model"]
+
+
+def test_local_backend_serves_the_name_the_gateway_asks_for():
+    """The separate local backend container must answer to the catalog's upstream
+    model id, as the child process `gateway serve` starts would."""
+    served = _local_served_name()
+    local = " ".join(rest for word, rest in _stages()["local"] if word == "CMD")
+    assert f'"--served-name", "{served}"' in local and '"--port", "8001"' in local
+    k8s = yaml.safe_load_all((DEPLOY / "k8s" / "local-backend.yaml").read_text())
+    (dep,) = [d for d in k8s if d["kind"] == "Deployment"]
+    cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--served-name") + 1] == served
+    assert cmd[cmd.index("--port") + 1] == "8001"
