@@ -39,7 +39,7 @@ def _results(found: dict[str, int]) -> ContentFilterResults:
 class DefaultClassifier:
     """Term lists + context rules + alt-profanity-check, in process.
 
-    Built once (loads the data files and the profanity model, about a second);
+    Built once (loads the data files and the profanity model, a few seconds);
     ``classify`` keeps no state, so one instance serves every thread.
     Results never have ``filtered`` set: that is the policy's decision.
     """
