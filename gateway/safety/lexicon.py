@@ -144,7 +144,7 @@ def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
     """Read every TOML file under the data folder into one automaton.
 
     Cached: the result is read-only after construction, so classifiers built
-    in one process share it (building takes about a second).
+    in one process share it (building takes one to two seconds).
     """
     root = resources.files(package) / folder
     docs = []

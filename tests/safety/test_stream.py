@@ -53,7 +53,7 @@ def test_each_feed_scans_only_the_chunk_plus_overlap(classifier: DefaultClassifi
     assert max(rec.lengths) == 74  # never the whole 10 800 characters
 
 
-def test_matches_whole_text_on_the_labelled_harmful_texts(classifier: DefaultClassifier):
+def test_agrees_with_whole_text_classify_on_short_labelled_texts(classifier: DefaultClassifier):
     # Short texts fit in one window, so streaming must agree with classify().
     from gateway.safety.evaluation import load_rows
 
