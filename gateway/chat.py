@@ -139,7 +139,7 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
     finally:
         if not trace.handed_off:
             IN_FLIGHT.dec()
-            await account(gw, trace)
+            gw.spawn(account(gw, trace))  # the response does not wait for accounting
 
 
 async def account(gw: Gateway, trace: Trace) -> None:
@@ -149,7 +149,7 @@ async def account(gw: Gateway, trace: Trace) -> None:
         await gw.limiter.settle_key(trace.admission, usage.total_tokens if usage else 0,
                                     usage.estimated_cost if usage else None)
     trace.observe()
-    gw.spawn(gw.generations_put(trace.record()))
+    await gw.generations_put(trace.record())
 
 
 async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Response:

@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 import msgspec
 
+from gateway.redis_batch import WriteBatcher
+
 
 class AttemptOut(msgspec.Struct):
     provider: str
@@ -69,15 +71,17 @@ class MemoryGenerations(GenerationStore):
 
 
 class RedisGenerations(GenerationStore):
-    """Records shared by every replica, expiring after ``ttl_s``."""
+    """Records shared by every replica, expiring after ``ttl_s``; written in batches."""
 
-    def __init__(self, client, prefix: str, ttl_s: int) -> None:
+    def __init__(self, client, prefix: str, ttl_s: int, batcher: WriteBatcher) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self.batcher = batcher
 
     async def put(self, record: Generation) -> None:
-        await self.client.set(f"{self.prefix}gen:{record.id}", msgspec.json.encode(record), ex=self.ttl_s)
+        key, value = f"{self.prefix}gen:{record.id}", msgspec.json.encode(record)
+        await self.batcher.submit(lambda pipe: pipe.set(key, value, ex=self.ttl_s))
 
     async def get(self, generation_id: str) -> Generation | None:
         raw = await self.client.get(f"{self.prefix}gen:{generation_id}")

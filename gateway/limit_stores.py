@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.redis_batch import WriteBatcher
+
 WINDOW_MS = 60_000
 
 
@@ -199,13 +201,17 @@ def _verdict(raw: list) -> Verdict:
 
 
 class RedisStore:
-    """Limits shared by every replica through one Redis (or Cluster, or Sentinel)."""
+    """Limits shared by every replica through one Redis (or Cluster, or Sentinel).
 
-    def __init__(self, client, prefix: str = "gw:") -> None:
+    Admissions are one script call each (the answer is needed now);
+    settlements go through the write batcher, many to a round trip.
+    """
+
+    def __init__(self, client, prefix: str = "gw:", batcher: WriteBatcher | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.batcher = batcher or WriteBatcher(client, timeout_s=2.0)
         self._admit = client.register_script(_ADMIT)
-        self._settle = client.register_script(_SETTLE)
 
     async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
                     periods: Periods, window_ms: int = WINDOW_MS) -> Verdict:
@@ -216,8 +222,10 @@ class RedisStore:
     async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
                      periods: Periods) -> None:
         keys = _keys(self.prefix, entity, periods)[1:]
-        await self._settle(keys=keys, args=[request_id, tokens, repr(float(cost_usd)), periods.day_ttl_s,
-                                            periods.month_ttl_s])
+        args = [request_id, tokens, repr(float(cost_usd)), periods.day_ttl_s, periods.month_ttl_s]
+        # EVAL, not EVALSHA: no SCRIPT EXISTS round trip per batch, and Redis
+        # caches the compiled script by its hash anyway.
+        await self.batcher.submit(lambda pipe: pipe.eval(_SETTLE, len(keys), *keys, *args))
 
     async def spent(self, entity: str, periods: Periods) -> tuple[float, float]:
         keys = _keys(self.prefix, entity, periods)

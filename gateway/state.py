@@ -16,7 +16,8 @@ from gateway.generations import Generation, GenerationStore, MemoryGenerations, 
 from gateway.health import Circuit, HealthTracker
 from gateway.metrics import AVAILABLE, BUDGET, CIRCUIT
 from gateway.limit_stores import MemoryStore, RedisStore
-from gateway.limits import Limiter, redis_client
+from gateway.limits import Limiter, backstop_s, redis_client
+from gateway.redis_batch import WriteBatcher
 from gateway.routing import Router
 from gateway.upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable, make_client
 
@@ -68,8 +69,9 @@ class Gateway:
         self.generations: GenerationStore
         if config.redis.url:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
-            store = RedisStore(redis, config.redis.prefix)
-            self.generations = RedisGenerations(redis, config.redis.prefix, config.generations.ttl_s)
+            batcher = WriteBatcher(redis, backstop_s(config.redis.timeout_s))
+            store = RedisStore(redis, config.redis.prefix, batcher)
+            self.generations = RedisGenerations(redis, config.redis.prefix, config.generations.ttl_s, batcher)
         else:
             store = MemoryStore()  # exact for this process only: one replica
             self.generations = MemoryGenerations(config.generations.capacity)
