@@ -73,10 +73,10 @@ def static_batch_generate(model, ps: list[list[int]], pad: int) -> float:
     return len(ps) * (out.shape[1] - width) / dt
 
 
-@torch.inference_mode()
 def hf_generate_batch(model, ps: list[list[int]]) -> float:
     from transformers import GenerationConfig
 
+    # No inference_mode here: the manager updates its static tensors outside it and fails.
     cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
     dt, res = timed(lambda: model.generate_batch(inputs=ps, generation_config=cfg, progress_bar=False))
     return sum(len(r.generated_tokens) for r in res.values()) / dt

@@ -111,7 +111,8 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
         if b is None or not b.engine.ready.is_set():
             return Response(b'{"status":"loading"}', status_code=503, media_type=JSON,
                             headers={"Retry-After": "1"})
-        return Response(b'{"status":"ok"}', media_type=JSON)
+        body = {"status": "ok", "running": b.engine.num_running, "waiting": b.engine.num_waiting}
+        return Response(msgspec.json.encode(body), media_type=JSON)
 
     @get("/v1/models", sync_to_thread=False)
     def models() -> Response[bytes]:

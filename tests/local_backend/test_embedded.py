@@ -90,3 +90,19 @@ def test_openai_sdk_against_subprocess_server(server_url: str) -> None:
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="gpt-4", messages=QUESTION)
     assert exc.value.code == "model_not_found"
+
+
+def test_client_disconnect_frees_the_slot(server_url: str) -> None:
+    body = {"model": EMBEDDED_SERVED_NAME, "messages": QUESTION, "max_tokens": 3000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server_url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert httpx.get(f"{server_url}/health").json()["running"] == 1
+    # 3000 tokens would take minutes; an aborted request is gone within a few steps.
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server_url}/health").json()["running"] != 0:
+        assert time.monotonic() < deadline, "slot still busy after the client left"
+        time.sleep(0.05)
