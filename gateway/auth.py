@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from gateway.config import KeyConfig
 from gateway.errors import GatewayError
 from gateway.limit_stores import Quota
+from gateway.safety.policy import Policy
 
 log = logging.getLogger("gateway.auth")
 
@@ -27,6 +28,7 @@ class GatewayKey:
     quota: Quota = field(default_factory=Quota)
     #: Lower-cased model ids this key may ask for; None = any.
     models: frozenset[str] | None = None
+    safety: Policy | None = None
 
 
 OPEN = GatewayKey(name="open")
@@ -36,7 +38,7 @@ def _key(k: KeyConfig) -> GatewayKey:
     quota = Quota(rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent,
                   budget_usd_per_day=k.budget_usd_per_day, budget_usd_per_month=k.budget_usd_per_month)
     models = None if k.models is None else frozenset(m.lower() for m in k.models)
-    return GatewayKey(k.name, quota, models)
+    return GatewayKey(k.name, quota, models, k.safety)
 
 
 def digest(key: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import providers
 from gateway.limit_stores import Quota
+from gateway.safety.policy import Policy
 from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, ProviderConfig
 from msgspec import UNSET
 
@@ -79,6 +80,7 @@ class Model:
     aliases: list[str]
     tokenizer: str
     endpoints: list[Endpoint] = field(default_factory=list)
+    safety: Policy | None = None
 
     @property
     def context_length(self) -> int:
@@ -180,6 +182,7 @@ def build(config: Config, env: dict[str, str] | None = None) -> Catalog:
             name=mc.name if mc.name is not UNSET else mc.id,
             aliases=list(mc.aliases) if mc.aliases is not UNSET else [],
             tokenizer=mc.tokenizer if mc.tokenizer is not UNSET else "none",
+            safety=_opt(mc.safety),
         )
         for i, ec in enumerate(mc.endpoints):
             provider = provider_map.get(ec.provider)

@@ -89,22 +89,30 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
         trace.requested_model = chat.model if chat.model is not msgspec.UNSET else None
         trace.streamed = chat.stream
         check_allowed(gw, key, chat)
+        model = gw.router.resolve(requested_models(chat)[0])
+        policy = key.safety or model.safety or gw.moderation.policy
         # 3. Limit: rate, concurrency and budget of the key, in one round trip.
         estimate = reservation(chat.messages, chat.max_tokens or None)
         admission = await gw.limiter.admit_key(key.name, key.quota, trace.id, estimate)
         trace.admission = admission
-        # 4. Route: the ordered candidates, or the reason there are none.
-        candidates = gw.router.plan(chat)
+        # 4. Content policy on the prompt, then route: the ordered candidates,
+        # or the reason there are none.
         prompt_text = "\n".join(m.text() for m in chat.messages)
+        prompt_results = gw.moderation.decide(await gw.moderation.classify(prompt_text), None, policy)
+        if gw.moderation.blocked(prompt_results):
+            raise GatewayError(400, "the prompt was filtered by the content policy", code="content_filter",
+                               param="messages")
+        candidates = gw.router.plan(chat)
         call = trace.call = Call(
             request=chat,
             generation_id=trace.id,
             client=gw.client,
             health=gw.health,
-            classifier=gw.classifier,
+            moderation=gw.moderation,
+            policy=policy,
             candidates=candidates,
             deadline=time.monotonic() + gw.config.routing.deadline_s,
-            prompt_filter=[PromptFilterResult(0, gw.classifier.classify(prompt_text))],
+            prompt_filter=[PromptFilterResult(0, prompt_results)],
             limiter=gw.limiter,
             estimate=estimate,
         )

@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from gateway.safety.policy import Policy, SafetyConfig
+
 PositiveFloat = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Price = Annotated[float, Meta(ge=0)]
@@ -47,6 +49,8 @@ class KeyConfig(_Section):
     budget_usd_per_month: Price | None = None
     #: Allow-list of model ids (or aliases); absent = every model.
     models: list[str] | None = None
+    #: Content policy for this key (overrides the model's and [safety]'s).
+    safety: Policy | None = None
 
 
 class AuthConfig(_Section):
@@ -92,6 +96,8 @@ class ModelConfig(_Section):
     name: str | UnsetType = UNSET
     aliases: list[str] | UnsetType = UNSET
     tokenizer: Literal["v1", "v3", "tekken", "none"] | UnsetType = UNSET
+    #: Content policy for this model (overrides [safety]'s).
+    safety: Policy | None | UnsetType = UNSET
     endpoints: list[EndpointConfig] = []
 
 
@@ -134,6 +140,7 @@ class Config(_Section):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     local: LocalConfig = msgspec.field(default_factory=LocalConfig)
     generations: GenerationsConfig = msgspec.field(default_factory=GenerationsConfig)
+    safety: SafetyConfig = msgspec.field(default_factory=SafetyConfig)
 
 
 class ConfigError(Exception):
@@ -267,7 +274,7 @@ def merge(base: Config, user: Config, user_raw: dict) -> Config:
             models[i] = _merge_model(models[i], mc)
     sections = {
         name: getattr(user, name)
-        for name in ("server", "auth", "redis", "routing", "health", "local", "generations")
+        for name in ("server", "auth", "redis", "routing", "health", "local", "generations", "safety")
         if name in user_raw
     }
     return msgspec.structs.replace(base, providers=providers, models=models, **sections)

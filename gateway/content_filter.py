@@ -1,15 +1,13 @@
-"""Content-filter results: the pluggable classifier and the default one.
+"""Content-filter results: the classifier interface, merging, upstream results.
 
 The gateway annotates every prompt and completion with Azure-shaped
 ``content_filter_results`` (the shape Novita sends, seed 000). A classifier is
-anything with ``classify(text) -> ContentFilterResults``. The default here is
-a small word-list matcher: cheap enough for every request, and a placeholder
-for a better classifier behind the same interface.
+anything with ``classify(text) -> ContentFilterResults``; the default one is
+``gateway.safety.DefaultClassifier``.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Protocol
 
 import msgspec
@@ -23,49 +21,6 @@ _DETECTION_CATEGORIES = ("jailbreak", "profanity")
 
 class Classifier(Protocol):
     def classify(self, text: str) -> ContentFilterResults: ...
-
-
-# (category, severity) -> phrases. Whole words, case-insensitive.
-_LEXICON: dict[tuple[str, str], tuple[str, ...]] = {
-    ("violence", "high"): ("kill you", "murder you", "shoot you", "build a bomb", "make a bomb"),
-    ("violence", "medium"): ("i will hurt", "beat you up", "stab"),
-    ("self_harm", "high"): ("kill myself", "end my life", "commit suicide"),
-    ("self_harm", "medium"): ("hurt myself", "cut myself", "self-harm"),
-    ("hate", "high"): ("exterminate them", "subhuman"),
-    ("sexual", "medium"): ("explicit sex", "porn"),
-    ("jailbreak", "high"): (
-        "ignore all previous instructions",
-        "ignore previous instructions",
-        "ignore your instructions",
-        "you are now dan",
-        "developer mode enabled",
-    ),
-    ("profanity", "high"): ("fuck", "shit", "bitch", "asshole"),
-}
-
-
-class LexiconClassifier:
-    """Phrase matching over lower-cased text, one compiled regex per category tier."""
-
-    def __init__(self, lexicon: dict[tuple[str, str], tuple[str, ...]] = _LEXICON) -> None:
-        self._patterns = [
-            (category, severity, re.compile(r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")\b"))
-            for (category, severity), phrases in lexicon.items()
-        ]
-
-    def classify(self, text: str) -> ContentFilterResults:
-        result = ContentFilterResults()
-        if not text:
-            return result
-        lowered = text.lower()
-        for category, severity, pattern in self._patterns:
-            if pattern.search(lowered) is None:
-                continue
-            if category in _DETECTION_CATEGORIES:
-                setattr(result, category, Detection(filtered=False, detected=True))
-            elif _RANK[severity] > _RANK[getattr(result, category).severity]:
-                setattr(result, category, Severity(filtered=False, severity=severity))
-        return result
 
 
 def merge(ours: ContentFilterResults, theirs: ContentFilterResults | None) -> ContentFilterResults:

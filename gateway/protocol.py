@@ -158,7 +158,10 @@ class UpstreamUsage(Struct, kw_only=True):
     total_tokens: int | None = None
 
 
-class AssistantMessage(Struct, kw_only=True, omit_defaults=True):
+class AssistantMessage(Struct, kw_only=True):
+    """``content`` is always sent (null when there is none), as OpenAI does;
+    UNSET fields are left out."""
+
     role: str = "assistant"
     content: str | None = None
     tool_calls: Raw | UnsetType = UNSET

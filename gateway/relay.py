@@ -22,9 +22,10 @@ import msgspec
 from msgspec import UNSET
 
 from gateway import content_filter
+from gateway.moderation import Moderation
+from gateway.safety import Policy
 from gateway.accounting import usage_for
 from gateway.catalog import Endpoint
-from gateway.content_filter import Classifier
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.limits import Limiter
@@ -104,7 +105,8 @@ class Call:
     generation_id: str
     client: UpstreamClient
     health: HealthTracker
-    classifier: Classifier
+    moderation: Moderation
+    policy: Policy
     candidates: list[Candidate]
     deadline: float
     prompt_filter: list[PromptFilterResult]
@@ -279,7 +281,7 @@ async def complete(call: Call) -> Completion:
         record.ended = time.monotonic()
         call.health.success(cand.endpoint.key, elapsed)
         call.served = cand
-        done = _finish_completion(call, cand, answer, elapsed)
+        done = await _finish_completion(call, cand, answer, elapsed)
         await call.release(cand, done.usage.total_tokens)
         return done
     raise _final_error(call, attempts.failures)
@@ -295,25 +297,29 @@ def _decode_completion(raw: bytes) -> ChatCompletion:
     return answer
 
 
-def _finish_completion(call: Call, cand: Candidate, answer: ChatCompletion, elapsed: float) -> Completion:
+async def _finish_completion(call: Call, cand: Candidate, answer: ChatCompletion, elapsed: float) -> Completion:
     spec = cand.endpoint.provider.spec
     choices = []
     texts = []
     for choice in answer.choices:
         message = choice.message
         content = clean_content(spec, message.content)
+        texts.append(content or "")
+        results = call.moderation.decide(
+            await call.moderation.classify(content or ""),
+            content_filter.decode_upstream(choice.content_filter_results or None),
+            call.policy,
+        )
+        finish_reason = choice.finish_reason
+        if call.moderation.blocked(results):
+            content, finish_reason = None, "content_filter"  # Azure's way: no filtered text
         if content is not message.content:
             message = msgspec.structs.replace(message, content=content)
-        texts.append(content or "")
-        results = content_filter.merge(
-            call.classifier.classify(content or ""),
-            content_filter.decode_upstream(choice.content_filter_results or None),
-        )
         choices.append(
             ChoiceOut(
                 index=choice.index,
                 message=message,
-                finish_reason=choice.finish_reason,
+                finish_reason=finish_reason,
                 content_filter_results=results,
                 logprobs=choice.logprobs if choice.logprobs is not UNSET else None,
             )
@@ -336,6 +342,7 @@ def sse(chunk: ChatChunkOut) -> bytes:
 
 @dataclass(slots=True)
 class _ChoiceState:
+    scanner: object  # StreamScanner: classifies the text as it streams, never from the start again
     text: list[str] = field(default_factory=list)
     role_sent: bool = False
     finished: ChunkChoiceOut | None = None
@@ -357,6 +364,7 @@ class StreamRelay:
         #: Set once the stream ended normally; until then usage() counts what came so far.
         self.final_usage: Usage | None = None
         self.finish_reason: str | None = None
+        self.blocked = False
 
     async def open(self) -> Candidate:
         """Find a candidate whose stream yields a first valid chunk."""
@@ -431,7 +439,8 @@ class StreamRelay:
             out = self._relay(self._first, first=True)
             if out is not None:
                 yield sse(out)
-            while True:
+            # Read until [DONE], or until the content policy has cut every choice.
+            while not (self.blocked and all(s.finished for s in self._choices.values())):
                 try:
                     chunk = await self._next_chunk(self._lines)
                 except _StreamCut:
@@ -465,21 +474,29 @@ class StreamRelay:
         spec = self.call.served.endpoint.provider.spec
         choices = []
         for c in chunk.choices:
-            state = self._choices.setdefault(c.index, _ChoiceState())
+            state = self._choices.get(c.index)
+            if state is None:
+                state = self._choices[c.index] = _ChoiceState(self.call.moderation.scanner())
+            if state.finished is not None:
+                continue  # this choice was cut by the content policy
             delta = clean_delta(spec, c.delta, first=not state.role_sent)
             if delta is not None and delta.role is UNSET and not state.role_sent:
                 delta = msgspec.structs.replace(delta, role="assistant")
             if delta is not None and isinstance(delta.content, str):
                 state.text.append(delta.content)
+                state.scanner.feed(delta.content)
             state.role_sent = True
+            upstream = content_filter.decode_upstream(c.content_filter_results or None)
+            results = self.call.moderation.decide(state.scanner.result(), upstream, self.call.policy)
+            if self.call.moderation.blocked(results):
+                # Stop this choice here; the offending delta is not relayed.
+                state.finished = ChunkChoiceOut(index=c.index, delta=Delta(), finish_reason="content_filter",
+                                                content_filter_results=results)
+                self.blocked = True
+                continue
             if c.finish_reason is not None:
-                state.finished = ChunkChoiceOut(
-                    index=c.index, delta=delta or Delta(), finish_reason=c.finish_reason,
-                    content_filter_results=content_filter.merge(
-                        self.call.classifier.classify("".join(state.text)),
-                        content_filter.decode_upstream(c.content_filter_results or None),
-                    ),
-                )
+                state.finished = ChunkChoiceOut(index=c.index, delta=delta or Delta(), finish_reason=c.finish_reason,
+                                                content_filter_results=results)
                 continue  # held back until the end, so usage can ride on it
             if delta is None:
                 continue

@@ -11,7 +11,7 @@ import httpx
 from gateway import catalog as catalog_mod
 from gateway.auth import KeyRing
 from gateway.config import Config
-from gateway.content_filter import Classifier, LexiconClassifier
+from gateway.moderation import Moderation
 from gateway.generations import Generation, GenerationStore, MemoryGenerations, RedisGenerations
 from gateway.health import Circuit, HealthTracker
 from gateway.metrics import AVAILABLE, BUDGET, CIRCUIT
@@ -28,7 +28,7 @@ LOCAL_URL_ENV = "GATEWAY_LOCAL_URL"
 
 
 class Gateway:
-    """Config, catalog, health, router, keys, classifier and the upstream client."""
+    """Config, catalog, health, router, keys, content moderation and the upstream client."""
 
     def __init__(
         self,
@@ -36,7 +36,6 @@ class Gateway:
         *,
         env: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        classifier: Classifier | None = None,
     ) -> None:
         env = dict(os.environ) if env is None else env
         self.config = config
@@ -64,7 +63,7 @@ class Gateway:
             local_model_id=config.local.model_id if local is not None and local.enabled else None,
         )
         self.keys = KeyRing(config.auth.keys, env)
-        self.classifier = classifier or LexiconClassifier()
+        self.moderation = Moderation(config.safety, env)
         self.client = make_client(transport)
         self.generations: GenerationStore
         if config.redis.url:
@@ -122,6 +121,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await self.limiter.close()
+        await self.moderation.close()
         await self.client.close()
 
     async def _wait_for_local(self) -> None:

@@ -62,9 +62,10 @@ def test_novita_alias_and_openrouter_headers(client, fakes):
 
 
 def test_price_routing_prefers_the_cheapest(client, fakes):
-    served = [client.chat.completions.create(model=V02, messages=ask()).model_extra["provider"] for _ in range(30)]
-    # Inverse-square weights: deepinfra takes ~87% of first picks.
-    assert served.count("deepinfra") >= 20, served
+    served = [client.chat.completions.create(model=V02, messages=ask()).model_extra["provider"] for _ in range(100)]
+    # Inverse-square weights: deepinfra takes ~87% of first picks (sd ~3.4 in 100);
+    # 70 is five standard deviations below, and far above an even split.
+    assert 70 <= served.count("deepinfra") < 100, served
 
 
 def test_unsupported_params_dropped_and_listed(client, fakes):

@@ -1,0 +1,74 @@
+"""The content-filter step of a request: classify, merge, apply the policy.
+
+Prompts and whole completions go to the configured classifier (the in-process
+default, or an external ``/v1/moderations`` service with the default as its
+fallback); streamed completions go through a :class:`StreamScanner` per
+choice, chunk by chunk. Results an upstream sent are merged (the graver one
+wins), then the key's, the model's or the global policy decides what is
+filtered.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from gateway.content_filter import merge
+from gateway.protocol import ContentFilterResults
+from gateway.safety import (
+    DefaultClassifier,
+    ExternalModerationClassifier,
+    Policy,
+    SafetyConfig,
+    StreamScanner,
+    any_filtered,
+    evaluate,
+)
+
+_CATEGORIES = ("hate", "self_harm", "sexual", "violence", "jailbreak", "profanity")
+
+
+@functools.cache
+def default_classifier() -> DefaultClassifier:
+    """Built once per process: loading the term lists and the profanity model takes seconds."""
+    return DefaultClassifier()
+
+
+class Moderation:
+    def __init__(self, config: SafetyConfig, env: dict[str, str] | None = None) -> None:
+        self.default = default_classifier()
+        self.policy = config.policy()
+        self.external: ExternalModerationClassifier | None = None
+        if config.endpoint:
+            env = os.environ if env is None else env
+            self.external = ExternalModerationClassifier(
+                config.endpoint, model=config.model, timeout_s=config.timeout_s,
+                api_key=env.get(config.api_key_env) if config.api_key_env else None, fallback=self.default)
+
+    async def classify(self, text: str) -> ContentFilterResults:
+        if self.external is not None:
+            return await self.external.classify(text)
+        return self.default.classify(text)
+
+    def scanner(self) -> StreamScanner:
+        return StreamScanner(self.default)
+
+    @staticmethod
+    def decide(ours: ContentFilterResults, upstream: ContentFilterResults | None,
+               policy: Policy) -> ContentFilterResults:
+        """Merged results with ``filtered`` set by the policy; an upstream that
+        says it filtered something is believed too."""
+        out = evaluate(merge(ours, upstream), policy)
+        if upstream is not None:
+            for name in _CATEGORIES:
+                if getattr(upstream, name).filtered:
+                    getattr(out, name).filtered = True
+        return out
+
+    @staticmethod
+    def blocked(results: ContentFilterResults) -> bool:
+        return any_filtered(results)
+
+    async def close(self) -> None:
+        if self.external is not None:
+            await self.external.aclose()
