@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from .detokenize import IncrementalDetokenizer, StopMatcher
+from .metrics import EngineStats
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, sample_batch
 
@@ -115,6 +116,7 @@ class Engine:
         self._stop = threading.Event()
         self.ready = threading.Event()
         self.steps = 0
+        self.stats = EngineStats()  # plain ints, read by local_backend.metrics at scrape time
 
     # ------------------------------------------------------------------ public API
 
@@ -139,6 +141,7 @@ class Engine:
                 f"completion). Please reduce the length of the messages or completion.")
         with self._lock:
             if self._num_waiting >= self.cfg.max_queue:
+                self.stats.requests["rejected"] += 1
                 raise QueueFull(retry_after=self._retry_after())
             self._num_waiting += 1
         req = _Request(
@@ -159,6 +162,11 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return self._num_waiting
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the running decode batch (not counting one being prefilled)."""
+        return len(self._running)
 
     def _retry_after(self) -> int:
         # Rough: one queue's worth of requests drains in a few seconds on this model size.
@@ -208,13 +216,16 @@ class Engine:
                 self._waiting.remove(r)
                 with self._lock:
                     self._num_waiting -= 1
+                self.stats.finished("aborted")
                 return
         if self._prefilling is not None and self._prefilling.id == request_id:
             self._prefilling = None
+            self.stats.finished("aborted")
             return
         for i, r in enumerate(self._running):
             if r.id == request_id:
                 self._release(i)
+                self.stats.finished("aborted")
                 return
 
     def _admit(self) -> None:
@@ -235,6 +246,7 @@ class Engine:
             return
         self._prefilling = None
         token = sample_batch(logits.unsqueeze(0), [req.sampler])[0]
+        self.stats.first_token(time.monotonic() - req.arrival)
         self._running.append(req)
         self._accept(req, token)
         if req.finished:
@@ -264,6 +276,7 @@ class Engine:
             self._emit(req, text + ("" if stopped else req.stops.flush()), [], "stop")
             return
         req.output_ids.append(token)
+        self.stats.generated_tokens += 1
         req.sampler.append(token)
         text, stopped = req.stops.push(req.detok.add(token))
         if stopped:
@@ -278,6 +291,7 @@ class Engine:
     def _emit(self, req: _Request, text: str, ids: list[int], finish: str | None) -> None:
         if finish is not None:
             req.finished = True
+            self.stats.finished(finish)
         req.sink(StepOutput(text, ids, finish, len(req.prompt_ids), len(req.output_ids)))
 
     def _release(self, index: int) -> None:

@@ -21,6 +21,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
+from . import metrics
 from . import protocol as P
 from .engine import ContextLengthExceeded, Engine, QueueFull, RequestStream, add_request
 from .models import ChatTokenizer
@@ -87,6 +88,7 @@ def sampling_params(req: P.ChatCompletionRequest, prompt_len: int, max_model_len
 def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: bool = True) -> Litestar:
     """The ASGI app. `load` runs in a thread at startup; /health turns 200 when it returns."""
     state = State(served_name)
+    registry = metrics.make_registry(lambda: state.backend.engine if state.backend is not None else None)
 
     def _load() -> None:
         try:
@@ -113,6 +115,11 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
                             headers={"Retry-After": "1"})
         body = {"status": "ok", "running": b.engine.num_running, "waiting": b.engine.num_waiting}
         return Response(msgspec.json.encode(body), media_type=JSON)
+
+    @get("/metrics", sync_to_thread=False)
+    def metrics_page() -> Response[bytes]:
+        body, content_type = metrics.render(registry)
+        return Response(body, media_type=content_type)
 
     @get("/v1/models", sync_to_thread=False)
     def models() -> Response[bytes]:
@@ -159,7 +166,7 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
                           headers={"Cache-Control": "no-cache"})
         return await _complete(request, stream, rid, served_name)
 
-    app = Litestar(route_handlers=[health, models, chat], on_startup=[on_startup],
+    app = Litestar(route_handlers=[health, metrics_page, models, chat], on_startup=[on_startup],
                    on_shutdown=[on_shutdown], debug=False)
     app.state.local_backend = state
     return app

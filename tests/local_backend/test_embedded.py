@@ -101,8 +101,11 @@ def test_client_disconnect_frees_the_slot(server_url: str) -> None:
         for _ in range(6):
             next(lines)
         assert httpx.get(f"{server_url}/health").json()["running"] == 1
+        page = httpx.get(f"{server_url}/metrics").text
+        assert "local_backend_batch_size 1.0" in page and "local_backend_queue_depth 0.0" in page
     # 3000 tokens would take minutes; an aborted request is gone within a few steps.
     deadline = time.monotonic() + 10
     while httpx.get(f"{server_url}/health").json()["running"] != 0:
         assert time.monotonic() < deadline, "slot still busy after the client left"
         time.sleep(0.05)
+    assert 'local_backend_requests_total{status="aborted"} 1.0' in httpx.get(f"{server_url}/metrics").text

@@ -84,3 +84,36 @@ async def test_full_queue_is_503_with_retry_after(client: AsyncTestClient, monke
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"] == "7"
     assert r.json()["error"]["code"] == "queue_full"
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Exposition text -> {sample name with labels: value}, via prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+async def test_metrics_page(client: AsyncTestClient) -> None:
+    before = await client.get("/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    m0 = scrape(before.text)
+    r = await client.post("/v1/chat/completions", json=body(max_tokens=6, ignore_eos=True, stream=True))
+    assert r.status_code == 200
+    after = await client.get("/metrics")
+    m1 = scrape(after.text)
+    for name in ("local_backend_queue_depth", "local_backend_batch_size", "local_backend_generated_tokens_total",
+                 "local_backend_requests_total{status=length}", "local_backend_time_to_first_token_seconds_count",
+                 "local_backend_time_to_first_token_seconds_sum",
+                 "local_backend_time_to_first_token_seconds_bucket{le=+Inf}"):
+        assert name in m1, name
+    assert m1["local_backend_generated_tokens_total"] - m0["local_backend_generated_tokens_total"] == 6
+    assert m1["local_backend_requests_total{status=length}"] - m0["local_backend_requests_total{status=length}"] == 1
+    assert m1["local_backend_time_to_first_token_seconds_count"] == m0["local_backend_time_to_first_token_seconds_count"] + 1
+    assert m1["local_backend_queue_depth"] == 0 and m1["local_backend_batch_size"] == 0
+    # Only our own series: the gateway appends this page to its own, so no process_*/python_* duplicates.
+    assert all(k.startswith("local_backend_") for k in m1)
