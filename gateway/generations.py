@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from gateway.redis_batch import WriteBatcher
+from gateway.redis_pipeline import AutoPipeline
 
 
 class AttemptOut(msgspec.Struct):
@@ -73,7 +73,7 @@ class MemoryGenerations(GenerationStore):
 class RedisGenerations(GenerationStore):
     """Records shared by every replica, expiring after ``ttl_s``; written in batches."""
 
-    def __init__(self, client, prefix: str, ttl_s: int, batcher: WriteBatcher) -> None:
+    def __init__(self, client, prefix: str, ttl_s: int, batcher: AutoPipeline) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s

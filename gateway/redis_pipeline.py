@@ -1,11 +1,12 @@
-"""Write-behind batching for Redis commands nobody needs an answer from now.
+"""Automatic pipelining of Redis commands across concurrent requests.
 
-Settling a request (reconciling tokens, freeing its concurrency slot, adding
-its cost) and storing its generation record are writes whose results the
-response does not wait for. Sent one by one they cost a round trip and a
-redis-py call each; here everything submitted while the previous batch was in
-flight goes out as one pipeline. Under load that is one round trip for tens
-of requests; idle, a write leaves on the next event-loop turn.
+Sent one by one, each command costs a round trip, a pooled connection and
+redis-py's per-call overhead. Here every command submitted while the
+previous batch was in flight goes out in one pipeline (non-transactional:
+each command, usually a Lua script, is atomic on its own). Under load that is
+one round trip for tens of requests; idle, a command leaves on the next
+event-loop turn. Admissions await their result; settlements and generation
+records are written behind the response.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Callable
 Op = Callable[[object], None]  # adds its commands to a pipeline
 
 
-class WriteBatcher:
+class AutoPipeline:
+    """Batches commands from concurrent callers into pipelines; each caller gets its own result."""
+
     def __init__(self, client, timeout_s: float, max_batch: int = 512) -> None:
         self.client = client
         self.timeout_s = timeout_s

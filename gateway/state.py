@@ -17,7 +17,7 @@ from gateway.health import Circuit, HealthTracker
 from gateway.metrics import AVAILABLE, BUDGET, CIRCUIT
 from gateway.limit_stores import MemoryStore, RedisStore
 from gateway.limits import Limiter, backstop_s, redis_client
-from gateway.redis_batch import WriteBatcher
+from gateway.redis_pipeline import AutoPipeline
 from gateway.routing import Router
 from gateway.upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable, make_client
 
@@ -68,7 +68,7 @@ class Gateway:
         self.generations: GenerationStore
         if config.redis.url:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
-            batcher = WriteBatcher(redis, backstop_s(config.redis.timeout_s))
+            batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
             store = RedisStore(redis, config.redis.prefix, batcher)
             self.generations = RedisGenerations(redis, config.redis.prefix, config.generations.ttl_s, batcher)
         else:
