@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
+                   help="default: bfloat16 on cuda and on CPUs with AVX512-BF16/AMX, else float32")
     s.add_argument("--served-name", default=None, help="model name clients must send")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")

@@ -234,10 +234,27 @@ class LoadedModel:
     max_model_len: int
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 GEMMs run natively (elsewhere oneDNN emulates them, slowly)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def pick_dtype(device: str, dtype: str | None) -> torch.dtype:
-    """bf16 on GPU; fp32 (default) or bf16 on CPU."""
+    """Default: bf16 on GPU and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
+
+    On the 2-core AVX512-BF16 box bf16 decodes ~2x faster than fp32 (half the bytes,
+    native bf16 dot products) and the embedded model's answers stay correct (tests).
+    """
     if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") or cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 

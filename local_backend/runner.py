@@ -9,12 +9,40 @@ is one tensor per layer, `[slots, kv_heads, max_len, head_dim]`. Running sequenc
 occupy slots 0..B-1 so a decode step reads a plain view `cache[:B, :, :L]`; rows of
 different lengths are masked. RoPE comes from the model's own rotary module, so
 every rope variant transformers supports is honoured.
+
+bfloat16 on CPU: the GEMM weights are reordered once into oneDNN's blocked layout
+(`mkldnn._reorder_linear_weight`, the op inductor's freezing pass uses) and
+multiplied with `mkldnn._linear_pointwise`. Plain `F.linear` re-lays-out the
+weight on every call; on the 2-core AVX512-BF16 box the packed path measured
+8.7 vs 13.1 ms for 30 [3072x576] GEMMs at batch 16 and 6.5 vs 8.1 ms at batch 1,
+bit-identical outputs. float32 keeps `F.linear` (it is the reference path the
+tests compare with transformers bit for bit; packing changes fp32 rounding).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("local_backend.runner")
+
+
+def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN packed bf16 GEMM is available and agrees with F.linear on this machine."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        w = torch.randn(64, 32, dtype=dtype)
+        x = torch.randn(3, 32, dtype=dtype)
+        packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None),
+                                                    None, "none", [], "")
+        return bool(torch.allclose(packed.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class ModelRunner:
@@ -35,6 +63,9 @@ class ModelRunner:
         self.max_len = max_len
         self.scale = self.head_dim ** -0.5
         self.rotary = model.model.rotary_emb
+        self.packed = _can_pack(self.device, self.dtype)
+        pack = torch.ops.mkldnn._reorder_linear_weight if self.packed else (lambda w, _: w)
+        log.info("GEMMs: %s", "oneDNN packed bf16" if self.packed else f"F.linear ({self.dtype})")
 
         self.layers: list[dict[str, torch.Tensor | None]] = []
         for layer in model.model.layers:
@@ -42,19 +73,20 @@ class ModelRunner:
             biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
             self.layers.append({
                 "ln1": layer.input_layernorm.weight.detach(),
-                "wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                "wqkv": pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), None),
                 "bqkv": torch.cat(biases).detach() if all(b is not None for b in biases) else None,
-                "wo": a.o_proj.weight.detach(),
+                "wo": pack(a.o_proj.weight.detach(), None),
                 "ln2": layer.post_attention_layernorm.weight.detach(),
-                "wgu": torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
-                "wd": m.down_proj.weight.detach(),
+                "wgu": pack(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), None),
+                "wd": pack(m.down_proj.weight.detach(), None),
             })
-            # Drop the unfused copies so big checkpoints are not held twice.
-            for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            # Drop the unfused (or unpacked) copies so big checkpoints are not held twice.
+            for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj) + (
+                    (a.o_proj, m.down_proj) if self.packed else ()):
                 p.weight = None  # type: ignore[assignment]
         self.embed = model.model.embed_tokens.weight.detach()
         self.norm = model.model.norm.weight.detach()
-        self.lm_head = model.lm_head.weight.detach()
+        self.lm_head = pack(model.lm_head.weight.detach(), None)
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
 
@@ -112,7 +144,12 @@ class ModelRunner:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
-        return F.linear(h, self.lm_head).float()
+        return self._linear(h, self.lm_head).float()
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, w, b)
 
     def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """[B, 1, G*T, L] bool: causal, per-row length, optional sliding window."""
@@ -135,7 +172,7 @@ class ModelRunner:
         nk, g, d = self.n_kv, self.group, self.head_dim
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
-            qkv = F.linear(h, w["wqkv"], w["bqkv"])
+            qkv = self._linear(h, w["wqkv"], w["bqkv"])
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = _rope(q.view(b, t, self.n_heads, d), cos, sin)
             k = _rope(k.view(b, t, nk, d), cos, sin)
@@ -147,10 +184,10 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(
                 q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale)
             o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
-            x = x + F.linear(o, w["wo"])
+            x = x + self._linear(o, w["wo"])
             h = F.rms_norm(x, (x.shape[-1],), w["ln2"], self.eps)
-            gate, up = F.linear(h, w["wgu"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["wd"])
+            gate, up = self._linear(h, w["wgu"]).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, w["wd"])
         return x
 
 

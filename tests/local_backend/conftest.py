@@ -35,8 +35,8 @@ def make_engine(tiny_model_dir: Path):
     """Factory: a started Engine over the tiny model; shut down after the test."""
     engines: list[Engine] = []
 
-    def make(**overrides: int) -> Engine:
-        lm = load_model(str(tiny_model_dir))
+    def make(dtype: str | None = None, **overrides: int) -> Engine:
+        lm = load_model(str(tiny_model_dir), dtype=dtype)  # None: the CPU default (bf16 where native)
         cfg = EngineConfig(**{"max_batch": 4, "max_queue": 8, "max_model_len": 256, "prefill_chunk": 16,
                               "prefill_chunk_idle": 64, **overrides})
         eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg)

@@ -21,8 +21,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def test_embedded_model_knows_paris() -> None:
-    lm = load_model("embedded")
+@pytest.mark.parametrize("dtype", [None, "float32"])  # None: the CPU default, bf16 on AVX512-BF16
+async def test_embedded_model_knows_paris(dtype) -> None:
+    lm = load_model("embedded", dtype=dtype)
     eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, EngineConfig(max_batch=2))
     eng.start()
     try:

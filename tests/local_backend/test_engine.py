@@ -34,21 +34,23 @@ async def run(eng: Engine, prompt: list[int], params: SamplingParams,
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-async def test_greedy_matches_transformers_generate(make_engine, tiny_model_dir) -> None:
-    """The fused runner + slot cache computes what transformers computes."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_greedy_matches_transformers_generate(make_engine, tiny_model_dir, dtype) -> None:
+    """The fused runner + slot cache (packed oneDNN GEMMs in bf16) computes what transformers computes."""
     from transformers import MistralForCausalLM
 
-    eng = make_engine()
+    eng = make_engine(dtype=dtype)
     prompt = chat(eng, "Hello there, how are you?")
     ids, _, _ = await run(eng, prompt, SamplingParams(max_tokens=24, **GREEDY))
-    ref = MistralForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ref = MistralForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype)).eval()
     out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                        pad_token_id=0, min_new_tokens=24)
     assert ids == out[0, len(prompt):].tolist()
 
 
-async def test_greedy_identical_alone_and_in_a_changing_batch(make_engine) -> None:
-    eng = make_engine()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_greedy_identical_alone_and_in_a_changing_batch(make_engine, dtype) -> None:
+    eng = make_engine(dtype=dtype)
     target = chat(eng, "The quick brown fox jumps over the lazy dog.")
     alone, _, _ = await run(eng, target, SamplingParams(max_tokens=40, **GREEDY))
 
