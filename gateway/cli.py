@@ -118,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=workers,
             log_level="info",
             log_config=None,  # keep our JSON handler
+            proxy_headers=False,  # client addresses are not used; put a proxy's trust config in front instead
             access_log=False,
             timeout_graceful_shutdown=10,
         )

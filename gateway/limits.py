@@ -9,11 +9,15 @@ attempt, so routing skips an endpoint at its cap instead of collecting 429s.
 
 When Redis fails, ``[redis] on_error`` decides: ``open`` serves anyway
 (counted in a metric, logged once per interval), ``closed`` answers 503.
+A dead or hung Redis is caught by the client's socket timeouts
+(``timeout_s``); every pipeline is also bounded by the wider ``backstop_s``
+(see ``AutoPipeline``), wide so that a busy event loop under load is not
+mistaken for a Redis failure, which would fail open and let requests past
+the limit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -91,14 +95,6 @@ class Limiter:
             self._last_log = now
             log.warning("rate-limit store unavailable (%s); failing %s", type(exc).__name__, self.on_error)
 
-    async def _call(self, coro):
-        # A dead or hung Redis is caught by the socket timeouts (timeout_s) of
-        # the client; this wider bound is the no-hang backstop. It is wider so
-        # that a busy event loop under load is not mistaken for a Redis failure
-        # (which would fail open and let requests past the limit).
-        async with asyncio.timeout(backstop_s(self.timeout_s)):
-            return await coro
-
     async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
         """Admit a request under a gateway key, or raise the 429/402/503 to answer."""
         entity = f"key:{name}"
@@ -106,7 +102,7 @@ class Limiter:
         if quota.empty:
             return Admission(entity, quota, request_id, periods, {}, counted=False)
         try:
-            verdict = await self._call(self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods))
+            verdict = await self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods)
         except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
             self._store_failed(exc)
             if self.on_error == "closed":
@@ -127,8 +123,8 @@ class Limiter:
         if not admission.counted:
             return
         try:
-            await self._call(self.store.settle(admission.entity, admission.quota, admission.request_id,
-                                               tokens, cost_usd or 0.0, admission.periods))
+            await self.store.settle(admission.entity, admission.quota, admission.request_id,
+                                    tokens, cost_usd or 0.0, admission.periods)
         except Exception as exc:  # noqa: BLE001
             self._store_failed(exc)
 
@@ -142,7 +138,7 @@ class Limiter:
         periods = Periods.now()
         for entity, quota in entities:
             try:
-                verdict = await self._call(self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods))
+                verdict = await self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods)
             except Exception as exc:  # noqa: BLE001
                 self._store_failed(exc)
                 continue
@@ -156,7 +152,7 @@ class Limiter:
         periods = Periods.now()
         for entity, quota in entities:
             try:
-                await self._call(self.store.settle(entity, quota, request_id, tokens, 0.0, periods))
+                await self.store.settle(entity, quota, request_id, tokens, 0.0, periods)
             except Exception as exc:  # noqa: BLE001
                 self._store_failed(exc)
 

@@ -58,6 +58,8 @@ class Moderation:
                policy: Policy) -> ContentFilterResults:
         """Merged results with ``filtered`` set by the policy; an upstream that
         says it filtered something is believed too."""
+        if policy.mode == "annotate":
+            return merge(ours, upstream)  # nothing of ours is filtered; an upstream's flags are kept
         out = evaluate(merge(ours, upstream), policy)
         if upstream is not None:
             for name in _CATEGORIES:

@@ -73,19 +73,24 @@ class _AiohttpResponse:
     async def read(self, limit: int = _BODY_LIMIT) -> bytes:
         import aiohttp
 
-        chunks: list[bytes] = []
-        size = 0
+        length = self._response.content_length
+        if length is not None and length > limit:
+            raise UpstreamBroken("upstream body too large")
         try:
+            if length is not None:
+                return await self._response.read()  # one call for the common, sized body
+            chunks: list[bytes] = []
+            size = 0
             async for chunk in self._response.content.iter_any():
                 size += len(chunk)
                 if size > limit:
                     raise UpstreamBroken("upstream body too large")
                 chunks.append(chunk)
+            return b"".join(chunks)
         except TimeoutError:
             raise UpstreamTimeout("read timed out") from None
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(type(exc).__name__) from None
-        return b"".join(chunks)
 
     async def lines(self) -> AsyncIterator[str]:
         """Lines of the body, split here so no line length limit applies."""
@@ -116,20 +121,36 @@ class AiohttpClient:
 
     def __init__(self) -> None:
         self._session = None
+        self._timeouts: dict[float, object] = {}
 
     def _get_session(self):
         import aiohttp
 
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+            # No cookie jar (upstream APIs set none we should send back), no
+            # User-Agent; responses are decompressed when an upstream compresses.
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
                                                   skip_auto_headers=("User-Agent",))
         return self._session
+
+    def _timeout(self, timeout_s: float):
+        """ClientTimeout objects, one per distinct value (they are immutable)."""
+        import aiohttp
+
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            if len(self._timeouts) > 64:  # the remaining deadline varies: do not grow without bound
+                self._timeouts.clear()
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(
+                total=None, connect=min(timeout_s, 10.0), sock_read=timeout_s)
+        return timeout
 
     async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> UpstreamResponse:
         import aiohttp
 
-        timeout = aiohttp.ClientTimeout(total=None, connect=min(timeout_s, 10.0), sock_read=timeout_s)
+        timeout = self._timeout(round(timeout_s, 1) or 0.1)
         try:
             response = await self._get_session().post(url, data=body, headers=headers, timeout=timeout,
                                                       allow_redirects=False)
