@@ -80,11 +80,10 @@ class Admission:
 class Limiter:
     """Keys' and upstreams' limits over one store (Redis or in-process)."""
 
-    def __init__(self, store: LimitStore, *, on_error: str = "open", timeout_s: float = 0.25,
+    def __init__(self, store: LimitStore, *, on_error: str = "open",
                  lease_ttl_s: float = 600.0) -> None:
         self.store = store
         self.on_error = on_error
-        self.timeout_s = timeout_s
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self._last_log = 0.0
 

@@ -200,6 +200,20 @@ def _final_error(call: Call, failures: list[AttemptFailed]) -> GatewayError:
     return GatewayError(502, f"upstream error ({summary})", code="upstream_error")
 
 
+_FAILURES = (TimeoutError, UpstreamTimeout, UpstreamBroken, AttemptFailed)
+
+
+def _as_failure(exc: BaseException) -> AttemptFailed:
+    """What made an attempt fail, in the terms failover and health use."""
+    if isinstance(exc, AttemptFailed):
+        return exc
+    if isinstance(exc, UpstreamTimeout):
+        return AttemptFailed("timeout", "timed out")
+    if isinstance(exc, TimeoutError):
+        return AttemptFailed("timeout", "deadline exceeded")
+    return AttemptFailed("invalid", f"the answer broke off ({exc})")
+
+
 class _Attempts:
     """Iterates candidates within the attempt budget and the deadline."""
 
@@ -224,6 +238,14 @@ class _Attempts:
             if any(a.outcome == "failed" for a in call.attempts):
                 FAILOVERS.labels(cand.model.id).inc()
             yield cand, record
+
+    async def rejected(self, cand: Candidate, record: AttemptRecord, exc: GatewayError) -> None:
+        """The upstream refused the request as the caller's fault: no failover,
+        and no mark against the endpoint's health."""
+        record.outcome, record.status, record.error = "rejected", exc.status, exc.message
+        record.ended = time.monotonic()
+        self.call.health.success(cand.endpoint.key)
+        await self.call.release(cand, 0)
 
     async def failed(self, cand: Candidate, record: AttemptRecord, exc: AttemptFailed) -> None:
         record.outcome, record.status, record.error = "failed", exc.status, exc.detail
@@ -258,23 +280,11 @@ async def complete(call: Call) -> Completion:
                 finally:
                     await response.close()
             answer = _decode_completion(raw)
-        except TimeoutError:
-            await attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
-            continue
-        except UpstreamTimeout:
-            await attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
-            continue
-        except UpstreamBroken as exc:
-            await attempts.failed(cand, record, AttemptFailed("invalid", f"body could not be read ({exc})"))
-            continue
-        except AttemptFailed as exc:
-            await attempts.failed(cand, record, exc)
+        except _FAILURES as exc:
+            await attempts.failed(cand, record, _as_failure(exc))
             continue
         except GatewayError as exc:
-            record.outcome, record.status, record.error = "rejected", exc.status, exc.message
-            record.ended = time.monotonic()
-            call.health.success(cand.endpoint.key)
-            await call.release(cand, 0)
+            await attempts.rejected(cand, record, exc)
             raise
         elapsed = time.monotonic() - started
         record.outcome, record.status, record.latency_s = "ok", 200, elapsed
@@ -383,23 +393,11 @@ class StreamRelay:
                 if first is None:
                     await response.close()
                     raise AttemptFailed("invalid", "stream ended before the first chunk")
-            except TimeoutError:
-                await attempts.failed(cand, record, AttemptFailed("timeout", "deadline exceeded"))
-                continue
-            except UpstreamTimeout:
-                await attempts.failed(cand, record, AttemptFailed("timeout", "timed out"))
-                continue
-            except UpstreamBroken as exc:
-                await attempts.failed(cand, record, AttemptFailed("invalid", f"stream broke ({exc})"))
-                continue
-            except AttemptFailed as exc:
-                await attempts.failed(cand, record, exc)
+            except _FAILURES as exc:
+                await attempts.failed(cand, record, _as_failure(exc))
                 continue
             except GatewayError as exc:
-                record.outcome, record.status, record.error = "rejected", exc.status, exc.message
-                record.ended = time.monotonic()
-                self.call.health.success(cand.endpoint.key)
-                await self.call.release(cand, 0)
+                await attempts.rejected(cand, record, exc)
                 raise
             except asyncio.CancelledError:
                 self.call.health.release(cand.endpoint.key)

@@ -74,7 +74,7 @@ class Gateway:
         else:
             store = MemoryStore()  # exact for this process only: one replica
             self.generations = MemoryGenerations(config.generations.capacity)
-        self.limiter = Limiter(store, on_error=config.redis.on_error, timeout_s=config.redis.timeout_s,
+        self.limiter = Limiter(store, on_error=config.redis.on_error,
                                lease_ttl_s=config.routing.deadline_s + 60)
         self._tasks: set[asyncio.Task] = set()
         self._local_watch: asyncio.Task | None = None
