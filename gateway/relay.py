@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -366,7 +367,9 @@ class StreamRelay:
         self.include_usage = include_usage
         self.created = int(time.time())
         self._response: UpstreamResponse | None = None
-        self._lines: AsyncIterator[str] | None = None
+        self._batches: AsyncIterator[list[str]] | None = None
+        #: Data lines already read from the network and not relayed yet.
+        self._pending: deque[str] = deque()
         self._first: ChatChunk | None = None
         self._choices: dict[int, _ChoiceState] = {}
         self._usage: UpstreamUsage | None = None
@@ -384,9 +387,9 @@ class StreamRelay:
             try:
                 async with asyncio.timeout(max(0.0, self.call.remaining_s)):
                     response = await _open(self.call, cand, stream_usage=True)
-                    lines = response.lines()
+                    self._batches, self._pending = response.line_batches(), deque()
                     try:
-                        first = await self._next_chunk(lines)
+                        first = await self._next_chunk()
                     except BaseException:
                         await response.close()
                         raise
@@ -408,39 +411,52 @@ class StreamRelay:
             record.outcome, record.status, record.latency_s = "ok", 200, self._first_at - started
             self.call.health.success(cand.endpoint.key, self._first_at - started)
             self.call.served = cand
-            self._response, self._lines, self._first = response, lines, first
+            self._response, self._first = response, first
             return cand
         raise _final_error(self.call, attempts.failures)
 
-    async def _next_chunk(self, lines: AsyncIterator[str]) -> ChatChunk | None:
-        """The next data chunk; None at ``[DONE]`` or end of stream."""
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue  # blank separators, comments (": OPENROUTER PROCESSING"), event names
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return None
-            try:
-                chunk = msgspec.json.decode(data, type=ChatChunk)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                raise AttemptFailed("invalid", "unreadable stream chunk") from None
-            if chunk.error is not UNSET:
-                raise AttemptFailed("status", "upstream sent an error chunk")
-            return chunk
-        raise _StreamCut
+    async def _next_chunk(self) -> ChatChunk | None:
+        """The next data chunk; None at ``[DONE]``. Reads the network only when
+        no line is pending."""
+        while not self._pending:
+            batch = await anext(self._batches, None)
+            if batch is None:
+                raise _StreamCut
+            # Blank separators, comments (": OPENROUTER PROCESSING") and event names carry nothing.
+            self._pending.extend(line for line in batch if line.startswith("data:"))
+        data = self._pending.popleft()[5:].strip()
+        if data == "[DONE]":
+            return None
+        try:
+            chunk = msgspec.json.decode(data, type=ChatChunk)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise AttemptFailed("invalid", "unreadable stream chunk") from None
+        if chunk.error is not UNSET:
+            raise AttemptFailed("status", "upstream sent an error chunk")
+        return chunk
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """SSE bytes for the client, from the first chunk to ``[DONE]``."""
-        assert self._lines is not None and self._first is not None and self.call.served is not None
+        """SSE bytes for the client, from the first chunk to ``[DONE]``.
+
+        Chunks that arrived in one network read leave in one write: each is
+        relayed as soon as nothing more is already waiting, so a token-by-token
+        upstream is relayed token by token and a bursty one costs one write
+        per burst instead of one per chunk.
+        """
+        assert self._batches is not None and self._first is not None and self.call.served is not None
         cand = self.call.served
+        out_buf: list[bytes] = []
         try:
             out = self._relay(self._first, first=True)
             if out is not None:
-                yield sse(out)
+                out_buf.append(sse(out))
             # Read until [DONE], or until the content policy has cut every choice.
             while not (self.blocked and all(s.finished for s in self._choices.values())):
+                if out_buf and not self._pending:
+                    yield b"".join(out_buf)  # about to wait on the network: flush first
+                    out_buf.clear()
                 try:
-                    chunk = await self._next_chunk(self._lines)
+                    chunk = await self._next_chunk()
                 except _StreamCut:
                     if self._choices and all(s.finished for s in self._choices.values()):
                         break  # complete answer, only [DONE] missing
@@ -449,9 +465,8 @@ class StreamRelay:
                     break
                 out = self._relay(chunk, first=False)
                 if out is not None:
-                    yield sse(out)
-            for piece in self._ending(cand):
-                yield piece
+                    out_buf.append(sse(out))
+            yield b"".join(out_buf + self._ending(cand))
         except (AttemptFailed, UpstreamTimeout, UpstreamBroken) as exc:
             detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({exc})"
             log.info("stream failed after first chunk: %s %s", cand.endpoint.key, detail)
@@ -459,8 +474,7 @@ class StreamRelay:
             UPSTREAM_ERRORS.labels(cand.endpoint.provider.name, "stream").inc()
             self.call.attempts[-1].outcome, self.call.attempts[-1].error = "failed_mid_stream", detail
             self.finish_reason = "error"
-            yield sse(self.error_chunk(f"upstream stream failed: {detail}"))
-            yield DONE
+            yield b"".join([*out_buf, sse(self.error_chunk(f"upstream stream failed: {detail}")), DONE])
         finally:
             self.call.attempts[-1].ended = time.monotonic()
             with anyio.CancelScope(shield=True):
@@ -485,14 +499,18 @@ class StreamRelay:
                 state.scanner.feed(delta.content)
             state.role_sent = True
             upstream = content_filter.decode_upstream(c.content_filter_results or None)
-            results = self.call.moderation.decide(state.scanner.result(), upstream, self.call.policy)
-            if self.call.moderation.blocked(results):
+            results = None
+            if self.call.policy.mode == "block":  # annotate mode needs results only at the end
+                results = self.call.moderation.decide(state.scanner.result(), upstream, self.call.policy)
+            if results is not None and self.call.moderation.blocked(results):
                 # Stop this choice here; the offending delta is not relayed.
                 state.finished = ChunkChoiceOut(index=c.index, delta=Delta(), finish_reason="content_filter",
                                                 content_filter_results=results)
                 self.blocked = True
                 continue
             if c.finish_reason is not None:
+                if results is None:
+                    results = self.call.moderation.decide(state.scanner.result(), upstream, self.call.policy)
                 state.finished = ChunkChoiceOut(index=c.index, delta=delta or Delta(), finish_reason=c.finish_reason,
                                                 content_filter_results=results)
                 continue  # held back until the end, so usage can ride on it

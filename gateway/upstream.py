@@ -37,7 +37,9 @@ class UpstreamResponse(Protocol):
 
     async def read(self, limit: int = ...) -> bytes: ...
 
-    def lines(self) -> AsyncIterator[str]: ...
+    def line_batches(self) -> AsyncIterator[list[str]]:
+        """Lines of the body, grouped as they arrived: all complete lines of one read."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -92,8 +94,8 @@ class _AiohttpResponse:
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(type(exc).__name__) from None
 
-    async def lines(self) -> AsyncIterator[str]:
-        """Lines of the body, split here so no line length limit applies."""
+    async def line_batches(self) -> AsyncIterator[list[str]]:
+        """Split here, so no line length limit applies."""
         import aiohttp
 
         pending = b""
@@ -103,14 +105,13 @@ class _AiohttpResponse:
                 if b"\n" not in chunk:
                     continue
                 *complete, pending = pending.split(b"\n")
-                for line in complete:
-                    yield line.rstrip(b"\r").decode("utf-8", "replace")
+                yield [line.rstrip(b"\r").decode("utf-8", "replace") for line in complete]
         except TimeoutError:
             raise UpstreamTimeout("read timed out") from None
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(type(exc).__name__) from None
         if pending:
-            yield pending.rstrip(b"\r").decode("utf-8", "replace")
+            yield [pending.rstrip(b"\r").decode("utf-8", "replace")]
 
     async def close(self) -> None:
         self._response.close()  # drops the connection unless the body was fully read
@@ -204,10 +205,10 @@ class _HttpxResponse:
             raise UpstreamBroken(type(exc).__name__) from None
         return b"".join(chunks)
 
-    async def lines(self) -> AsyncIterator[str]:
+    async def line_batches(self) -> AsyncIterator[list[str]]:
         try:
             async for line in self._response.aiter_lines():
-                yield line
+                yield [line]
         except httpx.TimeoutException:
             raise UpstreamTimeout("read timed out") from None
         except httpx.HTTPError as exc:

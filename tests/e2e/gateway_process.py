@@ -69,7 +69,7 @@ class GatewayProcess:
             self._log.close()
 
     def __enter__(self) -> "GatewayProcess":
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
