@@ -7,7 +7,9 @@ so the same slot can point at a remote backend or at vLLM instead.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +23,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: the backend gets SIGTERM if the gateway dies, even by SIGKILL,
+    so a crashed gateway never leaves a model server running."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class LocalBackendProcess:
@@ -47,7 +58,8 @@ class LocalBackendProcess:
             "--served-name", self.served_name,
         ]
         log.info("starting local backend: %s", " ".join(cmd[1:]))
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=preexec)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
