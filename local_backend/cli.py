@@ -37,38 +37,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_loader(model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None,
-                max_batch: int = 16, max_queue: int = 64, max_model_len: int | None = None
-                ) -> Callable[[], Backend]:
-    """The start-up work the server runs in a thread: load, fuse, warm up, start the engine."""
+                max_batch: int = 16, max_queue: int = 64, max_model_len: int | None = None,
+                threads: int | None = None) -> Callable[[], Backend]:
+    """The start-up work the server runs in a thread: load, fuse, warm up.
+
+    The engine is returned unstarted: the server then runs its loop in this same
+    thread (`Engine.run`), so one thread owns every torch op (see Engine.run).
+    """
     from .engine import EngineConfig, build_engine
     from .models import load_model
     from .server import Backend
 
     def load() -> Backend:
+        import torch
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)  # per thread under OpenMP: set it here
         lm = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer)
         max_len = max_model_len or min(lm.max_model_len, MAX_DEFAULT_CONTEXT)
         cfg = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_model_len=max_len)
         vocab = lm.model.config.vocab_size
         engine = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg)
         engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
-        engine.start()
-        engine.ready.wait()
         return Backend(engine=engine, tokenizer=lm.tokenizer, vocab_size=vocab)
 
     return load
 
 
 def serve(args: argparse.Namespace) -> None:
-    import torch
     import uvicorn
 
     from .models import default_served_name
     from .server import create_app
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    # No torch work in this (the uvicorn) thread: the loader thread loads and then runs the engine.
     served = args.served_name or default_served_name(args.model)
     load = make_loader(args.model, args.device, args.dtype, args.tokenizer, args.max_batch,
-                       args.max_queue, args.max_model_len)
+                       args.max_queue, args.max_model_len, args.threads)
     app = create_app(served, load)
     logging.getLogger("local_backend").info(
         "listening on http://%s:%d (model %s, served as %r; /health is 503 until loaded)",

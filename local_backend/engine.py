@@ -65,6 +65,7 @@ class EngineConfig:
     max_model_len: int = 2048
     prefill_chunk: int = 128  # prompt tokens per step while other streams decode
     prefill_chunk_idle: int = 512  # ...and while nobody waits on us
+    threads: int | None = None  # torch intra-op threads of the engine thread (None: inherit)
 
 
 @dataclass
@@ -115,19 +116,35 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self.started = False
         self.steps = 0
         self.stats = EngineStats()  # plain ints, read by local_backend.metrics at scrape time
 
     # ------------------------------------------------------------------ public API
 
     def start(self) -> None:
+        """Run the loop in a new thread (tests, benchmarks, embedding)."""
+        self.started = True
         self._thread = threading.Thread(target=self._loop, name="local-backend-engine", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop in the calling thread until shutdown().
+
+        The server uses this from the thread that loaded the model, so that one
+        thread runs every torch op of the process. libgomp (PyTorch's OpenMP on
+        Linux wheels) makes each parallel region ~60 us slower per extra live
+        OpenMP pool once there are more OpenMP threads than cores (measured on the
+        2-core box: 8 -> 65 us per small op, 27 -> 42 ms per decode step at batch 1),
+        and a decode step runs ~1000 parallel regions.
+        """
+        self.started = True
+        self._loop()
 
     def shutdown(self) -> None:
         self._stop.set()
         self._inbox.put(("wake", None))
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
@@ -176,6 +193,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)  # OpenMP thread count is per calling thread
         self.ready.set()
         while not self._stop.is_set():
             idle = not (self._running or self._prefilling or self._waiting)

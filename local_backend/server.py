@@ -92,16 +92,20 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
 
     def _load() -> None:
         try:
-            state.backend = load()
-            log.info("ready: serving %r", served_name)
+            backend = load()
         except Exception:
             log.exception("model load failed")
             if exit_on_failure:
                 logging.shutdown()
                 os._exit(1)
+            return
+        state.backend = backend
+        log.info("ready: serving %r", served_name)
+        if not backend.engine.started:
+            backend.engine.run()  # this thread becomes the engine thread (see Engine.run)
 
     def on_startup() -> None:
-        threading.Thread(target=_load, name="local-backend-load", daemon=True).start()
+        threading.Thread(target=_load, name="local-backend-engine", daemon=True).start()
 
     def on_shutdown() -> None:
         if state.backend is not None:
