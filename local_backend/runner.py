@@ -167,15 +167,18 @@ class ModelRunner:
         b, t, _ = x.shape
         cos, sin = self.rotary(x, pos)  # [B, T, D]
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
-        mask = self._mask(pos, kv_len)
+        # One decoding row attends to its whole prefix: no mask (a cheaper SDPA path).
+        no_mask = b == 1 and t == 1 and (self.window is None or kv_len <= self.window)
+        mask = None if no_mask else self._mask(pos, kv_len)
         rows = torch.arange(slots.start, slots.stop, device=self.device).unsqueeze(1)
         nk, g, d = self.n_kv, self.group, self.head_dim
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
             qkv = self._linear(h, w["wqkv"], w["bqkv"])
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = _rope(q.view(b, t, self.n_heads, d), cos, sin)
-            k = _rope(k.view(b, t, nk, d), cos, sin)
+            # RoPE on q and k in one pass: they are adjacent in the fused projection.
+            qk = _rope(qkv[..., :self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
+            q, k = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:]
+            v = qkv[..., self.q_size + self.kv_size:]
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc[rows, :, pos] = k  # [B, T, nk, D] scattered into [slot, :, pos, :]
             vc[rows, :, pos] = v.view(b, t, nk, d)
