@@ -15,14 +15,12 @@ running sequence into it, so the decode batch is always slots 0..B-1.
 Why our own engine and not transformers' continuous batching
 (`model.generate_batch` / ContinuousBatchingManager with paged attention): both
 were measured in the same run by `bench/local_backend_bench.py` on the 2-core CPU
-box (SmolLM2-135M fp32, 16 prompts x 64 new tokens; table in
-docs/local_backend.md). generate_batch was the slowest batched option (33 tok/s vs
-51 for one static padded generate() batch and 58 end to end for this engine, all in
-one run on a shared box; the issue's idle-box baseline for generate_batch is 55).
-Its manager also has no per-request sampling params, stop strings, per-request
-seeds, or a cancellation hook, and it must run outside torch.inference_mode. Our
-fused-weight forward over a pre-allocated slot KV cache decodes all running
-sequences in one forward and measurably wins, so we keep it.
+box (SmolLM2-135M, 16 prompts x 64 new tokens; table in docs/local_backend.md):
+generate_batch 48 tok/s (fp32) vs this server's 117 tok/s aggregate decode in fp32
+and 345 in bf16 over streaming HTTP. Its manager also has no per-request sampling
+params, stop strings, per-request seeds, or a cancellation hook, and it must run
+outside torch.inference_mode. One static padded generate() batch (120 tok/s fp32)
+is on par with our fp32 decode but is not a server (no arrivals, no streaming).
 """
 
 from __future__ import annotations
