@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
+
+from tests.system import nginx
 
 COMPLETION = {
     "id": "chat-5f461a9a23a44ef29dbd3124b891afc0", "object": "chat.completion", "created": 1731584707,
@@ -52,21 +52,11 @@ class NginxUpstream:
     def __init__(self, port: int, workers: int = 1) -> None:
         self.port = port
         self.workers = workers
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
-        self.dir.chmod(0o777)
+        self.dir = nginx.prefix_dir("bench-nginx-")
         self.proc: subprocess.Popen | None = None
 
     def conf(self, extra_server: str = "", extra_http: str = "") -> str:
-        d = self.dir
-        return f"""
-worker_processes {self.workers};
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+        return nginx.conf(self.dir, f"""
   keepalive_requests 1000000;
   {extra_http}
   server {{
@@ -74,16 +64,10 @@ http {{
     location /json/chat/completions {{ default_type application/json; return 200 '{_escape(json.dumps(COMPLETION))}'; }}
     location /sse/chat/completions {{ default_type text/event-stream; return 200 '{_escape(_sse())}'; }}
     {extra_server}
-  }}
-}}
-"""
+  }}""", workers=self.workers, connections=4096)
 
     def start(self, conf: str | None = None) -> "NginxUpstream":
-        from tests.system.binaries import require
-
-        (self.dir / "nginx.conf").write_text(conf or self.conf())
-        self.proc = subprocess.Popen([require("nginx"), "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"),
-                                      "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = nginx.start(self.dir, conf or self.conf())
         for _ in range(100):
             try:
                 httpx.post(f"http://127.0.0.1:{self.port}/json/chat/completions", content=b"{}", timeout=1)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,26 +14,16 @@ import openai
 from tests.e2e.conftest import GATEWAY_KEY
 from tests.e2e.test_limits_e2e import redis_section
 from tests.fakes.servers import free_port
-from tests.system.binaries import require
+from tests.system import nginx
 
 V02 = "mistralai/mistral-7b-instruct-v0.2"
 
 
 def start_nginx(upstreams: list[int]) -> tuple[subprocess.Popen, int]:
-    binary = require("nginx")
-    d = Path(tempfile.mkdtemp(prefix="gw-nginx-"))
-    d.chmod(0o777)
+    d = nginx.prefix_dir("gw-nginx-")
     port = free_port()
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in upstreams)
-    (d / "nginx.conf").write_text(f"""
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    proc = nginx.start(d, nginx.conf(d, f"""
   upstream gateways {{
 {servers}
     keepalive 32;
@@ -49,11 +37,7 @@ http {{
       proxy_buffering off;
       proxy_read_timeout 120s;
     }}
-  }}
-}}
-""")
-    proc = subprocess.Popen([binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  }}"""), stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
