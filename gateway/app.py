@@ -1,4 +1,10 @@
-"""The HTTP surface: routes, error shapes, start-up and shut-down."""
+"""The HTTP surface: routes, error shapes, start-up and shut-down.
+
+``create_app`` returns :class:`gateway.asgi.App`, which answers
+``POST /v1/chat/completions`` itself and hands everything else to the litestar
+app built here (which also lists the chat route, for the OpenAPI schema and
+any path litestar normalises to it).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from gateway import chat, config as config_mod, metrics
+from gateway.asgi import App
 from gateway.errors import GatewayError
 from gateway.models_api import endpoint_entry, model_entry
 from gateway.state import Gateway
@@ -33,7 +41,11 @@ def _gateway(request: Request) -> Gateway:
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request) -> Response:
-    return await chat.chat_completions(_gateway(request), request)
+    reply = await chat.chat_completions(_gateway(request), request.headers.get("authorization"), await request.body())
+    if reply.stream is not None:
+        headers = {**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return Stream(reply.stream, status_code=reply.status, media_type="text/event-stream", headers=headers)
+    return Response(reply.body, status_code=reply.status, media_type="application/json", headers=reply.headers)
 
 
 @get("/v1/models", summary="List the catalog (OpenRouter-style entries)")
@@ -115,7 +127,7 @@ def _internal_error(request: Request, exc: Exception) -> Response:
     return _gateway_error(request, GatewayError(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", code="internal_error"))
 
 
-def create_app(gw: Gateway) -> Litestar:
+def create_app(gw: Gateway) -> App:
     async def startup() -> None:
         await gw.startup()
 
@@ -133,10 +145,10 @@ def create_app(gw: Gateway) -> Litestar:
         debug=False,
     )
     app.state.gateway = gw
-    return app
+    return App(gw, app)
 
 
-def create_app_from_env() -> Litestar:
+def create_app_from_env() -> App:
     """The uvicorn factory for ``gateway serve`` workers."""
     path = os.environ.get(CONFIG_ENV) or None
     return create_app(Gateway(config_mod.load(path)))

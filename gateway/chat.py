@@ -1,5 +1,8 @@
 """``POST /v1/chat/completions``, top to bottom:
 authenticate → decode → limit → route → call → account → respond.
+
+Free of any web framework: it takes the ``Authorization`` header and the raw
+body and returns a :class:`Reply`; ``gateway/asgi.py`` speaks ASGI around it.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
+from dataclasses import dataclass
+
 import msgspec
-from litestar import Request, Response
-from litestar.response import Stream
 
 from gateway.accounting import price_warning
 from gateway.auth import GatewayKey
@@ -28,6 +31,16 @@ from gateway.tokens import reservation
 from gateway.trace import Trace
 
 _AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
+
+
+@dataclass(slots=True)
+class Reply:
+    """A successful answer: a JSON body, or an SSE stream that accounts for itself."""
+
+    headers: dict[str, str]
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    status: int = 200
 
 
 def decode_request(body: bytes) -> ChatRequest:
@@ -77,15 +90,16 @@ def _headers(admission: Admission, call: Call) -> dict[str, str]:
     return headers
 
 
-async def chat_completions(gw: Gateway, request: Request) -> Response:
+async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -> Reply:
+    """Answer one chat request; raises the GatewayError to send instead."""
     trace = Trace(id="gen-" + secrets.token_hex(12))
     IN_FLIGHT.inc()
     try:
         # 1. Authenticate.
-        key = gw.keys.authenticate(request.headers.get("authorization"))
+        key = gw.keys.authenticate(authorization)
         trace.key = key.name
-        # 2. Decode at the edge; litestar has already refused bodies over max_body_bytes.
-        chat = decode_request(await request.body())
+        # 2. Decode at the edge; the HTTP layer has already refused bodies over max_body_bytes.
+        chat = decode_request(raw)
         trace.requested_model = chat.model if chat.model is not msgspec.UNSET else None
         trace.streamed = chat.stream
         check_allowed(gw, key, chat)
@@ -136,7 +150,7 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
             prompt_filter_results=call.prompt_filter,
             system_fingerprint=done.answer.system_fingerprint or None,
         )
-        return Response(msgspec.json.encode(body), media_type="application/json", headers=_headers(admission, call))
+        return Reply(_headers(admission, call), body=msgspec.json.encode(body))
     except GatewayError as exc:
         trace.status, trace.error = exc.status, exc.message
         exc.headers.setdefault("x-request-id", trace.id)
@@ -160,7 +174,7 @@ async def account(gw: Gateway, trace: Trace) -> None:
     await gw.generations_put(trace.record())
 
 
-async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Response:
+async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Reply:
     """Streams: errors found before the first chunk are plain HTTP errors; if
     the first chunk takes longer than ``keepalive_s``, the stream starts with
     keep-alive comments and any later error goes in-band."""
@@ -173,7 +187,7 @@ async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -
         body = relay.chunks()
     else:
         body = _after_keepalives(relay, opening, gw.config.routing.keepalive_s)
-    return _sse_response(_accounted(gw, relay, trace, body), _headers(admission, call))
+    return Reply(_headers(admission, call), stream=_accounted(gw, relay, trace, body))
 
 
 async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s: float) -> AsyncIterator[bytes]:
@@ -228,8 +242,3 @@ async def _account_stream(gw: Gateway, relay: StreamRelay, trace: Trace) -> None
     if trace.ttft_s is not None:
         TTFT.labels(*trace.labels()).observe(trace.ttft_s)
     await account(gw, trace)
-
-
-def _sse_response(content: AsyncIterator[bytes], headers: dict[str, str]) -> Stream:
-    headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-    return Stream(content, media_type="text/event-stream", headers=headers)

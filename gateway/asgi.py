@@ -1,0 +1,157 @@
+"""The ASGI entry point: chat completions straight over ASGI, the rest through litestar.
+
+``POST /v1/chat/completions`` is nearly all of a gateway's traffic. Served
+through litestar's routing, middleware and response classes it cost about a
+sixth of a worker's CPU (py-spy, see ``bench/NOTES.md``), so it is answered
+here from the raw ASGI messages: read the body (with the size limit), call
+:func:`gateway.chat.chat_completions`, write the reply. Every other route,
+and the lifespan, go to the litestar app unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from gateway import chat
+from gateway.errors import GatewayError
+from gateway.state import Gateway
+
+log = logging.getLogger("gateway")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CHAT_PATH = "/v1/chat/completions"
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refused (413) past ``limit`` bytes, before reading it when the length says so."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    raise _TooLarge
+            except ValueError:
+                pass
+            break
+    message = await receive()
+    if message["type"] != "http.request":
+        raise _Disconnected
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise _TooLarge
+        return body
+    parts = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [_JSON, (b"content-length", b"%d" % len(body)), *_header_list(headers)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: GatewayError) -> None:
+    await send_json(send, exc.status, exc.to_json(), exc.headers)
+
+
+async def send_stream(receive: Receive, send: Send, status: int, headers: dict[str, str],
+                      stream: AsyncIterator[bytes]) -> None:
+    """Relay an SSE stream; a client that goes away cancels it (and so the upstream call)."""
+    await send({"type": "http.response.start", "status": status, "headers": [*_SSE, *_header_list(headers)]})
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        async for piece in stream:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        watcher.cancel()
+        await send({"type": "http.response.body", "body": b""})
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # the server is shutting down, not the client leaving
+        task.uncancel()
+    finally:
+        watcher.cancel()
+        await stream.aclose()
+
+
+class App:
+    """The ASGI application ``gateway serve`` runs: the chat fast path, then litestar."""
+
+    def __init__(self, gw: Gateway, fallback: ASGIApp) -> None:
+        self.gateway = gw
+        self.fallback = fallback
+        self.max_body = gw.config.server.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            await self.chat(scope, receive, send)
+        else:
+            await self.fallback(scope, receive, send)
+
+    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await _read_body(scope, receive, self.max_body)
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                    break
+            reply = await chat.chat_completions(self.gateway, authorization, body)
+        except GatewayError as exc:
+            await send_error(send, exc)
+            return
+        except _TooLarge:
+            await send_error(send, GatewayError(413, "request body too large", code="request_too_large"))
+            return
+        except _Disconnected:
+            return
+        except Exception:
+            # Never a traceback to the caller; the log has it, without request bodies.
+            log.exception("unhandled error on POST %s", CHAT_PATH)
+            await send_error(send, GatewayError(500, "internal error", code="internal_error"))
+            return
+        if reply.stream is not None:
+            await send_stream(receive, send, reply.status, reply.headers, reply.stream)
+        else:
+            await send_json(send, reply.status, reply.body or b"", reply.headers)
