@@ -92,6 +92,7 @@ async def generation(request: Request, id: FromQuery[str]) -> Response:
 @get("/metrics", summary="Prometheus metrics, summed over all workers", include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
     gw = _gateway(request)
+    gw.accountant.flush()
     gw.refresh_gauges()
     body, content_type = metrics.render()
     body += await gw.local_metrics()

@@ -22,7 +22,7 @@ from gateway.accounting import price_warning
 from gateway.auth import GatewayKey
 from gateway.errors import GatewayError, invalid_request
 from gateway.limits import Admission
-from gateway.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS, TTFT
+from gateway.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS
 from gateway.protocol import ChatCompletionOut, ChatRequest, PromptFilterResult
 from gateway.relay import DONE, KEEPALIVE, Call, StreamRelay, complete, sse
 from gateway.routing import requested_models
@@ -161,17 +161,7 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
     finally:
         if not trace.handed_off:
             IN_FLIGHT.dec()
-            gw.spawn(account(gw, trace))  # the response does not wait for accounting
-
-
-async def account(gw: Gateway, trace: Trace) -> None:
-    """Settle the key's reservation with real usage, then metrics, log line and record."""
-    usage = trace.usage
-    if trace.admission is not None:
-        await gw.limiter.settle_key(trace.admission, usage.total_tokens if usage else 0,
-                                    usage.estimated_cost if usage else None)
-    trace.observe()
-    await gw.generations_put(trace.record())
+            gw.accountant.add(trace)  # accounted for behind the response, in a batch
 
 
 async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Reply:
@@ -229,16 +219,21 @@ async def _accounted(gw: Gateway, relay: StreamRelay, trace: Trace, body: AsyncI
         trace.error = trace.error or "client went away"
         raise
     finally:
-        gw.spawn(_account_stream(gw, relay, trace))
+        _account_stream(gw, relay, trace)
 
 
-async def _account_stream(gw: Gateway, relay: StreamRelay, trace: Trace) -> None:
+def _account_stream(gw: Gateway, relay: StreamRelay, trace: Trace) -> None:
     IN_FLIGHT.dec()
     served = relay.call.served
     trace.usage = relay.final_usage or (relay.usage() if served is not None else None)
     trace.finish_reason = relay.finish_reason
-    if served is not None:
-        await relay.call.release(served, trace.usage.total_tokens if trace.usage else 0)
-    if trace.ttft_s is not None:
-        TTFT.labels(*trace.labels()).observe(trace.ttft_s)
-    await account(gw, trace)
+    if served is not None and served.endpoint.quotas:
+        gw.spawn(_release_then_account(gw, relay, served, trace))
+    else:
+        gw.accountant.add(trace)
+
+
+async def _release_then_account(gw: Gateway, relay: StreamRelay, served, trace: Trace) -> None:
+    """Hand back the upstream's quota share with the real tokens, then account."""
+    await relay.call.release(served, trace.usage.total_tokens if trace.usage else 0)
+    gw.accountant.add(trace)

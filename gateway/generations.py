@@ -8,6 +8,7 @@ answer), or in an in-process ring of the most recent ones without Redis.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 
 import msgspec
@@ -49,6 +50,10 @@ class GenerationStore:
     async def put(self, record: Generation) -> None:
         raise NotImplementedError
 
+    def put_soon(self, record: Generation) -> asyncio.Future | None:
+        """Store without waiting; the future (None when already done) carries a failure."""
+        raise NotImplementedError
+
     async def get(self, generation_id: str) -> Generation | None:
         raise NotImplementedError
 
@@ -61,6 +66,9 @@ class MemoryGenerations(GenerationStore):
         self._records: OrderedDict[str, bytes] = OrderedDict()
 
     async def put(self, record: Generation) -> None:
+        self.put_soon(record)
+
+    def put_soon(self, record: Generation) -> None:
         self._records[record.id] = msgspec.json.encode(record)
         while len(self._records) > self.capacity:
             self._records.popitem(last=False)
@@ -83,6 +91,12 @@ class RedisGenerations(GenerationStore):
         key, value = f"{self.prefix}gen:{record.id}", msgspec.json.encode(record)
         await self.batcher.submit(lambda pipe: pipe.set(key, value, ex=self.ttl_s))
 
+    def put_soon(self, record: Generation) -> asyncio.Future:
+        key, value = f"{self.prefix}gen:{record.id}", msgspec.json.encode(record)
+        return self.batcher.submit(lambda pipe: pipe.set(key, value, ex=self.ttl_s), defer=True)
+
     async def get(self, generation_id: str) -> Generation | None:
-        raw = await self.client.get(f"{self.prefix}gen:{generation_id}")
+        # Through the batcher: queued after (so it sees) records this worker deferred.
+        key = f"{self.prefix}gen:{generation_id}"
+        raw = await self.batcher.submit(lambda pipe: pipe.get(key))
         return None if raw is None else msgspec.json.decode(raw, type=Generation)

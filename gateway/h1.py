@@ -75,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: dict[str, str] = {}
         self.headers_done = False
+        self._interim = False
         self.sized = False  # Content-Length or chunked: the parser knows where the body ends
         self.complete = False
         self.keep_alive = False
@@ -99,7 +100,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete and self.error is None:
-            if self.headers_done and not self.sized:
+            if self.headers_done and not self.sized and exc is None:
                 self.complete = True  # the body ran until the connection closed
             else:
                 self.error = UpstreamBroken("ServerDisconnectedError")
@@ -112,14 +113,23 @@ class _Connection(asyncio.Protocol):
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.sized = "content-length" in self.headers or "chunked" in self.headers.get("transfer-encoding", "")
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.headers = {}  # an interim response (100 Continue, 103): the real one follows
+            self._interim = True
+            return
+        self.status = status
+        self.sized = ("content-length" in self.headers
+                      or "chunked" in self.headers.get("transfer-encoding", "").lower())
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         # Asked now: once the parser has moved past the message it no longer knows.
         self.keep_alive = self.parser.should_keep_alive()
         self.complete = True
@@ -173,7 +183,7 @@ class H1Response:
         self._timeout_s = timeout_s
         self.status = conn.status
         self.headers = conn.headers
-        encoding = conn.headers.get("content-encoding", "")
+        encoding = conn.headers.get("content-encoding", "").strip().lower()
         self._decode = _Decoder(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
 
     async def _more(self, conn: _Connection) -> bool:
@@ -308,9 +318,13 @@ class H1Client:
         lines = [f"{method} {target.path} HTTP/1.1\r\nhost: {target.host_header}\r\n"]
         lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
         lines.append(f"content-length: {len(body)}\r\n\r\n")
-        head = "".join(lines).encode("latin-1")
-        for _ in range(2):
-            conn = self._pooled(target.key)
+        text = "".join(lines)
+        if text.count("\n") != len(headers) + 4 or text.count("\r") != len(headers) + 4:
+            # A header with a line break (a key file's trailing newline) would inject headers.
+            raise UpstreamUnreachable("InvalidHeader: a header name or value holds a line break")
+        head = text.encode("latin-1")
+        for attempt in range(2):
+            conn = self._pooled(target.key) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(target, timeout_s)

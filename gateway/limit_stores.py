@@ -18,6 +18,7 @@ single replica without Redis.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -82,6 +83,12 @@ class LimitStore(Protocol):
 
     async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
                      periods: Periods) -> None: ...
+
+    def settle_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
+                    periods: Periods) -> asyncio.Future | None:
+        """``settle`` without waiting: queued in order before any later admission.
+        The future (None when it is already done) carries a failure."""
+        ...
 
     async def spent(self, entity: str, periods: Periods) -> tuple[float, float]: ...
 
@@ -231,11 +238,19 @@ class RedisStore:
 
     async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
                      periods: Periods) -> None:
+        await self._settle(entity, request_id, tokens, cost_usd, periods, defer=False)
+
+    def settle_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
+                    periods: Periods) -> asyncio.Future:
+        return self._settle(entity, request_id, tokens, cost_usd, periods, defer=True)
+
+    def _settle(self, entity: str, request_id: str, tokens: int, cost_usd: float, periods: Periods,
+                *, defer: bool) -> asyncio.Future:
         keys = _keys(self.prefix, entity, periods)[1:]
         args = [request_id, tokens, repr(float(cost_usd)), periods.day_ttl_s, periods.month_ttl_s]
-        # EVAL, not EVALSHA: no SCRIPT EXISTS round trip per batch, and Redis
-        # caches the compiled script by its hash anyway.
-        await self.batcher.submit(lambda pipe: pipe.eval(_SETTLE, len(keys), *keys, *args))
+        # EVAL, not EVALSHA: no NOSCRIPT case to handle after a Redis restart,
+        # and Redis caches the compiled script by its hash anyway.
+        return self.batcher.submit(lambda pipe: pipe.eval(_SETTLE, len(keys), *keys, *args), defer=defer)
 
     async def spent(self, entity: str, periods: Periods) -> tuple[float, float]:
         keys = _keys(self.prefix, entity, periods)
@@ -324,6 +339,10 @@ class MemoryStore:
 
     async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
                      periods: Periods) -> None:
+        self.settle_soon(entity, quota, request_id, tokens, cost_usd, periods)
+
+    def settle_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
+                    periods: Periods) -> None:
         e = self._entities.setdefault(entity, _Entity())
         if request_id in e.tokens:
             at, reserved = e.tokens[request_id]

@@ -18,6 +18,7 @@ the limit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -125,6 +126,24 @@ class Limiter:
             await self.store.settle(admission.entity, admission.quota, admission.request_id,
                                     tokens, cost_usd or 0.0, admission.periods)
         except Exception as exc:  # noqa: BLE001
+            self._store_failed(exc)
+
+    def settle_key_soon(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
+        """``settle_key`` without waiting (see ``AutoPipeline``'s deferred ops). Never raises."""
+        if not admission.counted:
+            return
+        try:
+            pending = self.store.settle_soon(admission.entity, admission.quota, admission.request_id,
+                                             tokens, cost_usd or 0.0, admission.periods)
+        except Exception as exc:  # noqa: BLE001
+            self._store_failed(exc)
+            return
+        if pending is not None:
+            pending.add_done_callback(self._settled)
+
+    def _settled(self, future: asyncio.Future) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
             self._store_failed(exc)
 
     async def acquire_upstream(self, entities: list[tuple[str, Quota]], request_id: str, tokens: int) -> bool:

@@ -5,8 +5,13 @@ redis-py's per-call overhead. Here every command submitted while the
 previous batch was in flight goes out in one pipeline (non-transactional:
 each command, usually a Lua script, is atomic on its own). Under load that is
 one round trip for tens of requests; idle, a command leaves on the next
-event-loop turn. Admissions await their result; settlements and generation
-records are written behind the response.
+event-loop turn. Admissions await their result.
+
+Settlements and generation records are *deferred*: queued in order with
+everything else, but sent with the next batch that something waits on (the
+next admission) or after ``defer_s``, whichever comes first. At one request
+at a time that is no round trip of their own, and since a pipeline runs in
+order, a client's next admission still sees its previous settlement.
 """
 
 from __future__ import annotations
@@ -20,20 +25,34 @@ Op = Callable[[object], None]  # adds its commands to a pipeline
 class AutoPipeline:
     """Batches commands from concurrent callers into pipelines; each caller gets its own result."""
 
-    def __init__(self, client, timeout_s: float, max_batch: int = 512) -> None:
+    def __init__(self, client, timeout_s: float, max_batch: int = 512, defer_s: float = 0.005) -> None:
         self.client = client
         self.timeout_s = timeout_s
         self.max_batch = max_batch
+        self.defer_s = defer_s
         self._pending: list[tuple[Op, asyncio.Future]] = []
         self._flushing: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    def submit(self, op: Op) -> asyncio.Future:
-        """Queue ``op``; the future resolves (or fails) when its batch has run."""
-        future = asyncio.get_running_loop().create_future()
+    def submit(self, op: Op, *, defer: bool = False) -> asyncio.Future:
+        """Queue ``op``; the future resolves (or fails) when its batch has run.
+        A deferred op waits for the next batch, at most ``defer_s``."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending.append((op, future))
+        if defer:
+            if self._timer is None and (self._flushing is None or self._flushing.done()):
+                self._timer = loop.call_later(self.defer_s, self._start)
+        else:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
-        return future
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let this turn's other writes join the batch
@@ -57,3 +76,10 @@ class AutoPipeline:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def drain(self) -> None:
+        """Send everything queued, deferred ops included (at shut-down)."""
+        if self._pending:
+            self._start()
+        while self._flushing is not None and not self._flushing.done():
+            await self._flushing

@@ -494,13 +494,18 @@ class StreamRelay:
             delta = clean_delta(spec, c.delta, first=not state.role_sent)
             if delta is not None and delta.role is UNSET and not state.role_sent:
                 delta = msgspec.structs.replace(delta, role="assistant")
+            # Block mode scans chunk by chunk, to cut the stream at the offending
+            # delta; annotate mode needs results only at the end, and scans the
+            # whole text once then (one pass instead of one per chunk).
+            block = self.call.policy.mode == "block"
             if delta is not None and isinstance(delta.content, str):
                 state.text.append(delta.content)
-                state.scanner.feed(delta.content)
+                if block:
+                    state.scanner.feed(delta.content)
             state.role_sent = True
             upstream = content_filter.decode_upstream(c.content_filter_results or None)
             results = None
-            if self.call.policy.mode == "block":  # annotate mode needs results only at the end
+            if block:
                 results = self.call.moderation.decide(state.scanner.result(), upstream, self.call.policy)
             if results is not None and self.call.moderation.blocked(results):
                 # Stop this choice here; the offending delta is not relayed.
@@ -510,6 +515,7 @@ class StreamRelay:
                 continue
             if c.finish_reason is not None:
                 if results is None:
+                    state.scanner.feed("".join(state.text))
                     results = self.call.moderation.decide(state.scanner.result(), upstream, self.call.policy)
                 state.finished = ChunkChoiceOut(index=c.index, delta=delta or Delta(), finish_reason=c.finish_reason,
                                                 content_filter_results=results)

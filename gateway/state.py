@@ -9,6 +9,7 @@ import os
 import httpx
 
 from gateway import catalog as catalog_mod
+from gateway.accountant import Accountant
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.moderation import Moderation
@@ -66,9 +67,10 @@ class Gateway:
         self.moderation = Moderation(config.safety, env)
         self.client = make_client(transport)
         self.generations: GenerationStore
+        self.batcher: AutoPipeline | None = None
         if config.redis.url:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
-            batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
+            self.batcher = batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
             store = RedisStore(redis, config.redis.prefix, batcher)
             self.generations = RedisGenerations(redis, config.redis.prefix, config.generations.ttl_s, batcher)
         else:
@@ -76,15 +78,9 @@ class Gateway:
             self.generations = MemoryGenerations(config.generations.capacity)
         self.limiter = Limiter(store, on_error=config.redis.on_error,
                                lease_ttl_s=config.routing.deadline_s + 60)
+        self.accountant = Accountant(self.limiter, self.generations)
         self._tasks: set[asyncio.Task] = set()
         self._local_watch: asyncio.Task | None = None
-
-    async def generations_put(self, record: Generation) -> None:
-        try:
-            async with asyncio.timeout(max(self.config.redis.timeout_s, 1.0)):
-                await self.generations.put(record)
-        except Exception as exc:  # noqa: BLE001 - a lost record must not fail anything else
-            log.warning("generation record %s not stored (%s)", record.id, type(exc).__name__)
 
     def refresh_gauges(self) -> None:
         """Circuit and availability gauges, from this worker's view, before a scrape."""
@@ -120,6 +116,13 @@ class Gateway:
             await asyncio.wait(pending, timeout=2.0)
         for task in self._tasks:
             task.cancel()
+        self.accountant.flush()
+        if self.batcher is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    await self.batcher.drain()  # deferred settlements and records
+            except Exception as exc:  # noqa: BLE001
+                log.warning("last settlements and records not written at shutdown (%s)", type(exc).__name__)
         await self.limiter.close()
         await self.moderation.close()
         await self.client.close()

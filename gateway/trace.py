@@ -1,6 +1,6 @@
 """One request's trace: what it asked, who served it, what it cost, how long
 it took. At the end it becomes metrics, one JSON log line and a generation
-record, so all three always agree."""
+record (``gateway/accountant.py``), so all three always agree."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from gateway.generations import AttemptOut, Generation
 from gateway.limits import Admission
-from gateway.metrics import COST, DURATION, OVERHEAD, REQUESTS, TOKENS
 from gateway.protocol import Usage
 from gateway.relay import Call
 
@@ -42,20 +41,16 @@ class Trace:
             return served.model.id, served.endpoint.provider.name
         return self.requested_model or "", ""
 
-    def observe(self) -> None:
-        """Metrics and the access-log line. Never prompt or completion text."""
+    def durations(self) -> tuple[float, float]:
+        """(request time, gateway overhead): the time minus what upstream attempts took."""
         duration = time.perf_counter() - self.started
         upstream = sum(a.duration_s for a in self.call.attempts) if self.call else 0.0
+        return duration, max(duration - upstream, 0.0)
+
+    def log(self, duration: float, overhead: float) -> None:
+        """The access-log line. Never prompt or completion text."""
         model, provider = self.labels()
-        REQUESTS.labels(model, provider, self.key, str(self.status)).inc()
-        DURATION.labels(model, provider).observe(duration)
-        OVERHEAD.observe(max(duration - upstream, 0.0))
         usage = self.usage
-        if usage is not None:
-            TOKENS.labels(model, provider, self.key, "prompt").inc(usage.prompt_tokens)
-            TOKENS.labels(model, provider, self.key, "completion").inc(usage.completion_tokens)
-            if usage.estimated_cost:
-                COST.labels(model, provider, self.key).inc(usage.estimated_cost)
         access_log.info("request", extra={"fields": {
             "id": self.id,
             "key": self.key,
@@ -68,7 +63,7 @@ class Trace:
             "completion_tokens": usage.completion_tokens if usage else None,
             "cost_usd": usage.estimated_cost if usage else None,
             "duration_ms": round(duration * 1000, 2),
-            "overhead_ms": round(max(duration - upstream, 0.0) * 1000, 3),
+            "overhead_ms": round(overhead * 1000, 3),
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
             "finish_reason": self.finish_reason,
             "error": self.error,
