@@ -183,10 +183,9 @@ def backstop_s(timeout_s: float) -> float:
 
 
 def redis_client(url: str, timeout_s: float):
-    """A redis-py asyncio client for ``redis://``, ``rediss://``, ``unix://``,
-    ``redis+cluster://host:port`` and ``redis+sentinel://host:port[,host:port]/service``."""
-    import redis.asyncio as redis
-
+    """A client for ``redis://``, ``rediss://`` and ``unix://`` (:class:`gateway.resp.RespClient`),
+    or redis-py's for ``redis+cluster://host:port`` and
+    ``redis+sentinel://host:port[,host:port]/service``."""
     opts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if url.startswith("redis+cluster://"):
         from redis.asyncio.cluster import RedisCluster
@@ -202,6 +201,7 @@ def redis_client(url: str, timeout_s: float):
             host, sep, port = node.rpartition(":")
             nodes.append((host, int(port)) if sep else (node, 26379))
         return Sentinel(nodes, **opts).master_for(service or "mymaster", **opts)
-    # Concurrent requests wait briefly for a pooled connection instead of failing.
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=backstop_s(timeout_s), **opts)
-    return redis.Redis(connection_pool=pool)
+    # One pipelined connection; see gateway/resp.py for why not redis-py here.
+    from gateway.resp import RespClient
+
+    return RespClient(url, timeout_s)

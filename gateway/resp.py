@@ -1,0 +1,268 @@
+"""A lean Redis client: one pipelined connection, RESP written by hand, replies parsed by hiredis.
+
+The gateway sends Redis little besides batches of Lua script calls and SETs
+(``gateway/redis_pipeline.py``). Through redis-py's asyncio pipeline each
+batch cost more Python time than the commands themselves (connection-pool
+checkout, per-command packing and response callbacks): most of the worker
+time at one request at a time. Here a batch is encoded into one write, and
+replies are matched to batches in order on one connection, as Redis answers
+a connection's commands in order.
+
+``redis_client`` in ``gateway/limits.py`` uses this for ``redis://``,
+``rediss://`` and ``unix://`` URLs; Cluster and Sentinel go through redis-py.
+It offers the few redis-py calls the gateway makes (``pipeline()`` with
+``eval``/``evalsha``/``set``/``get``, ``script_load``, ``mget``,
+``register_script``, ``aclose``), raising redis-py's exception classes, so the
+stores work unchanged on either.
+
+Failure handling: a reply not in within ``timeout_s`` closes the connection
+(replies still due would be matched to the wrong batch) and fails every
+batch waiting on it; the next call connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Command = tuple
+
+
+def _arg(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise TypeError(f"cannot send {type(value).__name__} to Redis")
+
+
+def encode(commands: list[Command]) -> bytes:
+    """RESP arrays of bulk strings, one per command, in one buffer."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for value in command:
+            data = _arg(value)
+            out.append(b"$%d\r\n" % len(data))
+            out.append(data)
+            out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _error(reply: hiredis.ReplyError) -> ResponseError:
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+class _Batch:
+    __slots__ = ("size", "results", "future")
+
+    def __init__(self, size: int, future: asyncio.Future) -> None:
+        self.size = size
+        self.results: list = []
+        self.future = future
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiting: deque[_Batch] = deque()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError:
+                self.fail(RedisConnectionError("protocol error from Redis"))
+                return
+            if reply is False:
+                return
+            if not waiting:
+                self.fail(RedisConnectionError("reply from Redis that no command asked for"))
+                return
+            batch = waiting[0]
+            batch.results.append(_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            if len(batch.results) == batch.size:
+                waiting.popleft()
+                if not batch.future.done():
+                    batch.future.set_result(batch.results)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fail(RedisConnectionError("connection to Redis lost"))
+
+    def fail(self, exc: Exception) -> None:
+        self.closed = True
+        while self.waiting:
+            batch = self.waiting.popleft()
+            if not batch.future.done():
+                batch.future.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Script:
+    """What ``register_script`` gives redis-py callers here: the script's SHA1."""
+
+    def __init__(self, text: str) -> None:
+        self.script = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+class RespPipeline:
+    """Commands collected for one batch (never a MULTI/EXEC transaction)."""
+
+    def __init__(self, client: "RespClient") -> None:
+        self._client = client
+        self.commands: list[Command] = []
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args) -> "RespPipeline":
+        self.commands.append(("EVALSHA", sha, numkeys, *keys_and_args))
+        return self
+
+    def eval(self, script: str, numkeys: int, *keys_and_args) -> "RespPipeline":
+        self.commands.append(("EVAL", script, numkeys, *keys_and_args))
+        return self
+
+    def set(self, key: str, value, ex: int | None = None) -> "RespPipeline":
+        self.commands.append(("SET", key, value, "EX", ex) if ex else ("SET", key, value))
+        return self
+
+    def get(self, key: str) -> "RespPipeline":
+        self.commands.append(("GET", key))
+        return self
+
+    async def execute(self, raise_on_error: bool = True) -> list:
+        results = await self._client.execute(self.commands)
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
+
+class RespClient:
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://…`` (TLS) or ``unix:///path[?db=N]``."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        self.timeout_s = timeout_s
+        self._unix = parts.scheme == "unix"
+        self._host = parts.hostname or "localhost"
+        self._port = parts.port or 6379
+        self._path = unquote(parts.path) if self._unix else ""
+        self._ssl = parts.scheme == "rediss"
+        db = parse_qs(parts.query).get("db", [None])[0] if self._unix else parts.path.strip("/") or None
+        self._setup: list[Command] = []
+        if parts.password is not None:
+            user = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password)
+            self._setup.append(("AUTH", user, password) if user else ("AUTH", password))
+        if db not in (None, "", "0"):
+            self._setup.append(("SELECT", int(db)))
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Future | None = None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self._unix:
+                    _, conn = await loop.create_unix_connection(_Connection, self._path)
+                else:
+                    context = ssl.create_default_context() if self._ssl else None
+                    _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=context)
+                if self._setup:
+                    for result in await self._send(conn, self._setup):
+                        if isinstance(result, Exception):
+                            conn.fail(RedisConnectionError(f"Redis refused the connection setup: {result}"))
+                            raise result
+        except TimeoutError:
+            raise RedisTimeoutError("timed out connecting to Redis") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to Redis ({type(exc).__name__})") from None
+        return conn
+
+    async def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connecting is None:  # one connect at a time; concurrent callers wait for it
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            conn = await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+        self._conn = conn
+        return conn
+
+    async def _send(self, conn: _Connection, commands: list[Command]) -> list:
+        future = asyncio.get_running_loop().create_future()
+        conn.waiting.append(_Batch(len(commands), future))
+        conn.transport.write(encode(commands))
+        return await future
+
+    async def execute(self, commands: list[Command]) -> list:
+        """Send commands in one write; their replies (a ResponseError in place of an error reply)."""
+        if not commands:
+            return []
+        conn = await self._connection()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._send(conn, commands)
+        except TimeoutError:
+            conn.fail(RedisTimeoutError("Redis did not answer in time"))
+            raise RedisTimeoutError("Redis did not answer in time") from None
+
+    def pipeline(self, transaction: bool = False) -> RespPipeline:
+        if transaction:
+            raise ValueError("MULTI/EXEC pipelines are not supported here")
+        return RespPipeline(self)
+
+    def register_script(self, script: str) -> _Script:
+        return _Script(script)
+
+    async def script_load(self, script: str) -> str:
+        (sha,) = await self.execute([("SCRIPT", "LOAD", script)])
+        if isinstance(sha, Exception):
+            raise sha
+        return sha.decode() if isinstance(sha, bytes) else sha
+
+    async def mget(self, *keys: str) -> list:
+        (values,) = await self.execute([("MGET", *keys)])
+        if isinstance(values, Exception):
+            raise values
+        return values
+
+    async def get(self, key: str):
+        (value,) = await self.execute([("GET", key)])
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    async def ping(self) -> bool:
+        (reply,) = await self.execute([("PING",)])
+        return reply in (b"PONG", "PONG")
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            self._conn.fail(RedisConnectionError("client closed"))
+            self._conn = None
