@@ -21,8 +21,9 @@ from collections import Counter
 
 from gateway.generations import GenerationStore
 from gateway.limits import Limiter
+from gateway.logs import log_lines
 from gateway.metrics import COST, DURATION, OVERHEAD, REQUESTS, TOKENS, TTFT
-from gateway.trace import Trace
+from gateway.trace import Trace, access_log
 
 log = logging.getLogger("gateway")
 
@@ -32,6 +33,7 @@ def observe(batch: list[Trace]) -> None:
     requests: Counter[tuple[str, ...]] = Counter()
     tokens: Counter[tuple[str, ...]] = Counter()
     cost: Counter[tuple[str, ...]] = Counter()
+    lines = []
     for trace in batch:
         model, provider = trace.labels()
         duration, overhead = trace.durations()
@@ -46,13 +48,14 @@ def observe(batch: list[Trace]) -> None:
             tokens[(model, provider, trace.key, "completion")] += usage.completion_tokens
             if usage.estimated_cost:
                 cost[(model, provider, trace.key)] += usage.estimated_cost
-        trace.log(duration, overhead)
+        lines.append(trace.log_fields(duration, overhead))
     for labels, n in requests.items():
         REQUESTS.labels(*labels).inc(n)
     for labels, n in tokens.items():
         TOKENS.labels(*labels).inc(n)
     for labels, usd in cost.items():
         COST.labels(*labels).inc(usd)
+    log_lines(access_log, "request", lines)
 
 
 def _record_failed(generation_id: str, future: asyncio.Future) -> None:

@@ -36,26 +36,24 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 Command = tuple
 
 
-def _arg(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value).encode()
-    raise TypeError(f"cannot send {type(value).__name__} to Redis")
-
-
 def encode(commands: list[Command]) -> bytes:
     """RESP arrays of bulk strings, one per command, in one buffer."""
     out: list[bytes] = []
     for command in commands:
         out.append(b"*%d\r\n" % len(command))
         for value in command:
-            data = _arg(value)
-            out.append(b"$%d\r\n" % len(data))
-            out.append(data)
-            out.append(b"\r\n")
+            kind = type(value)
+            if kind is str:
+                data = value.encode()
+            elif kind is bytes:
+                data = value
+            elif kind is int:
+                data = b"%d" % value
+            elif kind is float:
+                data = repr(value).encode()
+            else:
+                raise TypeError(f"cannot send {kind.__name__} to Redis")
+            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 
@@ -142,7 +140,7 @@ class RespPipeline:
         return self
 
     def set(self, key: str, value, ex: int | None = None) -> "RespPipeline":
-        self.commands.append(("SET", key, value, "EX", ex) if ex else ("SET", key, value))
+        self.commands.append(("SET", key, value) if ex is None else ("SET", key, value, "EX", ex))
         return self
 
     def get(self, key: str) -> "RespPipeline":
@@ -190,7 +188,12 @@ class RespClient:
                     context = ssl.create_default_context() if self._ssl else None
                     _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=context)
                 if self._setup:
-                    for result in await self._send(conn, self._setup):
+                    try:
+                        results = await self._send(conn, self._setup)
+                    except BaseException:  # a hung AUTH must not leave the socket open
+                        conn.fail(RedisConnectionError("connection setup failed"))
+                        raise
+                    for result in results:
                         if isinstance(result, Exception):
                             conn.fail(RedisConnectionError(f"Redis refused the connection setup: {result}"))
                             raise result
@@ -215,9 +218,10 @@ class RespClient:
         return conn
 
     async def _send(self, conn: _Connection, commands: list[Command]) -> list:
+        data = encode(commands)  # first: a command that cannot be encoded must not leave a batch waiting
         future = asyncio.get_running_loop().create_future()
         conn.waiting.append(_Batch(len(commands), future))
-        conn.transport.write(encode(commands))
+        conn.transport.write(data)
         return await future
 
     async def execute(self, commands: list[Command]) -> list:
@@ -260,6 +264,8 @@ class RespClient:
 
     async def ping(self) -> bool:
         (reply,) = await self.execute([("PING",)])
+        if isinstance(reply, Exception):
+            raise reply
         return reply in (b"PONG", "PONG")
 
     async def aclose(self) -> None:

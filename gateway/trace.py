@@ -47,11 +47,11 @@ class Trace:
         upstream = sum(a.duration_s for a in self.call.attempts) if self.call else 0.0
         return duration, max(duration - upstream, 0.0)
 
-    def log(self, duration: float, overhead: float) -> None:
-        """The access-log line. Never prompt or completion text."""
+    def log_fields(self, duration: float, overhead: float) -> dict:
+        """The access-log line's fields. Never prompt or completion text."""
         model, provider = self.labels()
         usage = self.usage
-        access_log.info("request", extra={"fields": {
+        return {
             "id": self.id,
             "key": self.key,
             "model": model,
@@ -67,7 +67,7 @@ class Trace:
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
             "finish_reason": self.finish_reason,
             "error": self.error,
-        }})
+        }
 
     def record(self) -> Generation:
         model, provider = self.labels()
