@@ -23,9 +23,9 @@ from gateway.auth import GatewayKey
 from gateway.errors import GatewayError, invalid_request
 from gateway.limits import Admission
 from gateway.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS
-from gateway.protocol import ChatCompletionOut, ChatRequest, PromptFilterResult
+from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
 from gateway.relay import DONE, KEEPALIVE, Call, StreamRelay, complete, sse
-from gateway.routing import requested_models
+from gateway.routing import Candidate, requested_models
 from gateway.state import Gateway
 from gateway.tokens import reservation
 from gateway.trace import Trace
@@ -76,6 +76,17 @@ def check_allowed(gw: Gateway, key: GatewayKey, request: ChatRequest) -> None:
                                param="model")
 
 
+def _screen_and_plan(gw: Gateway, chat: ChatRequest, policy, ours: ContentFilterResults
+                     ) -> tuple[ContentFilterResults, list[Candidate]]:
+    """The prompt's content-filter results, and the ordered candidates; raises
+    the error to answer when the prompt is filtered or no endpoint can serve."""
+    prompt_results = gw.moderation.decide(ours, None, policy)
+    if gw.moderation.blocked(prompt_results):
+        raise GatewayError(400, "the prompt was filtered by the content policy", code="content_filter",
+                           param="messages")
+    return prompt_results, gw.router.plan(chat)
+
+
 def _headers(admission: Admission, call: Call) -> dict[str, str]:
     headers = {**admission.headers, "x-request-id": call.generation_id, "x-gateway-attempts": str(len(call.attempts))}
     cand = call.served
@@ -105,18 +116,23 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
         check_allowed(gw, key, chat)
         model = gw.router.resolve(requested_models(chat)[0])
         policy = key.safety or model.safety or gw.moderation.policy
-        # 3. Limit: rate, concurrency and budget of the key, in one round trip.
+        # 3. Limit: rate, concurrency and budget of the key, in one round trip,
+        # 4. while the prompt is screened by the content policy and the route
+        # planned, when both run in-process. An external moderation call waits
+        # for the admission instead: a refused request must not cost one.
         estimate = reservation(chat.messages, chat.max_tokens or None)
-        admission = await gw.limiter.admit_key(key.name, key.quota, trace.id, estimate)
-        trace.admission = admission
-        # 4. Content policy on the prompt, then route: the ordered candidates,
-        # or the reason there are none.
+        check = gw.limiter.begin_key(key.name, key.quota, trace.id, estimate)
         prompt_text = "\n".join(m.text() for m in chat.messages)
-        prompt_results = gw.moderation.decide(await gw.moderation.classify(prompt_text), None, policy)
-        if gw.moderation.blocked(prompt_results):
-            raise GatewayError(400, "the prompt was filtered by the content policy", code="content_filter",
-                               param="messages")
-        candidates = gw.router.plan(chat)
+        try:
+            ours = gw.moderation.classify_now(prompt_text)
+            early = None if ours is None else _screen_and_plan(gw, chat, policy, ours)
+        except Exception as exc:  # noqa: BLE001 - raised once the admission is settled-for
+            early = exc
+        admission = trace.admission = await gw.limiter.finish_key(check)
+        if isinstance(early, Exception):
+            raise early
+        prompt_results, candidates = early or _screen_and_plan(
+            gw, chat, policy, await gw.moderation.classify(prompt_text))
         call = trace.call = Call(
             request=chat,
             generation_id=trace.id,

@@ -77,9 +77,30 @@ class Periods:
         return cls(day=time.strftime("%Y%m%d", t), month=time.strftime("%Y%m", t))
 
 
+class PendingVerdict(Protocol):
+    async def verdict(self) -> Verdict: ...
+
+
+class _Decided:
+    """A verdict known at once (the in-process store)."""
+
+    __slots__ = ("_verdict",)
+
+    def __init__(self, verdict: Verdict) -> None:
+        self._verdict = verdict
+
+    async def verdict(self) -> Verdict:
+        return self._verdict
+
+
 class LimitStore(Protocol):
     async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
                     periods: Periods, window_ms: int = WINDOW_MS) -> Verdict: ...
+
+    def admit_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+                   periods: Periods, window_ms: int = WINDOW_MS) -> PendingVerdict:
+        """``admit``, sent now; the verdict is awaited later."""
+        ...
 
     async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
                      periods: Periods) -> None: ...
@@ -209,6 +230,23 @@ def _verdict(raw: list) -> Verdict:
     return Verdict(denied or None, *(int(x) for x in raw[1:]))
 
 
+class _RedisVerdict:
+    """An admission script call in flight."""
+
+    __slots__ = ("_store", "_call", "_future")
+
+    def __init__(self, store: "RedisStore", call: list, future: asyncio.Future) -> None:
+        self._store, self._call, self._future = store, call, future
+
+    async def verdict(self) -> Verdict:
+        try:
+            raw = await self._future
+        except NoScriptError:  # a restarted or flushed Redis: load it again, once
+            self._store._admit.sha = await self._store.client.script_load(_ADMIT)
+            raw = await self._store._evalsha(self._call)
+        return _verdict(raw)
+
+
 class RedisStore:
     """Limits shared by every replica through one Redis (or Cluster, or Sentinel).
 
@@ -225,16 +263,18 @@ class RedisStore:
 
     async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
                     periods: Periods, window_ms: int = WINDOW_MS) -> Verdict:
-        args = [window_ms, quota.rpm or 0, quota.tpm or 0, quota.max_concurrent or 0, tokens, request_id,
-                lease_ttl_ms, quota.budget_usd_per_day or 0, quota.budget_usd_per_month or 0]
-        keys = _keys(self.prefix, entity, periods)
+        return await self.admit_soon(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms).verdict()
+
+    def admit_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+                   periods: Periods, window_ms: int = WINDOW_MS) -> "_RedisVerdict":
+        call = [*_keys(self.prefix, entity, periods), window_ms, quota.rpm or 0, quota.tpm or 0,
+                quota.max_concurrent or 0, tokens, request_id, lease_ttl_ms, quota.budget_usd_per_day or 0,
+                quota.budget_usd_per_month or 0]
+        return _RedisVerdict(self, call, self._evalsha(call))
+
+    def _evalsha(self, call: list) -> asyncio.Future:
         sha = self._admit.sha
-        try:
-            raw = await self.batcher.submit(lambda pipe: pipe.evalsha(sha, len(keys), *keys, *args))
-        except NoScriptError:  # a restarted or flushed Redis: load it again, once
-            self._admit.sha = await self.client.script_load(_ADMIT)
-            raw = await self.batcher.submit(lambda pipe: pipe.evalsha(self._admit.sha, len(keys), *keys, *args))
-        return _verdict(raw)
+        return self.batcher.submit(lambda pipe: pipe.evalsha(sha, 7, *call))
 
     async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
                      periods: Periods) -> None:
@@ -305,6 +345,14 @@ class MemoryStore:
 
     async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
                     periods: Periods, window_ms: int = WINDOW_MS) -> Verdict:
+        return self._admit(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms)
+
+    def admit_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+                   periods: Periods, window_ms: int = WINDOW_MS) -> _Decided:
+        return _Decided(self._admit(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms))
+
+    def _admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
+               periods: Periods, window_ms: int) -> Verdict:
         e = self._entities.setdefault(entity, _Entity())
         now = self._now()
         e.expire(now - window_ms, now)

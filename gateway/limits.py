@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
-from gateway.limit_stores import LimitStore, Periods, Quota, Verdict
+from gateway.limit_stores import LimitStore, PendingVerdict, Periods, Quota, Verdict
 from gateway.metrics import LIMIT_REJECTIONS, LIMIT_STORE_ERRORS
 
 log = logging.getLogger("gateway.limits")
@@ -78,6 +78,19 @@ class Admission:
     counted: bool  # False when the store failed open: nothing to settle
 
 
+@dataclass(slots=True)
+class KeyCheck:
+    """An admission check under way (see ``Limiter.begin_key``)."""
+
+    entity: str
+    name: str
+    quota: Quota
+    request_id: str
+    periods: Periods
+    pending: PendingVerdict | None = None
+    error: Exception | None = None
+
+
 class Limiter:
     """Keys' and upstreams' limits over one store (Redis or in-process)."""
 
@@ -95,28 +108,45 @@ class Limiter:
             self._last_log = now
             log.warning("rate-limit store unavailable (%s); failing %s", type(exc).__name__, self.on_error)
 
-    async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
-        """Admit a request under a gateway key, or raise the 429/402/503 to answer."""
-        entity = f"key:{name}"
-        periods = Periods.now()
+    def begin_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> "KeyCheck":
+        """Send a gateway key's admission check; ``finish_key`` gives its outcome.
+        The caller may work meanwhile, but must always finish the check."""
+        check = KeyCheck(f"key:{name}", name, quota, request_id, Periods.now())
         if quota.empty:
-            return Admission(entity, quota, request_id, periods, {}, counted=False)
+            return check
         try:
-            verdict = await self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods)
+            check.pending = self.store.admit_soon(check.entity, quota, request_id, tokens, self.lease_ttl_ms,
+                                                  check.periods)
+        except Exception as exc:  # noqa: BLE001 - reported by finish_key
+            check.error = exc
+        return check
+
+    async def finish_key(self, check: "KeyCheck") -> Admission:
+        """The admitted request, or raise the 429/402/503 to answer."""
+        if check.pending is None and check.error is None:
+            return Admission(check.entity, check.quota, check.request_id, check.periods, {}, counted=False)
+        try:
+            if check.error is not None:
+                raise check.error
+            verdict = await check.pending.verdict()
         except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
             self._store_failed(exc)
             if self.on_error == "closed":
                 raise GatewayError(503, "rate limiting is unavailable; try again shortly",
                                    code="rate_limiter_unavailable", headers={"retry-after": "1"}) from None
-            return Admission(entity, quota, request_id, periods, {}, counted=False)
-        headers = headers_for(quota, verdict)
+            return Admission(check.entity, check.quota, check.request_id, check.periods, {}, counted=False)
+        headers = headers_for(check.quota, verdict)
         if verdict.denied is not None:
-            LIMIT_REJECTIONS.labels(name, verdict.denied).inc()
+            LIMIT_REJECTIONS.labels(check.name, verdict.denied).inc()
             status, message, code = _MESSAGES[verdict.denied]
             if status == 429:
                 headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))
             raise GatewayError(status, message, code=code, headers=headers)
-        return Admission(entity, quota, request_id, periods, headers, counted=True)
+        return Admission(check.entity, check.quota, check.request_id, check.periods, headers, counted=True)
+
+    async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
+        """Admit a request under a gateway key, or raise the 429/402/503 to answer."""
+        return await self.finish_key(self.begin_key(name, quota, request_id, tokens))
 
     async def settle_key(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
         """Reconcile the reservation with real usage and spend the cost. Never raises."""

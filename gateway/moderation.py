@@ -50,6 +50,11 @@ class Moderation:
             return await self.external.classify(text)
         return self.default.classify(text)
 
+    def classify_now(self, text: str) -> ContentFilterResults | None:
+        """The in-process classifier's results at once; None when an external
+        service classifies (``classify`` then)."""
+        return self.default.classify(text) if self.external is None else None
+
     def scanner(self) -> StreamScanner:
         return StreamScanner(self.default)
 

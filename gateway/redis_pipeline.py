@@ -1,11 +1,16 @@
 """Automatic pipelining of Redis commands across concurrent requests.
 
-Sent one by one, each command costs a round trip, a pooled connection and
-redis-py's per-call overhead. Here every command submitted while the
-previous batch was in flight goes out in one pipeline (non-transactional:
-each command, usually a Lua script, is atomic on its own). Under load that is
-one round trip for tens of requests; idle, a command leaves on the next
-event-loop turn. Admissions await their result.
+Sent one by one, each command costs a round trip and the client's per-call
+overhead. Here commands go out in batches (pipelines, not transactions:
+each command, usually a Lua script, is atomic on its own), one batch in
+flight at a time: a command submitted while a batch is in flight leaves with
+the next one, together with everything else submitted meanwhile.
+
+With :class:`gateway.resp.RespClient` (plain Redis) a batch is written to the
+socket inside ``submit`` when none is in flight, so a caller can do other
+work while Redis answers (the request path classifies the prompt and plans
+its route during the admission round trip). With redis-py's clients
+(Cluster, Sentinel) a batch leaves from a task on the next event-loop turn.
 
 Settlements and generation records are *deferred*: queued in order with
 everything else, but sent with the next batch that something waits on (the
@@ -20,6 +25,23 @@ import asyncio
 from collections.abc import Callable
 
 Op = Callable[[object], None]  # adds its commands to a pipeline
+_Batch = list[tuple[Op, asyncio.Future]]
+
+
+def _deliver(batch: _Batch, results: list | None, exc: BaseException | None) -> None:
+    """Each caller's own result (or the batch's failure)."""
+    if exc is not None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+        return
+    for (_, future), result in zip(batch, results):
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class AutoPipeline:
@@ -30,9 +52,11 @@ class AutoPipeline:
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self.defer_s = defer_s
-        self._pending: list[tuple[Op, asyncio.Future]] = []
-        self._flushing: asyncio.Task | None = None
+        self._pending: _Batch = []
+        self._urgent = False  # something pending is awaited by a caller, not deferred
+        self._inflight: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._sends_now = hasattr(client, "send_now")
 
     def submit(self, op: Op, *, defer: bool = False) -> asyncio.Future:
         """Queue ``op``; the future resolves (or fails) when its batch has run.
@@ -40,46 +64,67 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((op, future))
-        if defer:
-            if self._timer is None and (self._flushing is None or self._flushing.done()):
-                self._timer = loop.call_later(self.defer_s, self._start)
-        else:
-            self._start()
+        if not defer:
+            self._urgent = True
+            self._send()
+        elif self._timer is None and self._inflight is None:
+            self._timer = loop.call_later(self.defer_s, self._on_timer)
         return future
 
-    def _start(self) -> None:
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._urgent = True
+        self._send()
+
+    def _send(self) -> None:
+        """Start the next batch, unless one is in flight (it starts the next when done)."""
+        if self._inflight is not None or not self._pending:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let this turn's other writes join the batch
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+        self._urgent = bool(self._pending) and self._urgent
+        if self._sends_now and self.client.connected:
+            pipe = self.client.pipeline()
             try:
-                pipe = self.client.pipeline(transaction=False)
                 for op, _ in batch:
                     op(pipe)
-                async with asyncio.timeout(self.timeout_s):
-                    results = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # noqa: BLE001 - every waiter learns of it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                self._inflight = self.client.send_now(pipe.commands)
+            except Exception as exc:  # noqa: BLE001 - e.g. an argument Redis cannot take
+                _deliver(batch, None, exc)
+                self._send()
+                return
+        else:
+            self._inflight = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._inflight.add_done_callback(lambda done: self._done(batch, done))
+
+    async def _execute(self, batch: _Batch) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for op, _ in batch:
+            op(pipe)
+        async with asyncio.timeout(self.timeout_s):
+            return await pipe.execute(raise_on_error=False)
+
+    def _done(self, batch: _Batch, done: asyncio.Future) -> None:
+        self._inflight = None
+        if done.cancelled():
+            _deliver(batch, None, asyncio.CancelledError())
+        elif done.exception() is not None:
+            _deliver(batch, None, done.exception())
+        else:
+            _deliver(batch, done.result(), None)
+        if self._urgent:
+            self._send()
+        elif self._pending and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.defer_s, self._on_timer)
 
     async def drain(self) -> None:
         """Send everything queued, deferred ops included (at shut-down)."""
-        if self._pending:
-            self._start()
-        while self._flushing is not None and not self._flushing.done():
-            await self._flushing
+        while self._pending or self._inflight is not None:
+            if self._inflight is None:
+                self._urgent = True
+                self._send()
+            inflight = self._inflight
+            if inflight is not None:
+                await asyncio.wait([inflight])

@@ -63,12 +63,13 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
 
 
 class _Batch:
-    __slots__ = ("size", "results", "future")
+    __slots__ = ("size", "results", "future", "timer")
 
     def __init__(self, size: int, future: asyncio.Future) -> None:
         self.size = size
         self.results: list = []
         self.future = future
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -99,6 +100,8 @@ class _Connection(asyncio.Protocol):
             batch.results.append(_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
             if len(batch.results) == batch.size:
                 waiting.popleft()
+                if batch.timer is not None:
+                    batch.timer.cancel()
                 if not batch.future.done():
                     batch.future.set_result(batch.results)
 
@@ -110,6 +113,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         while self.waiting:
             batch = self.waiting.popleft()
+            if batch.timer is not None:
+                batch.timer.cancel()
             if not batch.future.done():
                 batch.future.set_exception(exc)
         if self.transport is not None:
@@ -223,6 +228,24 @@ class RespClient:
         conn.waiting.append(_Batch(len(commands), future))
         conn.transport.write(data)
         return await future
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def send_now(self, commands: list[Command]) -> asyncio.Future:
+        """Write commands now, on the open connection (see ``connected``); the
+        future gets their replies. No reply within ``timeout_s`` fails the
+        connection, and so every batch waiting on it."""
+        conn = self._conn
+        assert conn is not None and not conn.closed, "send_now needs an open connection"
+        data = encode(commands)
+        loop = asyncio.get_running_loop()
+        batch = _Batch(len(commands), loop.create_future())
+        batch.timer = loop.call_later(self.timeout_s, conn.fail, RedisTimeoutError("Redis did not answer in time"))
+        conn.waiting.append(batch)
+        conn.transport.write(data)
+        return batch.future
 
     async def execute(self, commands: list[Command]) -> list:
         """Send commands in one write; their replies (a ResponseError in place of an error reply)."""
