@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway import chat
 from gateway.errors import GatewayError
+from gateway.relay import LastPiece
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -101,11 +102,18 @@ async def send_stream(receive: Receive, send: Send, status: int, headers: dict[s
         task.cancel()
 
     watcher = asyncio.get_running_loop().create_task(watch())
+    ended = False
     try:
         async for piece in stream:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            if type(piece) is LastPiece:  # the stream's end, sent with the response's end
+                watcher.cancel()  # first: a completed response reads as a disconnect
+                ended = True
+                await send({"type": "http.response.body", "body": piece})
+            else:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
         watcher.cancel()
-        await send({"type": "http.response.body", "body": b""})
+        if not ended:
+            await send({"type": "http.response.body", "body": b""})
     except asyncio.CancelledError:
         if not gone:
             raise  # the server is shutting down, not the client leaving

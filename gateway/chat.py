@@ -24,7 +24,7 @@ from gateway.errors import GatewayError, invalid_request
 from gateway.limits import Admission
 from gateway.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS
 from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
-from gateway.relay import DONE, KEEPALIVE, Call, StreamRelay, complete, sse
+from gateway.relay import DONE, KEEPALIVE, Call, LastPiece, StreamRelay, complete, sse
 from gateway.routing import Candidate, requested_models
 from gateway.state import Gateway
 from gateway.tokens import reservation
@@ -204,8 +204,7 @@ async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s
         try:
             opening.result()
         except GatewayError as exc:
-            yield sse(relay.error_chunk(exc.message))
-            yield DONE
+            yield LastPiece(sse(relay.error_chunk(exc.message)) + DONE)
             return
         async for piece in relay.chunks():
             yield piece

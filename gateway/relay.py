@@ -347,6 +347,11 @@ KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
+class LastPiece(bytes):
+    """A stream's final bytes (they end with ``[DONE]``): the HTTP layer sends
+    them with the end of the response, in one write instead of two."""
+
+
 def sse(chunk: ChatChunkOut) -> bytes:
     return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
@@ -466,7 +471,7 @@ class StreamRelay:
                 out = self._relay(chunk, first=False)
                 if out is not None:
                     out_buf.append(sse(out))
-            yield b"".join(out_buf + self._ending(cand))
+            yield LastPiece(b"".join(out_buf + self._ending(cand)))
         except (AttemptFailed, UpstreamTimeout, UpstreamBroken) as exc:
             detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({exc})"
             log.info("stream failed after first chunk: %s %s", cand.endpoint.key, detail)
@@ -474,7 +479,7 @@ class StreamRelay:
             UPSTREAM_ERRORS.labels(cand.endpoint.provider.name, "stream").inc()
             self.call.attempts[-1].outcome, self.call.attempts[-1].error = "failed_mid_stream", detail
             self.finish_reason = "error"
-            yield b"".join([*out_buf, sse(self.error_chunk(f"upstream stream failed: {detail}")), DONE])
+            yield LastPiece(b"".join([*out_buf, sse(self.error_chunk(f"upstream stream failed: {detail}")), DONE]))
         finally:
             self.call.attempts[-1].ended = time.monotonic()
             with anyio.CancelScope(shield=True):

@@ -9,7 +9,7 @@ import os
 
 import httpx
 
-from gateway import catalog as catalog_mod
+from gateway import catalog as catalog_mod, tokens
 from gateway.accountant import Accountant
 from gateway.auth import KeyRing
 from gateway.config import Config
@@ -106,6 +106,7 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     async def startup(self) -> None:
+        tokens.preload({m.tokenizer for m in self.catalog.models})
         # Everything built so far (catalog, term lists, the profanity model:
         # hundreds of thousands of objects) lives as long as the process. Moved
         # out of the collector's generations, a full collection no longer walks

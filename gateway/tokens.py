@@ -33,6 +33,14 @@ def _tokenizer(version: str):
         return MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
 
 
+def preload(versions: set[str]) -> None:
+    """Load these tokenizers now (start-up) rather than on the first request
+    that needs one, which would wait up to a second for it."""
+    for version in versions:
+        if version != "none":
+            _tokenizer(version)
+
+
 def _overhead(version: str) -> int:
     return _PER_MESSAGE.get(version, 4)
 
