@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -63,12 +64,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wrk_script(path: Path, model: str, stream: bool, auth: bool = True, prompt: str = PROMPT) -> Path:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 64,
-                       **({"stream": True} if stream else {})})
+def wrk_script(path: Path, model: str, stream: bool, auth: bool = True, prompt: str = PROMPT,
+               unique: bool = False) -> Path:
+    """A wrk script POSTing one chat request; ``unique`` puts a new number in
+    front of the prompt of every request (nothing about it was seen before)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": ("__N__ " if unique else "") + prompt}],
+                       "max_tokens": 64, **({"stream": True} if stream else {})})
     lines = ['wrk.method = "POST"', f"wrk.body = '{body}'", 'wrk.headers["Content-Type"] = "application/json"']
     if auth:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {KEY}"')
+    if unique:
+        lines += ["local n = 0", "request = function()", "  n = n + 1",
+                  '  return wrk.format(nil, nil, nil, (wrk.body:gsub("__N__", tostring(n))))', "end"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -205,31 +212,53 @@ class BareForwarder:
         self.proc.wait(20)
 
 
-def measure(url: str, script: Path, duration: int, repeats: int = 1) -> tuple[dict, dict]:
-    """(64 connections, 1 connection), medians of ``repeats`` runs each."""
-    return (median_of([wrk(url, script, 64, duration) for _ in range(repeats)]),
-            median_of([wrk(url, script, 1, duration) for _ in range(repeats)]))
+@dataclass
+class Target:
+    """One system under load: where to send, with what, and its runs so far."""
+
+    name: str
+    url: str
+    script: Path
+    sse_script: Path | None = None  # None: streams not measured (or failed, see sse_note)
+    sse_note: str = ""
+    runs: dict[str, list[dict]] = field(default_factory=dict)
+
+    def run(self, kind: str, connections: int, duration: int, stream: bool = False) -> None:
+        script = self.sse_script if stream else self.script
+        self.runs.setdefault(kind, []).append(wrk(self.url, script, connections, duration))
+
+    def median(self, kind: str) -> dict:
+        return median_of(self.runs[kind])
 
 
-def competitors(upstream_port: int, workers: int, tmp: Path, duration: int) -> list[tuple[str, dict, dict, dict | str]]:
-    """(name, json 64c, json 1c, stream 64c or why not) per installed competitor."""
+def rounds(targets: list[Target], plan: list[tuple[str, int, bool]], repeats: int, duration: int) -> None:
+    """Every (kind, connections, stream) of the plan on every target, round after round.
+
+    Interleaved, so that a slow spell of this shared box falls on every system
+    alike rather than on whichever was being measured then."""
+    for _ in range(repeats):
+        for kind, connections, stream in plan:
+            for t in targets:
+                if not stream or t.sse_script is not None:
+                    t.run(kind, connections, duration, stream)
+
+
+def start_competitors(upstream_port: int, workers: int, tmp: Path) -> tuple[list, list[Target], list[str]]:
+    """(running competitors, their targets, lines about those that did not start)."""
     from bench import competitors as comp
 
-    out = []
+    running, targets, failed = [], [], []
     for name in comp.available():
         try:
             c = comp.start(name, upstream_port, workers)
-        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-            out.append((name, {}, {}, f"did not start: {exc}"[:200]))
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            failed.append(f"| {name} | did not start: {str(exc)[:150]} | | | | | | |")
             continue
-        try:
-            c64, c1 = measure(c.url, c.wrk_lua(tmp / f"{name}.lua"), duration)
-            streams = (wrk(c.url, c.wrk_lua(tmp / f"{name}-sse.lua", stream=True), 64, duration) if c.streams
-                       else f"streaming failed: {c.stream_error}"[:120])
-            out.append((c.name, c64, c1, streams))
-        finally:
-            c.stop()
-    return out
+        running.append(c)
+        targets.append(Target(c.name, c.url, c.wrk_lua(tmp / f"{name}.lua"),
+                              c.wrk_lua(tmp / f"{name}-sse.lua", stream=True) if c.streams else None,
+                              "" if c.streams else f"streaming failed: {c.stream_error}"[:120]))
+    return running, targets, failed
 
 
 def main() -> None:
@@ -255,102 +284,119 @@ def main() -> None:
     redis = RedisServer().start()
     report: list[str] = []
     started = time.monotonic()
+    stoppable: list = []
     try:
         json_script = wrk_script(tmp / "json.lua", "bench/json", stream=False)
         sse_script = wrk_script(tmp / "sse.lua", "bench/sse", stream=True)
         direct = f"http://127.0.0.1:{upstream_port}/json/chat/completions"
-        direct_sse = f"http://127.0.0.1:{upstream_port}/sse/chat/completions"
-
-        rows: dict[str, tuple[dict, dict]] = {
-            "direct to upstream (nginx static)": measure(direct, json_script, args.duration),
-            "nginx proxy_pass (the floor)": measure(f"http://127.0.0.1:{floor_port}/v1/chat/completions",
-                                                    json_script, args.duration),
-        }
         bare = BareForwarder(direct, args.workers)
-        rows[f"bare Python forwarder (uvicorn + gateway/h1.py, {args.workers} workers, no feature)"] = measure(
-            bare.url, json_script, args.duration)
-        bare.stop()
-
+        stoppable.append(bare)
         gw = Gateway(config_toml(upstream_port, redis.url), args.workers).start()
+        stoppable.append(gw)
         rss_start = gw.worker_rss_mb()
-        ours_name = f"this gateway, every feature on ({args.workers} workers)"
-        rows[ours_name] = measure(gw.url, json_script, args.duration, args.repeats)
-        sse64 = median_of([wrk(gw.url, sse_script, 64, args.duration) for _ in range(args.repeats)])
-        sse1 = median_of([wrk(gw.url, sse_script, 1, args.duration) for _ in range(args.repeats)])
-        sse_direct = wrk(direct_sse, sse_script, 1, args.duration)
-        # Soak: RSS per worker before and after N requests, once warm (pools,
-        # buffers and caches filled by the runs above).
-        rss_before = gw.worker_rss_mb()
-        ours = rows[ours_name][0]["rps"]
-        soak_s = max(5, int(args.soak / max(ours, 1)) + 1)
-        soaked = wrk(gw.url, json_script, 64, soak_s)
-        done = int(soaked["rps"] * soak_s)
-        rss_after = gw.worker_rss_mb()
-        gw.stop()
+        ours = Target(f"this gateway, every feature on ({args.workers} workers)", gw.url, json_script, sse_script)
+        direct_t = Target("direct to upstream (nginx static)", direct, json_script)
+        direct_sse_url = f"http://127.0.0.1:{upstream_port}/sse/chat/completions"
+        targets = [
+            direct_t,
+            Target("nginx proxy_pass (the floor)", f"http://127.0.0.1:{floor_port}/v1/chat/completions", json_script),
+            Target(f"bare Python forwarder (uvicorn + gateway/h1.py, {args.workers} workers, no feature)",
+                   bare.url, json_script),
+            ours,
+        ]
+        failed: list[str] = []
+        if not args.no_competitors:
+            running, others, failed = start_competitors(upstream_port, args.workers, tmp)
+            stoppable.extend(running)
+            targets.extend(others)
+        rounds(targets, [("json64", 64, False), ("json1", 1, False)], args.repeats, args.duration)
+        streamers = [t for t in targets if t.sse_script is not None]
+        rounds(streamers, [("sse64", 64, True), ("sse1", 1, True)], args.repeats, args.duration)
+        direct_sse = median_of([wrk(direct_sse_url, sse_script, 1, args.duration) for _ in range(args.repeats)])
+        for other in stoppable[2:]:
+            other.stop()  # the competitors: the soak and the growth runs are the gateway's alone
 
-        others = [] if args.no_competitors else competitors(upstream_port, args.workers, tmp, args.duration)
-        for name, c64, c1, _ in others:
-            if c64:
-                rows[name] = (c64, c1)
-
-        direct_p50 = rows["direct to upstream (nginx static)"][1]["p50_ms"]
-        floor_rps = rows["nginx proxy_pass (the floor)"][0]["rps"]
-        report.append(f"## Throughput and latency ({args.workers} cores, wrk, {args.duration}s runs; "
-                      f"this gateway's rows are medians of {args.repeats})\n")
+        direct_p50 = direct_t.median("json1")["p50_ms"]
+        floor_rps = targets[1].median("json64")["rps"]
+        our_rps = ours.median("json64")["rps"]
+        report.append(f"## Throughput and latency ({args.workers} cores, wrk, {args.duration}s runs, every row "
+                      f"the median of {args.repeats} interleaved rounds)\n")
         report.append("| system | rps at 64 connections | x nginx floor | this gateway x it | p50 ms at 1 connection "
                       "| p99 ms at 1 connection | added p50 ms vs direct | non-2xx |")
         report.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, (c64, c1) in rows.items():
-            report.append(f"| {name} | {fmt(c64['rps'], 0)} | {c64['rps'] / floor_rps:.3f} | "
-                          f"{ours / c64['rps']:.2f} | {fmt(c1['p50_ms'], 3)} | {fmt(c1['p99_ms'], 3)} | "
-                          f"{fmt(c1['p50_ms'] - direct_p50, 3)} | {c64['non_2xx'] + c1['non_2xx']} |")
-        for name, c64, _, _ in others:
-            if not c64:
-                report.append(f"| {name} | failed | | | | | | |")
+        for t in targets:
+            c64, c1 = t.median("json64"), t.median("json1")
+            errors = sum(r["non_2xx"] for kind in ("json64", "json1") for r in t.runs[kind])
+            report.append(f"| {t.name} | {fmt(c64['rps'], 0)} | {c64['rps'] / floor_rps:.3f} | "
+                          f"{our_rps / c64['rps']:.2f} | {fmt(c1['p50_ms'], 3)} | {fmt(c1['p99_ms'], 3)} | "
+                          f"{fmt(c1['p50_ms'] - direct_p50, 3)} | {errors} |")
+        report.extend(failed)
+        per_round = [o["rps"] / f["rps"] for o, f in zip(ours.runs["json64"], targets[1].runs["json64"])]
+        report.append(f"\nThis gateway's share of the nginx floor, round by round: "
+                      f"{', '.join(f'{x:.3f}' for x in per_round)}; its rps: "
+                      f"{', '.join(fmt(r['rps'], 0) for r in ours.runs['json64'])}.\n")
 
-        report.append("\n## Streaming (12 chunks per stream, DeepInfra's shape)\n")
-        report.append("| system | streams/s at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection |")
-        report.append("| --- | --- | --- | --- |")
-        report.append(f"| direct to upstream | - | {fmt(sse_direct['p50_ms'], 3)} | {fmt(sse_direct['p99_ms'], 3)} |")
-        report.append(f"| {ours_name} | {fmt(sse64['rps'], 0)} | {fmt(sse1['p50_ms'], 3)} | "
-                      f"{fmt(sse1['p99_ms'], 3)} |")
-        for name, c64, _, streams in others:
-            if isinstance(streams, dict):
-                report.append(f"| {name} | {fmt(streams['rps'], 0)} ({streams['non_2xx']} non-2xx) | | |")
-            else:
-                report.append(f"| {name} | {streams} | | |")
-        report.append(f"\nThe upstream sends the whole stream at once, so the 1-connection stream latency is the "
-                      f"time to first token plus relaying: added TTFT is at most "
-                      f"{fmt(sse1['p50_ms'] - sse_direct['p50_ms'], 3)} ms at p50.\n")
+        report.append("## Streaming (12 chunks per stream, DeepInfra's shape)\n")
+        report.append("| system | streams/s at 64 connections | p50 ms at 1 connection | p99 ms at 1 connection | "
+                      "added p50 ms (time to first token and relaying) |")
+        report.append("| --- | --- | --- | --- | --- |")
+        report.append(f"| direct to upstream | - | {fmt(direct_sse['p50_ms'], 3)} | {fmt(direct_sse['p99_ms'], 3)} "
+                      f"| 0.000 |")
+        for t in targets[1:]:
+            if t.sse_script is not None:
+                s64, s1 = t.median("sse64"), t.median("sse1")
+                report.append(f"| {t.name} | {fmt(s64['rps'], 0)} | {fmt(s1['p50_ms'], 3)} | {fmt(s1['p99_ms'], 3)} | "
+                              f"{fmt(s1['p50_ms'] - direct_sse['p50_ms'], 3)} |")
+            elif t.sse_note:
+                report.append(f"| {t.name} | {t.sse_note} | | | |")
+        report.append("\nThe upstream sends a whole stream in one write, so a stream's latency at one connection is "
+                      "its time to first token plus relaying the rest.\n")
 
+        # Soak: RSS per worker before and after N requests, once warm (pools,
+        # buffers and caches filled by the runs above).
+        rss_before = gw.worker_rss_mb()
+        soak_s = max(5, int(args.soak / max(our_rps, 1)) + 1)
+        soaked = wrk(gw.url, json_script, 64, soak_s)
+        done = int(soaked["rps"] * soak_s)
+        rss_after = gw.worker_rss_mb()
         report.append(f"## Memory over a soak of {done:,} requests ({soak_s}s at 64 connections, "
-                      f"{soaked['non_2xx']} non-2xx)\n")
+                      f"{fmt(soaked['rps'], 0)} rps, {soaked['non_2xx']} non-2xx)\n")
         report.append("| worker | RSS MB at start | RSS MB warm (before soak) | RSS MB after soak | soak change |")
         report.append("| --- | --- | --- | --- | --- |")
         for i, (s0, a, b) in enumerate(zip(rss_start, rss_before, rss_after)):
             report.append(f"| {i} | {fmt(s0, 1)} | {fmt(a, 1)} | {fmt(b, 1)} | {100 * (b - a) / a:+.1f}% |")
 
-        # Cost growth: catalog size, key count, and a long prompt near a context window.
-        report.append("\n## Cost as the catalog, the key list and the prompt grow "
-                      f"(1 connection, medians of {args.repeats})\n")
-        report.append("| catalog models (x5 endpoints) | keys | prompt | p50 ms | added p50 ms vs direct |")
-        report.append("| --- | --- | --- | --- | --- |")
-        long_far = wrk_script(tmp / "long-far.lua", "bench/json", stream=False, prompt=LONG_PROMPT)
-        long_near = wrk_script(tmp / "long-near.lua", "bench/small-context", stream=False, prompt=LONG_PROMPT)
+        # Cost growth: catalog size, key count, and a long prompt near a context
+        # window; every variant running at once, measured in interleaved rounds.
         sizes = [int(x) for x in args.catalog_sizes.split(",")]
         keys = [int(x) for x in args.key_counts.split(",")]
-        for models, nkeys in [(m, keys[0]) for m in sizes] + [(sizes[0], k) for k in keys[1:]]:
+        long_far = wrk_script(tmp / "long-far.lua", "bench/json", stream=False, prompt=LONG_PROMPT)
+        long_near = wrk_script(tmp / "long-near.lua", "bench/small-context", stream=False, prompt=LONG_PROMPT)
+        long_near_new = wrk_script(tmp / "long-near-new.lua", "bench/small-context", stream=False,
+                                   prompt=LONG_PROMPT, unique=True)
+        growth: list[tuple[int, int, str, Target]] = [(sizes[0], keys[0], "short", Target("base", gw.url, json_script)),
+            (sizes[0], keys[0], f"{len(LONG_PROMPT):,} bytes, 32k window (byte bound fits)",
+             Target("far", gw.url, long_far)),
+            (sizes[0], keys[0], f"{len(LONG_PROMPT):,} bytes, {CONTEXT_NEAR:,} window, the same prompt each time "
+             "(its count remembered)", Target("near", gw.url, long_near)),
+            (sizes[0], keys[0], f"{len(LONG_PROMPT):,} bytes, {CONTEXT_NEAR:,} window, a new prompt each time "
+             "(tokenized exactly)", Target("near-new", gw.url, long_near_new))]
+        for models, nkeys in [(m, keys[0]) for m in sizes[1:]] + [(sizes[0], k) for k in keys[1:]]:
             g = Gateway(config_toml(upstream_port, redis.url, models=models, keys=nkeys), args.workers).start()
-            scripts = [("short", json_script)]
-            if (models, nkeys) == (sizes[0], keys[0]):
-                scripts += [(f"{len(LONG_PROMPT):,} bytes, 32k window (byte bound fits)", long_far),
-                            (f"{len(LONG_PROMPT):,} bytes, {CONTEXT_NEAR:,} window (tokenized exactly)", long_near)]
-            for label, script in scripts:
-                r = median_of([wrk(g.url, script, 1, args.duration) for _ in range(args.repeats)])
-                report.append(f"| {models:,} | {nkeys:,} | {label} | {fmt(r['p50_ms'], 3)} | "
-                              f"{fmt(r['p50_ms'] - direct_p50, 3)} |")
-            g.stop()
+            stoppable.append(g)
+            growth.append((models, nkeys, "short", Target(f"{models}x{nkeys}", g.url, json_script)))
+        rounds([t for *_, t in growth], [("json1", 1, False)], args.repeats, args.duration)
+        report.append("\n## Cost as the catalog, the key list and the prompt grow "
+                      f"(1 connection, medians of {args.repeats} interleaved rounds)\n")
+        report.append("| catalog models (x5 endpoints) | keys | prompt | p50 ms | added p50 ms vs direct |")
+        report.append("| --- | --- | --- | --- | --- |")
+        for models, nkeys, label, t in growth:
+            r = t.median("json1")
+            report.append(f"| {models:,} | {nkeys:,} | {label} | {fmt(r['p50_ms'], 3)} | "
+                          f"{fmt(r['p50_ms'] - direct_p50, 3)} |")
     finally:
+        for thing in stoppable:
+            thing.stop()
         upstream.stop()
         floor.stop()
         redis.cleanup()

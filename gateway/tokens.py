@@ -4,13 +4,15 @@ Counting exactly costs a tokenizer pass, so routing first asks for a cheap
 upper bound: SentencePiece and tekken never emit more tokens than UTF-8 bytes
 (byte fallback is one token per byte), plus one for the leading word marker.
 Only when that bound does not fit an endpoint's context is the prompt
-tokenized for real.
+tokenized for real, message by message; the counts of long messages are
+remembered, since a conversation sends its whole history again every turn.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from importlib import resources
 
 from gateway.protocol import Message
@@ -57,10 +59,42 @@ def count_text(text: str, version: str) -> int:
     return len(_tokenizer(version).encode(text, bos=False, eos=False))
 
 
+class _MessageCounts:
+    """Exact token counts of recent long message texts, by (version, length, hash).
+
+    A conversation near its context window is long because it carries its
+    history, and every turn sends that history again: counted once, each
+    earlier message is a lookup. Keys hold no text (Python's string hash is
+    keyed per process, so a collision cannot be crafted from outside), and
+    short texts are not kept: tokenizing them costs less than remembering."""
+
+    MIN_CHARS = 256
+
+    def __init__(self, capacity: int = 8192) -> None:
+        self.capacity = capacity
+        self._counts: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+
+    def count(self, text: str, version: str) -> int:
+        if len(text) < self.MIN_CHARS:
+            return count_text(text, version)
+        key = (version, len(text), hash(text))
+        found = self._counts.get(key)
+        if found is not None:
+            self._counts.move_to_end(key)
+            return found
+        n = self._counts[key] = count_text(text, version)
+        if len(self._counts) > self.capacity:
+            self._counts.popitem(last=False)
+        return n
+
+
+_message_counts = _MessageCounts()
+
+
 def count_prompt(messages: list[Message], version: str) -> int:
     """Tokens of the text of every message, plus the chat template's own."""
     per = _overhead(version)
-    return 1 + sum(count_text(m.text(), version) + per for m in messages)
+    return 1 + sum(_message_counts.count(m.text(), version) + per for m in messages)
 
 
 class PromptTokens:
