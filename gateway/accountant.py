@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import Counter
 
 from gateway.generations import GenerationStore
@@ -48,7 +49,7 @@ def observe(batch: list[Trace]) -> None:
             tokens[(model, provider, trace.key, "completion")] += usage.completion_tokens
             if usage.estimated_cost:
                 cost[(model, provider, trace.key)] += usage.estimated_cost
-        lines.append(trace.log_fields(duration, overhead))
+        lines.append(trace.log_fields(model, provider, duration, overhead))
     for labels, n in requests.items():
         REQUESTS.labels(*labels).inc(n)
     for labels, n in tokens.items():
@@ -75,6 +76,7 @@ class Accountant:
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, trace: Trace) -> None:
+        trace.ended = time.perf_counter()  # its durations, whenever its batch is observed
         usage = trace.usage
         if trace.admission is not None:
             self.limiter.settle_key_soon(trace.admission, usage.total_tokens if usage else 0,

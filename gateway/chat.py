@@ -12,10 +12,9 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-
-import anyio
 from dataclasses import dataclass
 
+import anyio
 import msgspec
 
 from gateway.accounting import price_warning
@@ -248,7 +247,7 @@ def _account_stream(gw: Gateway, relay: StreamRelay, trace: Trace) -> None:
         gw.accountant.add(trace)
 
 
-async def _release_then_account(gw: Gateway, relay: StreamRelay, served, trace: Trace) -> None:
+async def _release_then_account(gw: Gateway, relay: StreamRelay, served: Candidate, trace: Trace) -> None:
     """Hand back the upstream's quota share with the real tokens, then account."""
     await relay.call.release(served, trace.usage.total_tokens if trace.usage else 0)
     gw.accountant.add(trace)

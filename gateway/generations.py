@@ -47,9 +47,6 @@ class Generation(msgspec.Struct, kw_only=True):
 class GenerationStore:
     """Where records are kept; the Redis and in-process variants share this API."""
 
-    async def put(self, record: Generation) -> None:
-        raise NotImplementedError
-
     def put_soon(self, record: Generation) -> asyncio.Future | None:
         """Store without waiting; the future (None when already done) carries a failure."""
         raise NotImplementedError
@@ -65,9 +62,6 @@ class MemoryGenerations(GenerationStore):
         self.capacity = capacity
         self._records: OrderedDict[str, bytes] = OrderedDict()
 
-    async def put(self, record: Generation) -> None:
-        self.put_soon(record)
-
     def put_soon(self, record: Generation) -> None:
         self._records[record.id] = msgspec.json.encode(record)
         while len(self._records) > self.capacity:
@@ -81,15 +75,10 @@ class MemoryGenerations(GenerationStore):
 class RedisGenerations(GenerationStore):
     """Records shared by every replica, expiring after ``ttl_s``; written in batches."""
 
-    def __init__(self, client, prefix: str, ttl_s: int, batcher: AutoPipeline) -> None:
-        self.client = client
+    def __init__(self, prefix: str, ttl_s: int, batcher: AutoPipeline) -> None:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.batcher = batcher
-
-    async def put(self, record: Generation) -> None:
-        key, value = f"{self.prefix}gen:{record.id}", msgspec.json.encode(record)
-        await self.batcher.submit(lambda pipe: pipe.set(key, value, ex=self.ttl_s))
 
     def put_soon(self, record: Generation) -> asyncio.Future:
         key, value = f"{self.prefix}gen:{record.id}", msgspec.json.encode(record)

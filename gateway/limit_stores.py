@@ -242,8 +242,7 @@ class _RedisVerdict:
         try:
             raw = await self._future
         except NoScriptError:  # a restarted or flushed Redis: load it again, once
-            self._store._admit.sha = await self._store.client.script_load(_ADMIT)
-            raw = await self._store._evalsha(self._call)
+            raw = await self._store.admit_again(self._call)
         return _verdict(raw)
 
 
@@ -271,6 +270,11 @@ class RedisStore:
                 quota.max_concurrent or 0, tokens, request_id, lease_ttl_ms, quota.budget_usd_per_day or 0,
                 quota.budget_usd_per_month or 0]
         return _RedisVerdict(self, call, self._evalsha(call))
+
+    async def admit_again(self, call: list) -> list:
+        """The admission script, loaded into Redis again first (after NOSCRIPT)."""
+        self._admit.sha = await self.client.script_load(_ADMIT)
+        return await self._evalsha(call)
 
     def _evalsha(self, call: list) -> asyncio.Future:
         sha = self._admit.sha

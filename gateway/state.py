@@ -73,7 +73,7 @@ class Gateway:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
             self.batcher = batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
             store = RedisStore(redis, config.redis.prefix, batcher)
-            self.generations = RedisGenerations(redis, config.redis.prefix, config.generations.ttl_s, batcher)
+            self.generations = RedisGenerations(config.redis.prefix, config.generations.ttl_s, batcher)
         else:
             store = MemoryStore()  # exact for this process only: one replica
             self.generations = MemoryGenerations(config.generations.capacity)

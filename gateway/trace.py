@@ -33,6 +33,8 @@ class Trace:
     call: Call | None = None
     #: The streamed response took over accounting from the handler.
     handed_off: bool = False
+    #: perf_counter() when the request ended (set by the accountant).
+    ended: float | None = None
 
     def labels(self) -> tuple[str, str]:
         """(model, provider) of whoever served, or of what was asked."""
@@ -41,15 +43,17 @@ class Trace:
             return served.model.id, served.endpoint.provider.name
         return self.requested_model or "", ""
 
+    def elapsed(self) -> float:
+        return (self.ended or time.perf_counter()) - self.started
+
     def durations(self) -> tuple[float, float]:
         """(request time, gateway overhead): the time minus what upstream attempts took."""
-        duration = time.perf_counter() - self.started
+        duration = self.elapsed()
         upstream = sum(a.duration_s for a in self.call.attempts) if self.call else 0.0
         return duration, max(duration - upstream, 0.0)
 
-    def log_fields(self, duration: float, overhead: float) -> dict:
+    def log_fields(self, model: str, provider: str, duration: float, overhead: float) -> dict:
         """The access-log line's fields. Never prompt or completion text."""
-        model, provider = self.labels()
         usage = self.usage
         return {
             "id": self.id,
@@ -86,7 +90,7 @@ class Trace:
             tokens_prompt=usage.prompt_tokens if usage else 0,
             tokens_completion=usage.completion_tokens if usage else 0,
             total_cost=usage.estimated_cost if usage else None,
-            latency_ms=round((time.perf_counter() - self.started) * 1000, 2),
+            latency_ms=round(self.elapsed() * 1000, 2),
             ttft_ms=None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
             error=self.error,
             attempts=[

@@ -111,6 +111,20 @@ def keep_alive(respond):
     return handler
 
 
+def in_parts(*parts: bytes, pause: float = 0.03):
+    """A handler answering one request with ``parts``, each followed by a pause, then closing."""
+
+    async def handler(server: Server, reader, writer, conn: int) -> None:
+        await server.next_request(reader, conn)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause)
+        writer.close()
+
+    return handler
+
+
 def response(body: bytes = b"ok", status: str = "200 OK", headers: tuple = ()) -> bytes:
     head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
@@ -284,13 +298,11 @@ async def test_server_closing_idle_connection_later_is_noticed(client):
 
 
 async def test_retry_after_stale_pooled_connection_uses_a_fresh_connection(client):
-    """BUG (h1.py request()): the retry takes the next *pooled* connection, not a fresh one.
+    """A request on a dead pooled connection is sent again on a *fresh* one, not on the next pooled one.
 
-    The module docstring promises a request on a closed reused connection
-    "is sent again once on a fresh one". With two idle connections that the
-    server has both dropped (e.g. an upstream restarting, or closing its idle
-    connections at once), the retry goes to the second stale connection and
-    the request fails with UpstreamBroken although the server is up.
+    With two idle connections that the server has both dropped (an upstream
+    restarting, or closing its idle connections at once), retrying on the
+    second stale connection would fail although the server is up.
     """
 
     async def handler(server, reader, writer, conn):
@@ -356,16 +368,12 @@ async def test_no_content_response_without_length_keeps_connection(client):
 
 
 async def test_interim_1xx_response_is_skipped(client):
-    """BUG (h1.py): a 1xx interim response is returned as if it were the final response.
+    """A 1xx interim response is skipped: the final response that follows is the answer.
 
     RFC 9110 15.2: "A client MUST be able to parse one or more 1xx responses
     received prior to a final response, even if the client does not expect
-    one." Here the server answers each request with ``100 Continue`` and,
-    after a pause, the real 200. H1Client returns status 100 with an empty
-    body, puts the connection back in the pool (the 100 "message" is
-    complete and keep-alive), and the late 200 is then read as the response
-    to the NEXT request sent on that connection: responses shift by one
-    across requests (observed: [(100, b''), (100, b'answer-1')]).
+    one." Taken as final, the 100 would put the connection back in the pool
+    and the late 200 would answer the NEXT request on it.
     """
 
     async def handler(server, reader, writer, conn):
@@ -435,16 +443,7 @@ async def test_line_batches_follow_arrivals(client):
 
 
 async def test_line_batches_yield_last_line_without_newline(client):
-    async def handler(server, reader, writer, conn):
-        await server.next_request(reader, conn)
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst\nsec")
-        await writer.drain()
-        await asyncio.sleep(0.03)
-        writer.write(b"ond")
-        await writer.drain()
-        writer.close()
-
-    async with Server(handler) as srv:
+    async with Server(in_parts(b"HTTP/1.1 200 OK\r\n\r\nfirst\nsec", b"ond")) as srv:
         resp = await client.post(srv.url, {}, b"", T)
         assert [batch async for batch in resp.line_batches()] == [["first"], ["second"]]
         await resp.close()
@@ -478,16 +477,8 @@ async def test_http10_response_is_not_kept_alive(client):
 
 
 async def test_body_delimited_by_connection_close(client):
-    async def handler(server, reader, writer, conn):
-        await server.next_request(reader, conn)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
-        await writer.drain()
-        await asyncio.sleep(0.03)
-        writer.write(b"part two")
-        await writer.drain()
-        writer.close()
-
-    async with Server(handler) as srv:
+    answer = in_parts(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ", b"part two")
+    async with Server(answer) as srv:
         assert await fetch(client, srv.url) == (200, b"part one, part two")
         assert await fetch(client, srv.url) == (200, b"part one, part two")
     assert srv.connections == 2
@@ -639,16 +630,7 @@ async def test_chunked_body_over_limit_is_broken(client):
 
 
 async def test_close_delimited_body_over_limit_is_broken(client):
-    async def handler(server, reader, writer, conn):
-        await server.next_request(reader, conn)
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"y" * 50)
-        await writer.drain()
-        await asyncio.sleep(0.03)
-        writer.write(b"y" * 50)
-        await writer.drain()
-        writer.close()
-
-    async with Server(handler) as srv:
+    async with Server(in_parts(b"HTTP/1.1 200 OK\r\n\r\n" + b"y" * 50, b"y" * 50)) as srv:
         resp = await client.post(srv.url, {}, b"", T)
         with pytest.raises(UpstreamBroken):
             await resp.read(limit=60)
@@ -682,14 +664,7 @@ async def test_garbage_instead_of_http_is_broken(client):
 
 
 async def test_connection_dropped_mid_body_is_broken(client):
-    async def handler(server, reader, writer, conn):
-        await server.next_request(reader, conn)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
-        await writer.drain()
-        await asyncio.sleep(0.03)
-        writer.close()
-
-    async with Server(handler) as srv:
+    async with Server(in_parts(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")) as srv:
         resp = await client.post(srv.url, {}, b"", T)
         assert resp.status == 200
         with pytest.raises(UpstreamBroken):
@@ -698,14 +673,7 @@ async def test_connection_dropped_mid_body_is_broken(client):
 
 
 async def test_connection_dropped_mid_chunked_stream_is_broken(client):
-    async def handler(server, reader, writer, conn):
-        await server.next_request(reader, conn)
-        writer.write(CHUNKED_HEAD + chunk(b"data: a\n\n") + b"40\r\ndata: tru")
-        await writer.drain()
-        await asyncio.sleep(0.03)
-        writer.close()
-
-    async with Server(handler) as srv:
+    async with Server(in_parts(CHUNKED_HEAD + chunk(b"data: a\n\n") + b"40\r\ndata: tru")) as srv:
         resp = await client.post(srv.url, {}, b"", T)
         batches = []
         with pytest.raises(UpstreamBroken):
@@ -716,22 +684,12 @@ async def test_connection_dropped_mid_chunked_stream_is_broken(client):
 
 
 async def test_mixed_case_chunked_stream_dropped_is_broken(client):
-    """BUG? (h1.py on_headers_complete): ``sized`` looks for "chunked" case-sensitively.
+    """``Transfer-Encoding: Chunked`` is chunked too (coding names are case-insensitive,
+    RFC 9112 7): a stream cut mid-chunk raises instead of passing for a body
+    that ran to the connection close."""
 
-    Transfer-coding names are case-insensitive (RFC 9112 7). With
-    ``Transfer-Encoding: Chunked`` httptools still decodes the chunks, but the
-    client thinks the body runs to the connection close, so a stream cut
-    mid-chunk is returned as a complete, truncated body instead of raising.
-    """
-
-    async def handler(server, reader, writer, conn):
-        await server.next_request(reader, conn)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n" + chunk(b"part") + b"40\r\ncut")
-        await writer.drain()
-        await asyncio.sleep(0.03)
-        writer.close()
-
-    async with Server(handler) as srv:
+    answer = in_parts(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n" + chunk(b"part") + b"40\r\ncut")
+    async with Server(answer) as srv:
         resp = await client.post(srv.url, {}, b"", T)
         with pytest.raises(UpstreamBroken):
             await resp.read()
@@ -739,13 +697,8 @@ async def test_mixed_case_chunked_stream_dropped_is_broken(client):
 
 
 async def test_close_delimited_body_cut_by_reset_is_broken(client):
-    """BUG (h1.py connection_lost): a read-until-close body cut by a TCP reset is returned as complete.
-
-    ``connection_lost(exc)`` ignores ``exc``: for a body with neither
-    Content-Length nor chunked framing, an abortive close (RST, observed here
-    as ConnectionResetError) is treated like the orderly FIN that ends the
-    body, so ``read()`` returns the truncated b"partial" as if it were whole.
-    """
+    """A read-until-close body cut by a TCP reset is broken, not complete: only an
+    orderly close (FIN) ends a body with neither Content-Length nor chunked framing."""
 
     async def handler(server, reader, writer, conn):
         await server.next_request(reader, conn)

@@ -449,6 +449,18 @@ def own_redis(*extra: str):
             process.wait()
 
 
+def assert_only_in_db(port: int, key: str, value: bytes, db: int, password: str | None = None) -> None:
+    """``key`` holds ``value`` in database ``db`` and is absent from database 0 (seen by redis-py)."""
+    there = redis.Redis(host="127.0.0.1", port=port, password=password, db=db)
+    db0 = redis.Redis(host="127.0.0.1", port=port, password=password, db=0)
+    try:
+        assert there.get(key) == value
+        assert db0.get(key) is None
+    finally:
+        there.close()
+        db0.close()
+
+
 async def test_password_and_db_from_the_url():
     password = "p@ss:w/rd %x"  # needs URL quoting
     with own_redis("--requirepass", password) as port:
@@ -459,14 +471,7 @@ async def test_password_and_db_from_the_url():
             assert await client.get(key) == b"in-two"
             (db,) = await client.execute([("CLIENT", "INFO")])
             assert b" db=2 " in db
-        db2 = redis.Redis(host="127.0.0.1", port=port, password=password, db=2)
-        db0 = redis.Redis(host="127.0.0.1", port=port, password=password, db=0)
-        try:
-            assert db2.get(key) == b"in-two"
-            assert db0.get(key) is None
-        finally:
-            db2.close()
-            db0.close()
+        assert_only_in_db(port, key, b"in-two", 2, password)
         async with client_for(f"redis://default:{quoted}@127.0.0.1:{port}") as client:  # user and password
             assert await client.get(key) is None  # db 0
             assert await client.ping() is True
@@ -487,14 +492,7 @@ async def test_unix_socket_with_db():
                 assert await client.ping() is True
                 await client.pipeline().set(key, "in-one", ex=50).execute()
                 assert await client.mget(key) == [b"in-one"]
-            db1 = redis.Redis(host="127.0.0.1", port=port, db=1)
-            db0 = redis.Redis(host="127.0.0.1", port=port, db=0)
-            try:
-                assert db1.get(key) == b"in-one"
-                assert db0.get(key) is None
-            finally:
-                db1.close()
-                db0.close()
+            assert_only_in_db(port, key, b"in-one", 1)
 
 
 # --- through the real limit store ---------------------------------------------------------
