@@ -65,6 +65,13 @@ class RedisConfig(_Section):
     #: lag: too short a value fails open under load, not just when Redis is down.
     timeout_s: PositiveFloat = 1.0
     prefix: str = "gw:"
+    #: Admission in blocks: a worker may take up to this many more requests of
+    #: a key's quota in one round trip and admit them without another
+    #: (gateway/quota_blocks.py says how limits stay exact). 0 = one round trip
+    #: per request.
+    block_requests: Annotated[int, Meta(ge=0, le=1000)] = 32
+    #: How long a block may be used; what is left of it then goes back.
+    block_s: Annotated[float, Meta(gt=0, le=10)] = 1.0
 
 
 class ProviderConfig(_Section):

@@ -1,7 +1,8 @@
 """Rate limits, concurrency caps and budgets, for gateway keys and upstreams.
 
-A gateway key's limits are checked once at admission (one atomic round trip)
-and settled when the request ends, streams and cancelled streams included:
+A gateway key's limits are checked once at admission (one atomic round trip,
+or none when this worker holds a block of the key's quota: see
+``gateway/quota_blocks.py``) and settled when the request ends, streams and cancelled streams included:
 the token reservation (prompt estimate + max_tokens) is replaced by the real
 usage and the cost is drawn from the budgets. An upstream's own quota
 (``rpm``/``tpm``/``max_concurrent`` on a provider or an endpoint) is taken per
@@ -25,8 +26,9 @@ import time
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
-from gateway.limit_stores import LimitStore, PendingVerdict, Periods, Quota, Verdict
+from gateway.limit_stores import BlockAsk, LimitStore, PendingVerdict, Periods, Quota, Verdict
 from gateway.metrics import LIMIT_REJECTIONS, LIMIT_STORE_ERRORS
+from gateway.quota_blocks import Block
 
 log = logging.getLogger("gateway.limits")
 _LOG_EVERY_S = 30.0
@@ -76,6 +78,8 @@ class Admission:
     periods: Periods
     headers: dict[str, str]
     counted: bool  # False when the store failed open: nothing to settle
+    block: str | None = None  # the block it was admitted from, if any
+    reserved: int = 0  # the tokens it reserved
 
 
 @dataclass(slots=True)
@@ -87,19 +91,29 @@ class KeyCheck:
     quota: Quota
     request_id: str
     periods: Periods
+    tokens: int
     pending: PendingVerdict | None = None
     error: Exception | None = None
+    ask: BlockAsk | None = None
+    sent: float = 0.0
+    local: Verdict | None = None  # admitted from a block, no round trip
+    block: str | None = None
 
 
 class Limiter:
     """Keys' and upstreams' limits over one store (Redis or in-process)."""
 
     def __init__(self, store: LimitStore, *, on_error: str = "open",
-                 lease_ttl_s: float = 600.0) -> None:
+                 lease_ttl_s: float = 600.0, block_requests: int = 0, block_s: float = 1.0) -> None:
         self.store = store
         self.on_error = on_error
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self._last_log = 0.0
+        self.block_requests = block_requests if store.takes_blocks else 0
+        self.block_s = block_s
+        self._blocks: dict[str, Block] = {}  # entity -> the block this worker holds
+        self._asking: set[str] = set()  # entities with a block asked for and not yet answered
+        self._cost: dict[str, float] = {}  # entity -> recent cost per request, for keys with budgets
 
     def _store_failed(self, exc: BaseException) -> None:
         LIMIT_STORE_ERRORS.inc()
@@ -109,20 +123,40 @@ class Limiter:
             log.warning("rate-limit store unavailable (%s); failing %s", type(exc).__name__, self.on_error)
 
     def begin_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> "KeyCheck":
-        """Send a gateway key's admission check; ``finish_key`` gives its outcome.
-        The caller may work meanwhile, but must always finish the check."""
-        check = KeyCheck(f"key:{name}", name, quota, request_id, Periods.now())
+        """Send a gateway key's admission check, unless a block this worker
+        holds admits it; ``finish_key`` gives its outcome. The caller may work
+        meanwhile, but must always finish the check."""
+        check = KeyCheck(f"key:{name}", name, quota, request_id, Periods.now(), tokens)
         if quota.empty:
             return check
+        entity = check.entity
+        block = self._blocks.get(entity)
+        if block is not None:
+            now = time.monotonic()
+            verdict = block.take(quota, tokens, check.periods, now) if self.store.connected else None
+            if verdict is not None:
+                check.local, check.block = verdict, block.id
+                return check
+            self._end_block(entity, block)
+        if self.block_requests and quota.max_concurrent is None and entity not in self._asking:
+            # One ask per key at a time: concurrent requests would each be granted
+            # a block before any of them could be used.
+            check.ask = BlockAsk(request_id + ":b", self.block_requests, self._cost.get(entity, 0.0),
+                                 int(self.block_s * 1000))
+            self._asking.add(entity)
+        check.sent = time.monotonic()
         try:
-            check.pending = self.store.admit_soon(check.entity, quota, request_id, tokens, self.lease_ttl_ms,
-                                                  check.periods)
+            check.pending = self.store.admit_soon(entity, quota, request_id, tokens, self.lease_ttl_ms,
+                                                  check.periods, ask=check.ask)
         except Exception as exc:  # noqa: BLE001 - reported by finish_key
             check.error = exc
         return check
 
     async def finish_key(self, check: "KeyCheck") -> Admission:
         """The admitted request, or raise the 429/402/503 to answer."""
+        if check.local is not None:
+            return Admission(check.entity, check.quota, check.request_id, check.periods,
+                             headers_for(check.quota, check.local), True, check.block, check.tokens)
         if check.pending is None and check.error is None:
             return Admission(check.entity, check.quota, check.request_id, check.periods, {}, counted=False)
         try:
@@ -135,6 +169,18 @@ class Limiter:
                 raise GatewayError(503, "rate limiting is unavailable; try again shortly",
                                    code="rate_limiter_unavailable", headers={"retry-after": "1"}) from None
             return Admission(check.entity, check.quota, check.request_id, check.periods, {}, counted=False)
+        finally:
+            if check.ask is not None:
+                self._asking.discard(check.entity)
+        if verdict.block:
+            self._hold(check, verdict)
+        if verdict.denied in ("requests", "tokens"):
+            # A block this worker holds has places counted in Redis already.
+            block = self._blocks.get(check.entity)
+            local = block.take(check.quota, check.tokens, check.periods, time.monotonic()) if block else None
+            if local is not None:
+                return Admission(check.entity, check.quota, check.request_id, check.periods,
+                                 headers_for(check.quota, local), True, block.id, check.tokens)
         headers = headers_for(check.quota, verdict)
         if verdict.denied is not None:
             LIMIT_REJECTIONS.labels(check.name, verdict.denied).inc()
@@ -142,7 +188,43 @@ class Limiter:
             if status == 429:
                 headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))
             raise GatewayError(status, message, code=code, headers=headers)
-        return Admission(check.entity, check.quota, check.request_id, check.periods, headers, counted=True)
+        return Admission(check.entity, check.quota, check.request_id, check.periods, headers, True,
+                         reserved=check.tokens)
+
+    def _hold(self, check: KeyCheck, verdict: Verdict) -> None:
+        """Keep a granted block, and hand back what is left of it when its life ends."""
+        old = self._blocks.get(check.entity)
+        if old is not None:
+            self._end_block(check.entity, old)
+        block = Block.granted_by(verdict, check.ask.id, check.tokens, check.sent, self.block_s, check.periods)
+        self._blocks[check.entity] = block
+        asyncio.get_running_loop().call_later(max(block.expires - time.monotonic(), 0.0), self._expire,
+                                             check.entity, block)
+
+    def _expire(self, entity: str, block: Block) -> None:
+        if self._blocks.get(entity) is block:
+            self._end_block(entity, block)
+
+    def _end_block(self, entity: str, block: Block) -> None:
+        """Stop using a block and give back its unused places (deferred, like settlements)."""
+        if self._blocks.get(entity) is block:
+            del self._blocks[entity]
+        if block.left <= 0 and block.tokens_left <= 0:
+            return
+        try:
+            pending = self.store.return_block_soon(entity, block.id, block.first_unused, block.size,
+                                                   block.tokens_left)
+        except Exception as exc:  # noqa: BLE001
+            self._store_failed(exc)
+            return
+        block.left = block.tokens_left = 0
+        if pending is not None:
+            pending.add_done_callback(self._settled)
+
+    def return_blocks(self) -> None:
+        """Give back every block this worker holds (at shut-down)."""
+        for entity, block in list(self._blocks.items()):
+            self._end_block(entity, block)
 
     async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
         """Admit a request under a gateway key, or raise the 429/402/503 to answer."""
@@ -150,26 +232,39 @@ class Limiter:
 
     async def settle_key(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
         """Reconcile the reservation with real usage and spend the cost. Never raises."""
-        if not admission.counted:
-            return
-        try:
-            await self.store.settle(admission.entity, admission.quota, admission.request_id,
-                                    tokens, cost_usd or 0.0, admission.periods)
-        except Exception as exc:  # noqa: BLE001
-            self._store_failed(exc)
+        pending = self._settle_key(admission, tokens, cost_usd, soon=False)
+        if pending is not None:
+            try:
+                await pending
+            except Exception as exc:  # noqa: BLE001
+                self._store_failed(exc)
 
     def settle_key_soon(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
         """``settle_key`` without waiting (see ``AutoPipeline``'s deferred ops). Never raises."""
-        if not admission.counted:
-            return
-        try:
-            pending = self.store.settle_soon(admission.entity, admission.quota, admission.request_id,
-                                             tokens, cost_usd or 0.0, admission.periods)
-        except Exception as exc:  # noqa: BLE001
-            self._store_failed(exc)
-            return
+        pending = self._settle_key(admission, tokens, cost_usd, soon=True)
         if pending is not None:
             pending.add_done_callback(self._settled)
+
+    def _settle_key(self, admission: Admission, tokens: int, cost_usd: float | None, *, soon: bool):
+        if not admission.counted:
+            return None
+        cost = cost_usd or 0.0
+        entity, quota = admission.entity, admission.quota
+        if cost > 0 and (quota.budget_usd_per_day or quota.budget_usd_per_month):
+            self._cost[entity] = max(cost, 0.9 * self._cost.get(entity, 0.0))
+            block = self._blocks.get(entity)
+            if block is not None:
+                block.spend(cost)
+        # From a block: its one token entry moves by what this request did not use.
+        entry, reserved = ((admission.block, admission.reserved) if admission.block
+                           else (admission.request_id, None))
+        try:
+            if soon:
+                return self.store.settle_soon(entity, quota, entry, tokens, cost, admission.periods, reserved)
+            return self.store.settle(entity, quota, entry, tokens, cost, admission.periods, reserved)
+        except Exception as exc:  # noqa: BLE001
+            self._store_failed(exc)
+            return None
 
     def _settled(self, future: asyncio.Future) -> None:
         exc = None if future.cancelled() else future.exception()

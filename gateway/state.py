@@ -78,7 +78,8 @@ class Gateway:
             store = MemoryStore()  # exact for this process only: one replica
             self.generations = MemoryGenerations(config.generations.capacity)
         self.limiter = Limiter(store, on_error=config.redis.on_error,
-                               lease_ttl_s=config.routing.deadline_s + 60)
+                               lease_ttl_s=config.routing.deadline_s + 60,
+                               block_requests=config.redis.block_requests, block_s=config.redis.block_s)
         self.accountant = Accountant(self.limiter, self.generations)
         self._tasks: set[asyncio.Task] = set()
         self._local_watch: asyncio.Task | None = None
@@ -125,10 +126,11 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self.accountant.flush()
+        self.limiter.return_blocks()
         if self.batcher is not None:
             try:
                 async with asyncio.timeout(2.0):
-                    await self.batcher.drain()  # deferred settlements and records
+                    await self.batcher.drain()  # deferred settlements, records and returned blocks
             except Exception as exc:  # noqa: BLE001
                 log.warning("last settlements and records not written at shutdown (%s)", type(exc).__name__)
         await self.limiter.close()

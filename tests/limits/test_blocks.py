@@ -1,0 +1,182 @@
+"""Admission in blocks (gateway/quota_blocks.py) against a real Redis server:
+limits stay exact, blocks shrink near a limit, unused places go back."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+from gateway.errors import GatewayError
+from gateway.limit_stores import Quota, RedisStore
+from gateway.limits import Limiter, redis_client
+from gateway.resp import RespClient
+
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+async def workers(redis_server):
+    """Limiters sharing one Redis and one key prefix, each standing for one worker process."""
+    prefix = f"b{secrets.token_hex(4)}:"
+    made: list[Limiter] = []
+
+    def make(block_requests: int = 8, block_s: float = 1.0, on_error: str = "open", url: str | None = None):
+        store = RedisStore(redis_client(url or redis_server.url, timeout_s=2.0), prefix=prefix)
+        limiter = Limiter(store, on_error=on_error, block_requests=block_requests, block_s=block_s)
+        made.append(limiter)
+        return limiter
+
+    raw = RespClient(redis_server.url, 2.0)
+
+    async def redis(*command):
+        (reply,) = await raw.execute([command])
+        return reply
+
+    make.redis = redis
+    make.key = lambda part: f"{prefix}{{key:a}}:{part}"
+    yield make
+    for limiter in made:
+        await limiter.close()
+    await raw.aclose()
+
+
+async def admit(limiter: Limiter, quota: Quota, tokens: int = 1):
+    """The admission, or the GatewayError it was refused with."""
+    try:
+        return await limiter.admit_key("a", quota, "r" + secrets.token_hex(6), tokens)
+    except GatewayError as exc:
+        return exc
+
+
+async def test_a_block_admits_without_a_round_trip(workers):
+    limiter = workers(block_requests=8)
+    quota = Quota(rpm=10_000)
+    first = await admit(limiter, quota)
+    assert first.block is None  # asked Redis, and was granted a block of 8 more
+    assert int(await workers.redis("ZCARD", workers.key("req"))) == 9
+    checks = [limiter.begin_key("a", quota, f"local{i}", 1) for i in range(8)]
+    assert all(c.pending is None and c.error is None for c in checks)  # nothing sent to Redis
+    admitted = [await limiter.finish_key(c) for c in checks]
+    assert {a.block for a in admitted} == {first.request_id + ":b"}
+    remaining = [int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted]
+    assert remaining == list(range(10_000 - 2, 10_000 - 10, -1))
+    ninth = limiter.begin_key("a", quota, "ninth", 1)  # the block is used up
+    assert ninth.pending is not None
+    await limiter.finish_key(ninth)
+
+
+async def test_exact_across_workers_under_concurrency(workers):
+    """Three workers, 300 concurrent requests, rpm 100: exactly 100 pass, the
+    places of blocks included (a request Redis refuses may take one)."""
+    limiters = [workers(block_requests=32) for _ in range(3)]
+    quota = Quota(rpm=100)
+    results = await asyncio.gather(*(admit(limiters[i % 3], quota) for i in range(300)))
+    admitted = [r for r in results if not isinstance(r, GatewayError)]
+    assert len(admitted) == 100
+    assert any(a.block for a in admitted)
+    assert {r.code for r in results if isinstance(r, GatewayError)} == {"rate_limit_exceeded"}
+    assert int(await workers.redis("ZCARD", workers.key("req"))) == 100
+
+
+async def test_near_the_limit_every_request_asks_redis(workers):
+    limiter = workers(block_requests=32)
+    quota = Quota(rpm=16)
+    for _ in range(16):
+        admission = await admit(limiter, quota)
+        assert admission.block is None
+    assert not limiter._blocks
+    assert (await admit(limiter, quota)).code == "rate_limit_exceeded"
+
+
+async def test_block_sized_by_what_is_left(workers):
+    limiter = workers(block_requests=32)
+    quota = Quota(rpm=100)  # after the asker, 99 left: 99 // 16 = 6
+    await admit(limiter, quota)
+    assert limiter._blocks["key:a"].size == 6
+    big = Quota(tpm=100_000)  # 100 tokens each: (100_000 - 100) // 1_600 = 62, capped at 32
+    other = workers(block_requests=32)
+    await other.admit_key("b", big, "t1", 100)
+    assert other._blocks["key:b"].size == 32
+
+
+async def test_tokens_reconcile_through_a_block(workers):
+    limiter = workers(block_requests=4)
+    quota = Quota(tpm=1_000_000)
+    admissions = [await admit(limiter, quota, tokens=100) for _ in range(3)]
+    assert admissions[0].block is None and admissions[1].block == admissions[2].block
+    assert int(await workers.redis("GET", workers.key("toksum"))) == 500  # 100 + a block of 4 x 100
+    for a in admissions:
+        await limiter.settle_key(a, 10, None)  # each really used 10
+    limiter.return_blocks()  # two places unused: 200 tokens back
+    await limiter.store.batcher.drain()
+    assert int(await workers.redis("GET", workers.key("toksum"))) == 30
+    assert int(await workers.redis("ZCARD", workers.key("req"))) == 0  # no rpm: no request entries
+
+
+async def test_unused_places_go_back_when_the_block_expires(workers):
+    limiter = workers(block_requests=8, block_s=0.2)
+    quota = Quota(rpm=10_000)
+    await admit(limiter, quota)
+    await admit(limiter, quota)  # one place used
+    assert int(await workers.redis("ZCARD", workers.key("req"))) == 9
+    await asyncio.sleep(0.3)
+    await limiter.store.batcher.drain()
+    assert int(await workers.redis("ZCARD", workers.key("req"))) == 2
+    assert not limiter._blocks
+
+
+async def test_expired_block_admits_nothing(workers):
+    limiter = workers(block_requests=8, block_s=0.05)
+    quota = Quota(rpm=10_000)
+    await admit(limiter, quota)
+    await asyncio.sleep(0.1)
+    later = limiter.begin_key("a", quota, "later", 1)
+    assert later.pending is not None
+    assert (await limiter.finish_key(later)).block is None
+
+
+async def test_budget_is_kept_with_blocks(workers):
+    """$0.01 a day at $0.001 a request: blocks appear once the cost is known,
+    shrink as the budget runs out, and the 11th request is refused."""
+    limiter = workers(block_requests=32)
+    quota = Quota(budget_usd_per_day=0.01)
+    admitted, sizes = 0, []
+    for _ in range(20):
+        result = await admit(limiter, quota)
+        if isinstance(result, GatewayError):
+            assert result.code == "budget_exceeded"
+            break
+        admitted += 1
+        block = limiter._blocks.get("key:a")
+        sizes.append(block.size if block else 0)
+        await limiter.settle_key(result, 10, 0.001)
+    assert admitted == 10
+    assert sizes[0] == 0 and max(sizes) == 2  # (0.01 - 0.001) / (4 x 0.001) = 2, then fewer
+
+
+async def test_no_block_for_a_concurrency_cap(workers):
+    limiter = workers(block_requests=32)
+    await admit(limiter, Quota(rpm=10_000, max_concurrent=100))
+    assert not limiter._blocks
+
+
+async def test_block_unused_once_redis_is_gone():
+    """Redis stopped while a worker holds a block: the block admits nothing
+    and ``on_error`` decides, as without blocks."""
+    server = RedisServer().start()
+    limiter = None
+    try:
+        limiter = Limiter(RedisStore(redis_client(server.url, timeout_s=0.2)), on_error="closed",
+                          block_requests=8)
+        quota = Quota(rpm=10_000)
+        await admit(limiter, quota)
+        assert limiter._blocks
+        server.stop()
+        await asyncio.sleep(0.1)  # the connection's end reaches the client
+        refused = await admit(limiter, quota)
+        assert isinstance(refused, GatewayError) and refused.status == 503
+    finally:
+        if limiter is not None:
+            await limiter.close()
+        server.cleanup()
