@@ -75,6 +75,13 @@ class Accountant:
         self._queue: list[Trace] = []
         self._timer: asyncio.TimerHandle | None = None
 
+    def add_after_response(self, trace: Trace) -> None:
+        """``add``, once the current task has written its response: called
+        while a reply is being returned, it costs that reply nothing. It still
+        runs before this worker reads the client's next request (the loop runs
+        callbacks scheduled now before the I/O that follows)."""
+        asyncio.get_running_loop().call_soon(self.add, trace)
+
     def add(self, trace: Trace) -> None:
         trace.ended = time.perf_counter()  # its durations, whenever its batch is observed
         usage = trace.usage

@@ -176,7 +176,7 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
     finally:
         if not trace.handed_off:
             IN_FLIGHT.dec()
-            gw.accountant.add(trace)  # accounted for behind the response, in a batch
+            gw.accountant.add_after_response(trace)  # accounted for behind the response
 
 
 async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Reply:

@@ -93,8 +93,14 @@ class Periods:
 
     @classmethod
     def now(cls) -> "Periods":
-        t = time.gmtime()
-        return cls(day=time.strftime("%Y%m%d", t), month=time.strftime("%Y%m", t))
+        second = int(time.time())
+        if second != _now[0]:  # formatted once a second, not once a request
+            t = time.gmtime(second)
+            _now[:] = [second, time.strftime("%Y%m%d", t), time.strftime("%Y%m", t)]
+        return cls(day=_now[1], month=_now[2])
+
+
+_now: list = [-1, "", ""]  # the second Periods.now last formatted, and its day and month
 
 
 class PendingVerdict(Protocol):
