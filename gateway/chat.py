@@ -86,6 +86,12 @@ def _screen_and_plan(gw: Gateway, chat: ChatRequest, policy, ours: ContentFilter
     return prompt_results, gw.router.plan(chat)
 
 
+def _annotate_prompt(gw: Gateway, text: str, into: list[PromptFilterResult]) -> None:
+    """The prompt's content-filter results in annotate mode, once."""
+    if not into:
+        into.append(PromptFilterResult(0, gw.moderation.default.classify(text)))
+
+
 def _headers(admission: Admission, call: Call) -> dict[str, str]:
     headers = {**admission.headers, "x-request-id": call.generation_id, "x-gateway-attempts": str(len(call.attempts))}
     cand = call.served
@@ -115,16 +121,23 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
         check_allowed(gw, key, chat)
         model = gw.router.resolve(requested_models(chat)[0])
         policy = key.safety or model.safety or gw.moderation.policy
-        # 3. Limit: rate, concurrency and budget of the key, in one round trip,
-        # 4. while the prompt is screened by the content policy and the route
-        # planned, when both run in-process. An external moderation call waits
-        # for the admission instead: a refused request must not cost one.
+        # 3. Limit: rate, concurrency and budget of the key, in one round trip
+        # (none while this worker holds a block of the key's quota),
+        # 4. while the route is planned and the prompt screened, when both run
+        # in-process. An external moderation call waits for the admission
+        # instead: a refused request must not cost one. In annotate mode the
+        # prompt's results cannot stop the request, so they are computed
+        # later, while the first upstream attempt is in flight.
         estimate = reservation(chat.messages, chat.max_tokens or None)
         check = gw.limiter.begin_key(key.name, key.quota, trace.id, estimate)
         prompt_text = "\n".join(m.text() for m in chat.messages)
+        late = gw.moderation.may_screen_late(policy)
         try:
-            ours = gw.moderation.classify_now(prompt_text)
-            early = None if ours is None else _screen_and_plan(gw, chat, policy, ours)
+            if late:
+                early = None, gw.router.plan(chat)
+            else:
+                ours = gw.moderation.classify_now(prompt_text)
+                early = None if ours is None else _screen_and_plan(gw, chat, policy, ours)
         except Exception as exc:  # noqa: BLE001 - raised once the admission is settled-for
             early = exc
         admission = trace.admission = await gw.limiter.finish_key(check)
@@ -132,6 +145,9 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
             raise early
         prompt_results, candidates = early or _screen_and_plan(
             gw, chat, policy, await gw.moderation.classify(prompt_text))
+        prompt_filter = [] if late else [PromptFilterResult(0, prompt_results)]
+        if late:  # run at the request's first wait on the upstream, before any answer is read
+            asyncio.get_running_loop().call_soon(_annotate_prompt, gw, prompt_text, prompt_filter)
         call = trace.call = Call(
             request=chat,
             generation_id=trace.id,
@@ -141,7 +157,7 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
             policy=policy,
             candidates=candidates,
             deadline=time.monotonic() + gw.config.routing.deadline_s,
-            prompt_filter=[PromptFilterResult(0, prompt_results)],
+            prompt_filter=prompt_filter,
             limiter=gw.limiter,
             estimate=estimate,
         )
@@ -153,6 +169,7 @@ async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -
         done = await complete(call)
         trace.usage, trace.finish_reason = done.usage, done.choices[0].finish_reason
         # 6. Respond; accounting runs in `finally`.
+        _annotate_prompt(gw, prompt_text, prompt_filter)  # (done already, unless the call never waited)
         cand = call.served
         body = ChatCompletionOut(
             id=trace.id,

@@ -50,6 +50,12 @@ class Moderation:
             return await self.external.classify(text)
         return self.default.classify(text)
 
+    def may_screen_late(self, policy: Policy) -> bool:
+        """Whether a prompt's results can wait until the upstream is called:
+        in ``annotate`` mode they never stop a request, and the in-process
+        classifier needs no round trip that a refused request should not cost."""
+        return policy.mode == "annotate" and self.external is None
+
     def classify_now(self, text: str) -> ContentFilterResults | None:
         """The in-process classifier's results at once; None when an external
         service classifies (``classify`` then)."""

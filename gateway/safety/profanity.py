@@ -55,15 +55,15 @@ class ProfanityModel:
 
     def _score(self, all_counts: Counter[str]) -> float:
         weights = self._weights
-        counts = {t: n for t, n in all_counts.items() if t in weights}
-        sums = [0.0] * self._n
-        norm2 = 0.0
-        for token, count in counts.items():
-            idf, scaled = weights[token]
-            norm2 += (count * idf) ** 2
-            for k in range(self._n):
-                sums[k] += count * scaled[k]
-        norm = math.sqrt(norm2) or 1.0
+        known = [(count, weights[token]) for token, count in all_counts.items() if token in weights]
+        if not known:
+            sums = [0.0] * self._n
+            norm = 1.0
+        else:
+            # Per member k: sum of count * idf * coef_k, summed column-wise in C.
+            sums = [sum(col) for col in zip(*(scaled if count == 1 else [count * w for w in scaled]
+                                              for count, (_, scaled) in known))]
+            norm = math.sqrt(sum((count * idf) ** 2 for count, (idf, _) in known)) or 1.0
         total = 0.0
         for k in range(self._n):
             d = sums[k] / norm + self._intercepts[k]

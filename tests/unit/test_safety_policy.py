@@ -79,3 +79,15 @@ def test_stream_results_on_first_and_final_chunks(client_for):
     assert "prompt_filter_results" in out[0]
     assert "content_filter_results" in out[-1]["choices"][0]
     assert all("content_filter_results" not in c["choices"][0] for c in out[:-1])
+
+
+@respx.mock
+def test_stream_first_chunk_carries_the_prompts_results(client_for):
+    """In annotate mode the prompt is classified while the upstream works; its
+    results still lead the stream."""
+    client = client_for(make_gateway())
+    respx.post(DEEPINFRA).mock(return_value=httpx.Response(200, text=sse(chunk("Hi", "assistant"), chunk(finish="stop"))))
+    out = events(client.post("/v1/chat/completions", json=chat(
+        messages=[{"role": "user", "content": "I will kill you"}], stream=True, **ONLY_DI)).text)
+    assert out[0]["prompt_filter_results"][0]["content_filter_results"]["violence"] == {"filtered": False,
+                                                                                      "severity": "high"}
