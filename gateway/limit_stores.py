@@ -156,7 +156,7 @@ class LimitStore(Protocol):
 
 # KEYS: 1 requests log (zset id->ts), 2 tokens log (zset id->ts), 3 tokens per id (hash),
 #       4 tokens sum (string), 5 leases (zset id->expiry), 6 spend today, 7 spend this month
-# ARGV: 1 window_ms, 2 rpm, 3 tpm, 4 max_concurrent, 5 tokens, 6 request id, 7 lease ttl ms,
+# ARGV: 1 window_ms, 2 rpm, 3 tpm, 4 max_concurrent, 5 tokens, 6 request id ("" = a block alone), 7 lease ttl ms,
 #       8 budget day, 9 budget month   (0 or "" = no limit),
 #       10 block id, 11 block requests wanted (0 = none), 12 cost per request, 13 block life ms
 # A block's requests are entries "<block id>#<n>", and its tokens one entry
@@ -221,14 +221,14 @@ end
 if bmonth > 0 and tonumber(smonth) >= bmonth then
   return {'budget_month', 0, 0, 0, 0, 0}
 end
--- admitted: commit everything
-if rpm > 0 then
+-- admitted: commit everything (an empty id asks for a block alone, with room for one request)
+if rpm > 0 and id ~= '' then
   redis.call('ZADD', KEYS[1], now, id)
   redis.call('PEXPIRE', KEYS[1], window)
   if rcount == 0 then rreset = window end
   rcount = rcount + 1
 end
-if tpm > 0 then
+if tpm > 0 and id ~= '' then
   redis.call('ZADD', KEYS[2], now, id)
   redis.call('HSET', KEYS[3], id, tokens)
   redis.call('INCRBY', KEYS[4], tokens)
@@ -236,7 +236,7 @@ if tpm > 0 then
   if treset == 0 then treset = window end
   tsum = tsum + tokens
 end
-if maxc > 0 then
+if maxc > 0 and id ~= '' then
   redis.call('ZADD', KEYS[5], now + ttl, id)
   redis.call('PEXPIRE', KEYS[5], ttl * 2)
 end

@@ -111,7 +111,8 @@ class Limiter:
         self._last_log = 0.0
         self.block_requests = block_requests if store.takes_blocks else 0
         self.block_s = block_s
-        self._blocks: dict[str, Block] = {}  # entity -> the block this worker holds
+        self._blocks: dict[str, list[Block]] = {}  # entity -> the blocks this worker holds, oldest first
+        self._tasks: set[asyncio.Task] = set()  # blocks asked for ahead
         self._asking: set[str] = set()  # entities with a block asked for and not yet answered
         self._cost: dict[str, float] = {}  # entity -> recent cost per request, for keys with budgets
 
@@ -130,19 +131,19 @@ class Limiter:
         if quota.empty:
             return check
         entity = check.entity
-        block = self._blocks.get(entity)
-        if block is not None:
-            now = time.monotonic()
-            verdict = block.take(quota, tokens, check.periods, now) if self.store.connected else None
-            if verdict is not None:
-                check.local, check.block = verdict, block.id
+        if entity in self._blocks and self.store.connected:
+            taken = self._take(check)
+            if taken is not None:
+                block, check.local = taken
+                check.block = block.id
+                held = self._blocks[entity]
+                if len(held) == 1 and block.left * 4 <= block.size and entity not in self._asking:
+                    self._ask_ahead(check)  # the next block arrives before this one runs out
                 return check
-            self._end_block(entity, block)
         if self.block_requests and quota.max_concurrent is None and entity not in self._asking:
             # One ask per key at a time: concurrent requests would each be granted
             # a block before any of them could be used.
-            check.ask = BlockAsk(request_id + ":b", self.block_requests, self._cost.get(entity, 0.0),
-                                 int(self.block_s * 1000))
+            check.ask = self._ask(entity, request_id + ":b")
             self._asking.add(entity)
         check.sent = time.monotonic()
         try:
@@ -173,12 +174,12 @@ class Limiter:
             if check.ask is not None:
                 self._asking.discard(check.entity)
         if verdict.block:
-            self._hold(check, verdict)
-        if verdict.denied in ("requests", "tokens"):
+            self._hold(check.entity, check.ask.id, check.tokens, check.sent, check.periods, verdict)
+        if verdict.denied in ("requests", "tokens") and check.entity in self._blocks:
             # A block this worker holds has places counted in Redis already.
-            block = self._blocks.get(check.entity)
-            local = block.take(check.quota, check.tokens, check.periods, time.monotonic()) if block else None
-            if local is not None:
+            taken = self._take(check)
+            if taken is not None:
+                block, local = taken
                 return Admission(check.entity, check.quota, check.request_id, check.periods,
                                  headers_for(check.quota, local), True, block.id, check.tokens)
         headers = headers_for(check.quota, verdict)
@@ -191,24 +192,64 @@ class Limiter:
         return Admission(check.entity, check.quota, check.request_id, check.periods, headers, True,
                          reserved=check.tokens)
 
-    def _hold(self, check: KeyCheck, verdict: Verdict) -> None:
-        """Keep a granted block, and hand back what is left of it when its life ends."""
-        old = self._blocks.get(check.entity)
-        if old is not None:
-            self._end_block(check.entity, old)
-        block = Block.granted_by(verdict, check.ask.id, check.tokens, check.sent, self.block_s, check.periods)
-        self._blocks[check.entity] = block
-        asyncio.get_running_loop().call_later(max(block.expires - time.monotonic(), 0.0), self._expire,
-                                             check.entity, block)
+    def _ask(self, entity: str, block_id: str) -> BlockAsk:
+        return BlockAsk(block_id, self.block_requests, self._cost.get(entity, 0.0), int(self.block_s * 1000))
 
-    def _expire(self, entity: str, block: Block) -> None:
-        if self._blocks.get(entity) is block:
-            self._end_block(entity, block)
+    def _take(self, check: KeyCheck) -> tuple[Block, Verdict] | None:
+        """A place in the oldest block this worker holds that can take the
+        request; blocks that cannot (used up, expired, ...) are ended on the way."""
+        held = self._blocks[check.entity]
+        now = time.monotonic()
+        while held:
+            block = held[0]
+            verdict = block.take(check.quota, check.tokens, check.periods, now)
+            if verdict is not None:
+                return block, verdict
+            self._end_block(check.entity, block)
+        return None
+
+    def _ask_ahead(self, check: KeyCheck) -> None:
+        """Ask for the next block (a block alone, no request) while this one still has places."""
+        entity = check.entity
+        ask = self._ask(entity, check.request_id + ":n")
+        sent = time.monotonic()
+        try:
+            pending = self.store.admit_soon(entity, check.quota, "", check.tokens, self.lease_ttl_ms,
+                                            check.periods, ask=ask)
+        except Exception as exc:  # noqa: BLE001
+            self._store_failed(exc)
+            return
+        self._asking.add(entity)
+        task = asyncio.get_running_loop().create_task(self._asked_ahead(check, ask, sent, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _asked_ahead(self, check: KeyCheck, ask: BlockAsk, sent: float, pending: PendingVerdict) -> None:
+        try:
+            verdict = await pending.verdict()
+        except Exception as exc:  # noqa: BLE001 - the request path asks again when it must
+            self._store_failed(exc)
+            return
+        finally:
+            self._asking.discard(check.entity)
+        if verdict.block:
+            self._hold(check.entity, ask.id, check.tokens, sent, check.periods, verdict)
+
+    def _hold(self, entity: str, block_id: str, tokens_each: int, sent: float, periods: Periods,
+              verdict: Verdict) -> None:
+        """Keep a granted block, and hand back what is left of it when its life ends."""
+        block = Block.granted_by(verdict, block_id, tokens_each, sent, self.block_s, periods)
+        self._blocks.setdefault(entity, []).append(block)
+        asyncio.get_running_loop().call_later(max(block.expires - time.monotonic(), 0.0), self._end_block,
+                                              entity, block)
 
     def _end_block(self, entity: str, block: Block) -> None:
         """Stop using a block and give back its unused places (deferred, like settlements)."""
-        if self._blocks.get(entity) is block:
-            del self._blocks[entity]
+        held = self._blocks.get(entity)
+        if held is not None and block in held:
+            held.remove(block)
+            if not held:
+                del self._blocks[entity]
         if block.left <= 0 and block.tokens_left <= 0:
             return
         try:
@@ -221,10 +262,15 @@ class Limiter:
         if pending is not None:
             pending.add_done_callback(self._settled)
 
+    def held(self, entity: str) -> list[Block]:
+        """The blocks this worker holds for an entity, oldest first."""
+        return list(self._blocks.get(entity, ()))
+
     def return_blocks(self) -> None:
         """Give back every block this worker holds (at shut-down)."""
-        for entity, block in list(self._blocks.items()):
-            self._end_block(entity, block)
+        for entity, held in list(self._blocks.items()):
+            for block in list(held):
+                self._end_block(entity, block)
 
     async def admit_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> Admission:
         """Admit a request under a gateway key, or raise the 429/402/503 to answer."""
@@ -252,8 +298,7 @@ class Limiter:
         entity, quota = admission.entity, admission.quota
         if cost > 0 and (quota.budget_usd_per_day or quota.budget_usd_per_month):
             self._cost[entity] = max(cost, 0.9 * self._cost.get(entity, 0.0))
-            block = self._blocks.get(entity)
-            if block is not None:
+            for block in self._blocks.get(entity, ()):
                 block.spend(cost)
         # From a block: its one token entry moves by what this request did not use.
         entry, reserved = ((admission.block, admission.reserved) if admission.block
@@ -300,6 +345,8 @@ class Limiter:
                 self._store_failed(exc)
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.store.close()
 
 

@@ -6,7 +6,9 @@ request. So an admission may also ask for a *block*: up to ``requests`` more
 requests (each with the asker's token reservation), counted in Redis at once,
 which this worker then admits with no round trip until the block is used up,
 no longer fits a request, or its life (``[redis] block_s``) ends. Unused parts
-go back to Redis then.
+go back to Redis then. When a quarter of a block is left, the next one is
+asked for ahead (a block alone, with no request of its own), so that at a
+steady rate no request waits for Redis at all.
 
 Why it stays exact:
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from gateway.limit_stores import Periods, Quota, Verdict
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # each block is one grant: compared by identity
 class Block:
     """A block granted to this worker: what is left of it, and Redis's figures at grant."""
 

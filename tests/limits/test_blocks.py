@@ -61,7 +61,23 @@ async def test_a_block_admits_without_a_round_trip(workers):
     assert {a.block for a in admitted} == {first.request_id + ":b"}
     remaining = [int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted]
     assert remaining == list(range(10_000 - 2, 10_000 - 10, -1))
-    ninth = limiter.begin_key("a", quota, "ninth", 1)  # the block is used up
+    # With a quarter of it left, the next block was asked for ahead: it is
+    # counted in Redis, and the next request takes a place in it.
+    await asyncio.sleep(0.05)
+    assert int(await workers.redis("ZCARD", workers.key("req"))) == 17
+    ninth = limiter.begin_key("a", quota, "ninth", 1)
+    assert ninth.pending is None
+    assert (await limiter.finish_key(ninth)).block == "local5:n"  # asked for when 2 of 8 were left
+
+
+async def test_without_a_block_ahead_a_used_up_block_means_a_round_trip(workers):
+    limiter = workers(block_requests=8)
+    quota = Quota(rpm=10_000)
+    await admit(limiter, quota)
+    checks = [limiter.begin_key("a", quota, f"local{i}", 1) for i in range(8)]
+    for c in checks:
+        await limiter.finish_key(c)
+    ninth = limiter.begin_key("a", quota, "ninth", 1)  # the block ahead is not in yet
     assert ninth.pending is not None
     await limiter.finish_key(ninth)
 
@@ -85,7 +101,7 @@ async def test_near_the_limit_every_request_asks_redis(workers):
     for _ in range(16):
         admission = await admit(limiter, quota)
         assert admission.block is None
-    assert not limiter._blocks
+    assert not limiter.held("key:a")
     assert (await admit(limiter, quota)).code == "rate_limit_exceeded"
 
 
@@ -93,11 +109,11 @@ async def test_block_sized_by_what_is_left(workers):
     limiter = workers(block_requests=32)
     quota = Quota(rpm=100)  # after the asker, 99 left: 99 // 16 = 6
     await admit(limiter, quota)
-    assert limiter._blocks["key:a"].size == 6
+    assert [b.size for b in limiter.held("key:a")] == [6]
     big = Quota(tpm=100_000)  # 100 tokens each: (100_000 - 100) // 1_600 = 62, capped at 32
     other = workers(block_requests=32)
     await other.admit_key("b", big, "t1", 100)
-    assert other._blocks["key:b"].size == 32
+    assert [b.size for b in other.held("key:b")] == [32]
 
 
 async def test_tokens_reconcile_through_a_block(workers):
@@ -123,7 +139,7 @@ async def test_unused_places_go_back_when_the_block_expires(workers):
     await asyncio.sleep(0.3)
     await limiter.store.batcher.drain()
     assert int(await workers.redis("ZCARD", workers.key("req"))) == 2
-    assert not limiter._blocks
+    assert not limiter.held("key:a")
 
 
 async def test_expired_block_admits_nothing(workers):
@@ -148,8 +164,7 @@ async def test_budget_is_kept_with_blocks(workers):
             assert result.code == "budget_exceeded"
             break
         admitted += 1
-        block = limiter._blocks.get("key:a")
-        sizes.append(block.size if block else 0)
+        sizes.append(max((b.size for b in limiter.held("key:a")), default=0))
         await limiter.settle_key(result, 10, 0.001)
     assert admitted == 10
     assert sizes[0] == 0 and max(sizes) == 2  # (0.01 - 0.001) / (4 x 0.001) = 2, then fewer
@@ -158,7 +173,7 @@ async def test_budget_is_kept_with_blocks(workers):
 async def test_no_block_for_a_concurrency_cap(workers):
     limiter = workers(block_requests=32)
     await admit(limiter, Quota(rpm=10_000, max_concurrent=100))
-    assert not limiter._blocks
+    assert not limiter.held("key:a")
 
 
 async def test_block_unused_once_redis_is_gone():
@@ -171,7 +186,7 @@ async def test_block_unused_once_redis_is_gone():
                           block_requests=8)
         quota = Quota(rpm=10_000)
         await admit(limiter, quota)
-        assert limiter._blocks
+        assert limiter.held("key:a")
         server.stop()
         await asyncio.sleep(0.1)  # the connection's end reaches the client
         refused = await admit(limiter, quota)
