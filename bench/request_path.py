@@ -1,0 +1,140 @@
+"""Where one worker's time goes per chat request, without the network.
+
+    .venv/bin/python bench/request_path.py [--requests 20000]
+
+Builds the gateway as ``bench/gateway_bench.py`` configures it (a key with
+rpm, tpm and a budget, Redis limits on a real Redis, the content filter),
+swaps the upstream client for a stub that answers the seed-shaped JSON at
+once, and calls ``chat_completions`` one request at a time. Each step of the
+request path is timed with ``perf_counter`` around it (nested steps are
+included in their callers), and the total is per request, accounting behind
+the response included. No HTTP server or socket to the upstream: this is the
+gateway's own Python cost, which a wrk run shows only through the noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import functools
+import inspect
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench.gateway_bench as gb  # noqa: E402
+import gateway.accountant as accountant  # noqa: E402
+import gateway.chat as chat  # noqa: E402
+import gateway.relay as relay  # noqa: E402
+from bench.upstream_nginx import COMPLETION  # noqa: E402
+from gateway import config as config_mod  # noqa: E402
+from gateway.state import Gateway  # noqa: E402
+
+BODY = json.dumps(COMPLETION).encode()
+spent: collections.Counter[str] = collections.Counter()
+calls: collections.Counter[str] = collections.Counter()
+
+
+class _Answer:
+    status = 200
+    headers = {"content-type": "application/json"}
+
+    async def read(self, limit: int | None = None) -> bytes:
+        return BODY
+
+    async def close(self) -> None:
+        return None
+
+
+class StubUpstream:
+    """Answers at once, after one event-loop turn (as a socket read would)."""
+
+    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> _Answer:
+        await asyncio.sleep(0)
+        return _Answer()
+
+    async def close(self) -> None:
+        return None
+
+
+def timed(owner: object, name: str, label: str | None = None) -> None:
+    """Replace ``owner.name`` with a version that adds its time to ``spent``."""
+    fn = getattr(owner, name)
+    label = label or name
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - start
+                calls[label] += 1
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - start
+                calls[label] += 1
+    setattr(owner, name, wrapper)
+
+
+async def run(requests: int) -> None:
+    redis = gb.RedisServer().start()
+    try:
+        path = Path(tempfile.mkdtemp(prefix="request-path-")) / "gateway.toml"
+        path.write_text(gb.config_toml(1, redis.url))
+        gw = Gateway(config_mod.load(str(path)))
+        gw.client = StubUpstream()
+        await gw.startup()
+        raw = json.dumps({"model": "bench/json", "messages": [{"role": "user", "content": gb.PROMPT}],
+                          "max_tokens": 64}).encode()
+        authorization = f"Bearer {gb.KEY}"
+        for _ in range(2000):  # warm: blocks granted, costs known, caches filled
+            await chat.chat_completions(gw, authorization, raw)
+            await asyncio.sleep(0)
+        for name in ("decode_request", "check_allowed", "reservation", "_headers", "complete"):
+            timed(chat, name)
+        timed(chat, "_annotate_prompt", "classify prompt")
+        timed(relay, "_open", "send to upstream (stub)")
+        timed(relay, "_finish_completion")
+        timed(accountant, "observe", "metrics and log lines (batched)")
+        timed(gw.keys, "authenticate")
+        timed(gw.limiter, "begin_key")
+        timed(gw.limiter, "finish_key")
+        timed(gw.moderation, "classify", "classify completion")
+        timed(gw.router, "plan")
+        timed(gw.accountant, "add", "settle and record")
+        timed(gw.batcher, "_send", "Redis batches sent")
+        timed(chat, "chat_completions")
+        start = time.perf_counter()
+        for _ in range(requests):
+            await chat.chat_completions(gw, authorization, raw)
+            await asyncio.sleep(0)  # accounting runs behind the response
+        total = time.perf_counter() - start
+        await gw.shutdown()
+    finally:
+        redis.cleanup()
+    print(f"{requests:,} requests, one at a time: {total / requests * 1e6:.1f} us per request in all\n")
+    print("| step | us per request | calls |")
+    print("| --- | --- | --- |")
+    for label, seconds in spent.most_common():
+        print(f"| {label} | {seconds / requests * 1e6:.1f} | {calls[label]:,} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=20000)
+    asyncio.run(run(ap.parse_args().requests))
+
+
+if __name__ == "__main__":
+    main()
