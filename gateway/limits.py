@@ -174,7 +174,7 @@ class Limiter:
             if check.ask is not None:
                 self._asking.discard(check.entity)
         if verdict.block:
-            self._hold(check.entity, check.ask.id, check.tokens, check.sent, check.periods, verdict)
+            self._hold(check, check.ask.id, check.sent, verdict)
         if verdict.denied in ("requests", "tokens") and check.entity in self._blocks:
             # A block this worker holds has places counted in Redis already.
             taken = self._take(check)
@@ -233,15 +233,15 @@ class Limiter:
         finally:
             self._asking.discard(check.entity)
         if verdict.block:
-            self._hold(check.entity, ask.id, check.tokens, sent, check.periods, verdict)
+            self._hold(check, ask.id, sent, verdict)
 
-    def _hold(self, entity: str, block_id: str, tokens_each: int, sent: float, periods: Periods,
-              verdict: Verdict) -> None:
-        """Keep a granted block, and hand back what is left of it when its life ends."""
-        block = Block.granted_by(verdict, block_id, tokens_each, sent, self.block_s, periods)
-        self._blocks.setdefault(entity, []).append(block)
+    def _hold(self, check: KeyCheck, block_id: str, sent: float, verdict: Verdict) -> None:
+        """Keep a block granted to ``check``'s key (places with its token
+        reservation), and hand back what is left of it when its life ends."""
+        block = Block.granted_by(verdict, check.quota, block_id, check.tokens, sent, self.block_s, check.periods)
+        self._blocks.setdefault(check.entity, []).append(block)
         asyncio.get_running_loop().call_later(max(block.expires - time.monotonic(), 0.0), self._end_block,
-                                              entity, block)
+                                              check.entity, block)
 
     def _end_block(self, entity: str, block: Block) -> None:
         """Stop using a block and give back its unused places (deferred, like settlements)."""
@@ -250,7 +250,7 @@ class Limiter:
             held.remove(block)
             if not held:
                 del self._blocks[entity]
-        if block.left <= 0 and block.tokens_left <= 0:
+        if not block.holds_anything_in_redis:
             return
         try:
             pending = self.store.return_block_soon(entity, block.id, block.first_unused, block.size,

@@ -46,19 +46,21 @@ class Block:
     """A block granted to this worker: what is left of it, and Redis's figures at grant."""
 
     id: str
-    size: int  # requests granted; places are numbered 1..size in Redis
+    quota: Quota  # the key's limits when it was granted
+    size: int  # requests granted; places are numbered 1..size in Redis (under an rpm limit)
     left: int
-    tokens_left: int
+    tokens_left: int  # 0 without a tpm limit: nothing of it is counted in Redis then
     expires: float  # monotonic: when the admission asking for it was sent, plus its life
     granted: float  # monotonic, when the grant arrived
     periods: Periods
     at_grant: Verdict  # remaining requests and tokens after the whole block, resets, spend
 
     @classmethod
-    def granted_by(cls, verdict: Verdict, block_id: str, tokens_each: int, sent: float, life_s: float,
-                   periods: Periods) -> "Block":
-        return cls(block_id, verdict.block, verdict.block, verdict.block * tokens_each, sent + life_s,
-                   time.monotonic(), periods, verdict)
+    def granted_by(cls, verdict: Verdict, quota: Quota, block_id: str, tokens_each: int, sent: float,
+                   life_s: float, periods: Periods) -> "Block":
+        tokens = verdict.block * tokens_each if quota.tpm else 0
+        return cls(block_id, quota, verdict.block, verdict.block, tokens, sent + life_s, time.monotonic(),
+                   periods, verdict)
 
     def take(self, quota: Quota, tokens: int, periods: Periods, now: float) -> Verdict | None:
         """Admit one request from this block, or None when it cannot (used up,
@@ -83,6 +85,12 @@ class Block:
         """This worker's spend since the grant, for the budget checks."""
         self.at_grant.spent_day += cost_usd
         self.at_grant.spent_month += cost_usd
+
+    @property
+    def holds_anything_in_redis(self) -> bool:
+        """Whether handing it back changes anything in Redis: unused places
+        are entries only under an rpm limit, unused tokens only under tpm."""
+        return (self.left > 0 and bool(self.quota.rpm)) or self.tokens_left > 0
 
     @property
     def first_unused(self) -> int:

@@ -111,6 +111,15 @@ def keep_alive(respond):
     return handler
 
 
+async def batches_until(resp, error: type[Exception]) -> list[list[str]]:
+    """The line batches a stream gave before it raised ``error`` (which it must)."""
+    batches = []
+    with pytest.raises(error):
+        async for batch in resp.line_batches():
+            batches.append(batch)
+    return batches
+
+
 def in_parts(*parts: bytes, pause: float = 0.03):
     """A handler answering one request with ``parts``, each followed by a pause, then closing."""
 
@@ -560,11 +569,7 @@ async def test_line_batches_time_out_when_stream_stalls(client):
 
     async with Server(handler) as srv:
         resp = await client.post(srv.url, {}, b"", SHORT)
-        batches = []
-        with pytest.raises(UpstreamTimeout):
-            async for batch in resp.line_batches():
-                batches.append(batch)
-        assert batches == [["data: a", ""]]
+        assert await batches_until(resp, UpstreamTimeout) == [["data: a", ""]]
         await resp.close()
 
 
@@ -675,11 +680,7 @@ async def test_connection_dropped_mid_body_is_broken(client):
 async def test_connection_dropped_mid_chunked_stream_is_broken(client):
     async with Server(in_parts(CHUNKED_HEAD + chunk(b"data: a\n\n") + b"40\r\ndata: tru")) as srv:
         resp = await client.post(srv.url, {}, b"", T)
-        batches = []
-        with pytest.raises(UpstreamBroken):
-            async for batch in resp.line_batches():
-                batches.append(batch)
-        assert batches == [["data: a", ""]]
+        assert await batches_until(resp, UpstreamBroken) == [["data: a", ""]]
         await resp.close()
 
 
