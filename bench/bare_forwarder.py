@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from gateway.h1 import H1Client
+from gateway.upstream.h1 import H1Client
 
 UPSTREAM_URL = os.environ.get("UPSTREAM_URL", "")
 _client: H1Client | None = None

@@ -20,8 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.limit_stores import MemoryStore, Quota, RedisStore  # noqa: E402
-from gateway.limits import Limiter, redis_client  # noqa: E402
+from gateway.config import Quota  # noqa: E402
+from gateway.limits.stores import MemoryStore, RedisStore  # noqa: E402
+from gateway.limits.limiter import Limiter  # noqa: E402
+from gateway.storage.connect import redis_client  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 QUOTA = Quota(rpm=10_000_000, tpm=10_000_000_000, max_concurrent=100_000, budget_usd_per_day=1e9)

@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.gateway_bench as gb  # noqa: E402
-import gateway.accountant as accountant  # noqa: E402
-import gateway.chat as chat  # noqa: E402
-import gateway.relay as relay  # noqa: E402
+import gateway.accounting.accountant as accountant  # noqa: E402
+import gateway.pipeline.chat as chat  # noqa: E402
+import gateway.pipeline.attempts as relay  # noqa: E402
 from bench.upstream_nginx import COMPLETION  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
 from gateway.state import Gateway  # noqa: E402

@@ -10,10 +10,11 @@ import sys
 
 from msgspec import UNSET
 
-from gateway import config as config_mod, logs
-from gateway.catalog import build
+from gateway import config as config_mod
+from gateway.accounting import logs
+from gateway.routing.catalog import build
 from gateway.config import ConfigError
-from gateway.models_api import per_token
+from gateway.server.models_api import per_token
 
 
 def _is_loopback(host: str) -> bool:
@@ -65,7 +66,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     """Print a fresh key once, and the config lines that admit it (only its digest is stored)."""
     import secrets
 
-    from gateway.auth import digest
+    from gateway.limits.keys import digest
 
     key = "sk-gw-" + secrets.token_urlsafe(32)
     print(f"key (shown once, give it to {args.name}): {key}")
@@ -87,8 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway.app import CONFIG_ENV
-    from gateway.local import LocalBackendProcess
+    from gateway.server.routes import CONFIG_ENV
+    from gateway.server.backend_process import LocalBackendProcess
     from gateway.state import LOCAL_URL_ENV
 
     cfg = _load(args.config)
@@ -111,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[CONFIG_ENV] = os.path.abspath(args.config)
     try:
         uvicorn.run(
-            "gateway.app:create_app_from_env",
+            "gateway.server.routes:create_app_from_env",
             factory=True,
             host=host,
             port=port,

@@ -11,6 +11,7 @@ overridable fields default to ``UNSET`` rather than a value.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -18,8 +19,6 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
-
-from gateway.safety.policy import Policy, SafetyConfig
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -29,6 +28,70 @@ Port = Annotated[int, Meta(ge=0, le=65535)]
 
 class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+@dataclass(slots=True)
+class Quota:
+    """What one entity (a gateway key, a provider, an endpoint) may use."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budget_usd_per_day: float | None = None
+    budget_usd_per_month: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.rpm, self.tpm, self.max_concurrent,
+                                        self.budget_usd_per_day, self.budget_usd_per_month))
+
+
+# "off" never blocks the category.
+Level = Literal["low", "medium", "high", "off"]
+
+
+class Thresholds(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Lowest severity that blocks, per category; detections block when true.
+
+    Defaults follow Azure OpenAI's default filter: medium and above for the
+    four harm categories, jailbreak blocked, profanity only annotated.
+    Unknown category names are rejected so a typo cannot disable a block.
+    """
+
+    hate: Level = "medium"
+    self_harm: Level = "medium"
+    sexual: Level = "medium"
+    violence: Level = "medium"
+    jailbreak: bool = True
+    profanity: bool = False
+
+
+class Policy(Struct, kw_only=True, forbid_unknown_fields=True):
+    """``annotate`` (default) marks results and never filters; ``block``
+    filters categories at or above their threshold."""
+
+    mode: Literal["annotate", "block"] = "annotate"
+    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
+
+
+class SafetyConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The ``[safety]`` section of the gateway config.
+
+    ``endpoint`` set: prompts and completions go to that OpenAI
+    ``/v1/moderations``-compatible URL (``model``, ``timeout_s``), with the
+    default classifier as fallback. ``api_key_env`` names the environment
+    variable holding its bearer token, so no secret sits in the config file.
+    """
+
+    mode: Literal["annotate", "block"] = "annotate"
+    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
+    endpoint: str | None = None
+    timeout_s: Annotated[float, Meta(gt=0, le=60)] = 2.0
+    model: str = "omni-moderation-latest"
+    api_key_env: str | None = None
+
+    def policy(self) -> Policy:
+        return Policy(mode=self.mode, thresholds=self.thresholds)
 
 
 class ServerConfig(_Section):

@@ -256,13 +256,3 @@ class ChatChunkOut(Struct, kw_only=True, omit_defaults=True):
     usage: Usage | UnsetType = UNSET
     prompt_filter_results: list[PromptFilterResult] | UnsetType = UNSET
     error: Raw | UnsetType = UNSET
-
-
-class UpstreamErrorBody(Struct, kw_only=True):
-    message: str | None = None
-    code: str | int | None = None
-
-
-class UpstreamError(Struct, kw_only=True):
-    error: UpstreamErrorBody | str | None = None
-    detail: Raw | None = None

@@ -9,19 +9,21 @@ import os
 
 import httpx
 
-from gateway import catalog as catalog_mod, tokens
-from gateway.accountant import Accountant
-from gateway.auth import KeyRing
+from gateway.routing import catalog as catalog_mod, tokens
+from gateway.accounting.accountant import Accountant
+from gateway.limits.keys import KeyRing
 from gateway.config import Config
-from gateway.moderation import Moderation
-from gateway.generations import Generation, GenerationStore, MemoryGenerations, RedisGenerations
-from gateway.health import Circuit, HealthTracker
-from gateway.metrics import AVAILABLE, BUDGET, CIRCUIT
-from gateway.limit_stores import MemoryStore, RedisStore
-from gateway.limits import Limiter, backstop_s, redis_client
-from gateway.redis_pipeline import AutoPipeline
-from gateway.routing import Router
-from gateway.upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable, make_client
+from gateway.safety.moderation import Moderation
+from gateway.accounting.generations import Generation, GenerationStore, MemoryGenerations, RedisGenerations
+from gateway.routing.health import Circuit, HealthTracker
+from gateway.accounting.metrics import AVAILABLE, BUDGET, CIRCUIT
+from gateway.limits.stores import MemoryStore, RedisStore
+from gateway.limits.limiter import Limiter
+from gateway.storage.connect import backstop_s, redis_client
+from gateway.storage.autopipeline import AutoPipeline
+from gateway.routing.router import Router
+from gateway.upstream import make_client
+from gateway.upstream.base import UpstreamError
 
 log = logging.getLogger("gateway")
 
@@ -147,7 +149,7 @@ class Gateway:
                     local.ready = True
                     log.info("local backend ready at %s", local.base_url)
                     return
-            except (UpstreamTimeout, UpstreamUnreachable, UpstreamBroken):
+            except UpstreamError:
                 pass
             await asyncio.sleep(0.5)
 
@@ -159,7 +161,7 @@ class Gateway:
             return b""
         try:
             status, body = await self.client.get(local.base_url.removesuffix("/v1") + "/metrics", 1.0)
-        except (UpstreamTimeout, UpstreamUnreachable, UpstreamBroken):
+        except UpstreamError:
             return b""
         return body if status == 200 else b""
 

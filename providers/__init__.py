@@ -1,7 +1,7 @@
 """Upstream providers: one module each, declaring its differences as data."""
 
 from providers import deepinfra, local, novita, openai_compatible, openrouter
-from providers.base import Provider
+from providers.base import Provider, Range
 
 _KNOWN: dict[str, Provider] = {
     m.PROVIDER.name: m.PROVIDER for m in (novita, deepinfra, openrouter, local, openai_compatible)
@@ -16,4 +16,4 @@ def get(name: str) -> Provider:
     return Provider(name=name)
 
 
-__all__ = ["Provider", "get"]
+__all__ = ["Provider", "Range", "get"]

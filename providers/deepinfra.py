@@ -19,4 +19,6 @@ PROVIDER = Provider(
     },
     stream_usage=False,
     eos_literals=("</s>",),
+    # FastAPI's shapes: {"detail": "..."}, or a list of validation errors.
+    error_messages=("detail", "detail.0.msg", "error.message", "error"),
 )

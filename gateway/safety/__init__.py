@@ -10,10 +10,11 @@ results into a decision under a ``Policy``; ``SafetyConfig`` is the
 
 from __future__ import annotations
 
-from gateway.content_filter import Classifier, merge
+from gateway.safety.results import Classifier, merge
 from gateway.safety.classifier import DefaultClassifier, StreamScanner
 from gateway.safety.external import ExternalModerationClassifier
-from gateway.safety.policy import Level, Policy, SafetyConfig, Thresholds, any_filtered, evaluate
+from gateway.config import Level, Policy, SafetyConfig, Thresholds
+from gateway.safety.policy import any_filtered, evaluate
 
 __all__ = [
     "Classifier",

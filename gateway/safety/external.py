@@ -18,7 +18,7 @@ import msgspec
 from gateway.protocol import ContentFilterResults, Detection, Severity
 from gateway.safety.classifier import DefaultClassifier
 from gateway.safety.lexicon import LEVELS
-from gateway.safety.policy import SafetyConfig
+from gateway.config import SafetyConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,60 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-import msgspec
-from msgspec import Meta, Struct
-
+from gateway.config import Policy
 from gateway.protocol import ContentFilterResults, Detection, Severity
 from gateway.safety.lexicon import DETECTION_CATEGORIES, RANK, SEVERITY_CATEGORIES
-
-# "off" never blocks the category.
-Level = Literal["low", "medium", "high", "off"]
-
-
-class Thresholds(Struct, kw_only=True, forbid_unknown_fields=True):
-    """Lowest severity that blocks, per category; detections block when true.
-
-    Defaults follow Azure OpenAI's default filter: medium and above for the
-    four harm categories, jailbreak blocked, profanity only annotated.
-    Unknown category names are rejected so a typo cannot disable a block.
-    """
-
-    hate: Level = "medium"
-    self_harm: Level = "medium"
-    sexual: Level = "medium"
-    violence: Level = "medium"
-    jailbreak: bool = True
-    profanity: bool = False
-
-
-class Policy(Struct, kw_only=True, forbid_unknown_fields=True):
-    """``annotate`` (default) marks results and never filters; ``block``
-    filters categories at or above their threshold."""
-
-    mode: Literal["annotate", "block"] = "annotate"
-    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
-
-
-class SafetyConfig(Struct, kw_only=True, forbid_unknown_fields=True):
-    """The ``[safety]`` section of the gateway config.
-
-    ``endpoint`` set: prompts and completions go to that OpenAI
-    ``/v1/moderations``-compatible URL (``model``, ``timeout_s``), with the
-    default classifier as fallback. ``api_key_env`` names the environment
-    variable holding its bearer token, so no secret sits in the config file.
-    """
-
-    mode: Literal["annotate", "block"] = "annotate"
-    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
-    endpoint: str | None = None
-    timeout_s: Annotated[float, Meta(gt=0, le=60)] = 2.0
-    model: str = "omni-moderation-latest"
-    api_key_env: str | None = None
-
-    def policy(self) -> Policy:
-        return Policy(mode=self.mode, thresholds=self.thresholds)
 
 
 def evaluate(results: ContentFilterResults, policy: Policy) -> ContentFilterResults:

@@ -11,7 +11,7 @@ from ._support import GATEWAY_METRICS, HISTOGRAMS, metric_names, tool
 def test_gateway_exports_the_documented_metrics():
     from prometheus_client import REGISTRY
 
-    import gateway.metrics  # noqa: F401  (registers the gateway's metrics)
+    import gateway.accounting.metrics  # noqa: F401  (registers the gateway's metrics)
 
     exported = {}
     for family in REGISTRY.collect():

@@ -8,9 +8,11 @@ import secrets
 
 import pytest
 from gateway.errors import GatewayError
-from gateway.limit_stores import Quota, RedisStore
-from gateway.limits import Limiter, redis_client
-from gateway.resp import RespClient
+from gateway.config import Quota
+from gateway.limits.stores import RedisStore
+from gateway.limits.limiter import Limiter
+from gateway.storage.connect import redis_client
+from gateway.storage.resp import RespClient
 
 from tests.redis_server import RedisServer
 

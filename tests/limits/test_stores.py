@@ -6,8 +6,9 @@ import asyncio
 import secrets
 
 import pytest
-from gateway.limit_stores import MemoryStore, Periods, Quota, RedisStore
-from gateway.limits import redis_client
+from gateway.config import Quota
+from gateway.limits.stores import MemoryStore, Periods, RedisStore
+from gateway.storage.connect import redis_client
 
 P = Periods(day="20261122", month="202611")
 

@@ -10,7 +10,7 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway import config as config_mod
-from gateway.app import create_app
+from gateway.server.routes import create_app
 from gateway.state import Gateway
 
 KEYS = {"NOVITA_API_KEY": "nv-secret", "DEEPINFRA_TOKEN": "di-secret", "OPENROUTER_API_KEY": "or-secret"}

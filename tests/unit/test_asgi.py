@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gateway import chat
-from gateway.asgi import App, CHAT_PATH
+from gateway.pipeline import chat
+from gateway.server.asgi import App, CHAT_PATH
 from tests.unit.conftest import make_gateway
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config as config_mod
-from gateway.catalog import build
+from gateway.routing.catalog import build
 
 REPO = Path(__file__).resolve().parents[2]
 

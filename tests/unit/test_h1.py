@@ -17,8 +17,8 @@ import zlib
 
 import pytest
 
-from gateway.h1 import H1Client, _Target
-from gateway.upstream import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
+from gateway.upstream.h1 import H1Client, _Target
+from gateway.upstream.base import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
 
 T = 2.0  # timeout for calls that should succeed: a hang fails the test in T seconds
 SHORT = 0.2  # timeout for the timeout cases

@@ -26,9 +26,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.limit_stores import Periods, Quota, RedisStore
-from gateway.limits import redis_client
-from gateway.resp import RespClient, encode
+from gateway.config import Quota
+from gateway.limits.stores import Periods, RedisStore
+from gateway.storage.connect import redis_client
+from gateway.storage.resp import RespClient, encode
 from tests.redis_server import RedisServer, server_binary
 
 T = 2.0  # timeout for calls that should succeed: a hang fails the test in T seconds

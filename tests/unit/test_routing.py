@@ -83,7 +83,7 @@ def test_context_window_filters_endpoints():
 
 
 def test_exact_count_only_near_the_limit(monkeypatch):
-    from gateway import tokens
+    from gateway.routing import tokens
 
     calls = []
     real = tokens.count_prompt

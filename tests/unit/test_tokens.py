@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway import tokens
+from gateway.routing import tokens
 from gateway.protocol import Message
 
 HISTORY = "The quick brown fox jumps over the lazy dog near the river bank. " * 20

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from gateway.catalog import Endpoint
+from gateway.routing.catalog import Endpoint
 from gateway.protocol import Usage, UpstreamUsage
-from gateway.tokens import count_text
+from gateway.routing.tokens import count_text
 
 log = logging.getLogger("gateway.accounting")
 

@@ -38,7 +38,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from gateway.limit_stores import Periods, Quota, Verdict
+from gateway.config import Quota
+from gateway.limits.stores import Periods, Verdict
 
 
 @dataclass(slots=True, eq=False)  # each block is one grant: compared by identity

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from gateway.catalog import Endpoint, Model
-from gateway.health import HealthTracker
+from gateway.routing.catalog import Endpoint, Model
+from gateway.routing.health import HealthTracker
 
 
 def per_token(usd_per_mtok: float | None) -> str | None:

@@ -8,10 +8,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from gateway.generations import AttemptOut, Generation
-from gateway.limits import Admission
+from gateway.accounting.generations import AttemptOut, Generation
+from gateway.limits.limiter import Admission
 from gateway.protocol import Usage
-from gateway.relay import Call
+from gateway.pipeline.attempts import Call
 
 access_log = logging.getLogger("gateway.access")
 

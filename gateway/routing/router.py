@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from msgspec import UNSET
 
-from gateway.catalog import Catalog, Endpoint, Model
+from gateway.routing.catalog import Catalog, Endpoint, Model
 from gateway.errors import GatewayError, invalid_request, no_provider
-from gateway.health import HealthTracker
+from gateway.routing.health import HealthTracker
 from gateway.protocol import ChatRequest, ProviderPreferences
-from gateway.tokens import PromptTokens
-from providers.base import unsupported_parameters
+from gateway.routing.tokens import PromptTokens
+from gateway.upstream.adapter import unsupported_parameters
 
 _SUFFIX_SORT = {"floor": "price", "nitro": "throughput"}
 

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass
 
 from gateway.errors import GatewayError
-from gateway.limit_stores import BlockAsk, LimitStore, PendingVerdict, Periods, Quota, Verdict
-from gateway.metrics import LIMIT_REJECTIONS, LIMIT_STORE_ERRORS
-from gateway.quota_blocks import Block
+from gateway.config import Quota
+from gateway.limits.stores import BlockAsk, LimitStore, PendingVerdict, Periods, Verdict
+from gateway.accounting.metrics import LIMIT_REJECTIONS, LIMIT_STORE_ERRORS
+from gateway.limits.blocks import Block
 
 log = logging.getLogger("gateway.limits")
 _LOG_EVERY_S = 30.0
@@ -348,32 +349,3 @@ class Limiter:
         for task in self._tasks:
             task.cancel()
         await self.store.close()
-
-
-def backstop_s(timeout_s: float) -> float:
-    return max(2.0, 10 * timeout_s)
-
-
-def redis_client(url: str, timeout_s: float):
-    """A client for ``redis://``, ``rediss://`` and ``unix://`` (:class:`gateway.resp.RespClient`),
-    or redis-py's for ``redis+cluster://host:port`` and
-    ``redis+sentinel://host:port[,host:port]/service``."""
-    opts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if url.startswith("redis+cluster://"):
-        from redis.asyncio.cluster import RedisCluster
-
-        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"), **opts)
-    if url.startswith("redis+sentinel://"):
-        from redis.asyncio.sentinel import Sentinel
-
-        rest = url.removeprefix("redis+sentinel://")
-        hosts, _, service = rest.partition("/")
-        nodes = []
-        for node in hosts.split(","):
-            host, sep, port = node.rpartition(":")
-            nodes.append((host, int(port)) if sep else (node, 26379))
-        return Sentinel(nodes, **opts).master_for(service or "mymaster", **opts)
-    # One pipelined connection; see gateway/resp.py for why not redis-py here.
-    from gateway.resp import RespClient
-
-    return RespClient(url, timeout_s)

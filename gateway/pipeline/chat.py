@@ -17,17 +17,17 @@ from dataclasses import dataclass
 import anyio
 import msgspec
 
-from gateway.accounting import price_warning
-from gateway.auth import GatewayKey
+from gateway.accounting.usage import price_warning
+from gateway.limits.keys import GatewayKey
 from gateway.errors import GatewayError, invalid_request
-from gateway.limits import Admission
-from gateway.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS
+from gateway.limits.limiter import Admission
+from gateway.accounting.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS
 from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
-from gateway.relay import DONE, KEEPALIVE, Call, LastPiece, StreamRelay, complete, sse
-from gateway.routing import Candidate, requested_models
+from gateway.pipeline.attempts import DONE, KEEPALIVE, Call, LastPiece, StreamRelay, complete, sse
+from gateway.routing.router import Candidate, requested_models
 from gateway.state import Gateway
-from gateway.tokens import reservation
-from gateway.trace import Trace
+from gateway.routing.tokens import reservation
+from gateway.accounting.trace import Trace
 
 _AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
 

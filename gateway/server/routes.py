@@ -19,10 +19,12 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from gateway import chat, config as config_mod, metrics
-from gateway.asgi import App
+from gateway import config as config_mod
+from gateway.accounting import metrics
+from gateway.pipeline import chat
+from gateway.server.asgi import App
 from gateway.errors import GatewayError
-from gateway.models_api import endpoint_entry, model_entry
+from gateway.server.models_api import endpoint_entry, model_entry
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")

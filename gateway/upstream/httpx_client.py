@@ -1,70 +1,12 @@
-"""The one seam between the gateway and upstream HTTP.
-
-Everything the gateway sends upstream goes through an :class:`UpstreamClient`.
-Two implementations share the interface and raise the same three errors:
-
-- :class:`gateway.h1.H1Client`, the default: HTTP/1.1 written by hand over
-  asyncio, parsed by httptools. It replaced aiohttp, whose per-request setup
-  cost more worker time than the gateway's own work (``bench/NOTES.md``);
-  aiohttp in turn had replaced httpx, whose pool scans every pooled
-  connection on each request.
-- :class:`HttpxClient`, used when a test injects an ``httpx`` transport
-  (respx mocks, ``httpx.MockTransport``).
-"""
+"""The upstream seam over httpx, for tests that inject a transport (respx, ``httpx.MockTransport``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from collections.abc import AsyncIterator
 
 import httpx
 
-
-class UpstreamTimeout(Exception):
-    """Connecting or reading took longer than the timeout."""
-
-
-class UpstreamUnreachable(Exception):
-    """No connection could be made."""
-
-
-class UpstreamBroken(Exception):
-    """The connection failed mid-response, or the body is over the size limit."""
-
-
-class UpstreamResponse(Protocol):
-    status: int
-    headers: Mapping[str, str]
-
-    async def read(self, limit: int = ...) -> bytes: ...
-
-    def line_batches(self) -> AsyncIterator[list[str]]:
-        """Lines of the body, grouped as they arrived: all complete lines of one read."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class UpstreamClient(Protocol):
-    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> UpstreamResponse:
-        """Send a request; return once the response headers are in.
-
-        ``timeout_s`` bounds connecting and each read, so a hung upstream is
-        noticed; the caller bounds the whole attempt with its deadline.
-        """
-        ...
-
-    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
-        """Status and body of a GET, for backends we started (readiness, metrics)."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-BODY_LIMIT = 32 * 1024 * 1024
-
-
-# --- httpx -------------------------------------------------------------------
+from gateway.upstream.base import BODY_LIMIT, UpstreamBroken, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 
 
 class _HttpxResponse:
@@ -138,12 +80,3 @@ class HttpxClient:
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-def make_client(transport: httpx.AsyncBaseTransport | None = None) -> UpstreamClient:
-    """Our HTTP/1.1 client by default; httpx when a transport is injected."""
-    if transport is not None:
-        return HttpxClient(transport)
-    from gateway.h1 import H1Client  # imports this module's errors
-
-    return H1Client()

@@ -15,9 +15,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway import chat
+from gateway.pipeline import chat
 from gateway.errors import GatewayError
-from gateway.relay import LastPiece
+from gateway.pipeline.attempts import LastPiece
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")

@@ -22,15 +22,15 @@ import anyio
 import msgspec
 from msgspec import UNSET
 
-from gateway import content_filter
-from gateway.moderation import Moderation
+from gateway.safety import results as content_filter
+from gateway.safety.moderation import Moderation
 from gateway.safety import Policy
-from gateway.accounting import usage_for
-from gateway.catalog import Endpoint
+from gateway.accounting.usage import usage_for
+from gateway.routing.catalog import Endpoint
 from gateway.errors import GatewayError
-from gateway.health import HealthTracker
-from gateway.limits import Limiter
-from gateway.metrics import FAILOVERS, UPSTREAM_ERRORS
+from gateway.routing.health import HealthTracker
+from gateway.limits.limiter import Limiter
+from gateway.accounting.metrics import FAILOVERS, UPSTREAM_ERRORS
 from gateway.protocol import (
     AssistantMessage,
     ChatChunk,
@@ -41,19 +41,18 @@ from gateway.protocol import (
     ChunkChoiceOut,
     Delta,
     PromptFilterResult,
-    UpstreamError,
     UpstreamUsage,
     Usage,
 )
-from gateway.routing import Candidate
-from gateway.upstream import (
+from gateway.routing.router import Candidate
+from gateway.upstream.base import (
     UpstreamBroken,
     UpstreamClient,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from providers.base import clean_content, clean_delta, request_body
+from gateway.upstream.adapter import clean_content, clean_delta, error_message, request_body
 
 log = logging.getLogger("gateway.relay")
 
@@ -144,17 +143,13 @@ def _scrub(text: str, endpoint: Endpoint) -> str:
     return text[:500]
 
 
-async def _error_message(response: UpstreamResponse) -> str:
+async def _error_message(response: UpstreamResponse, endpoint: Endpoint) -> str:
+    """The upstream's own message, read where its provider declares it."""
     try:
         raw = await response.read(_ERROR_BODY_LIMIT)
-        body = msgspec.json.decode(raw, type=UpstreamError)
-    except (msgspec.DecodeError, msgspec.ValidationError, UpstreamTimeout, UpstreamBroken):
+    except UpstreamError:
         return f"HTTP {response.status}"
-    if isinstance(body.error, str):
-        return body.error
-    if body.error is not None and body.error.message:
-        return body.error.message
-    return f"HTTP {response.status}"
+    return error_message(endpoint.provider.spec, raw) or f"HTTP {response.status}"
 
 
 async def _open(call: Call, cand: Candidate, stream_usage: bool) -> UpstreamResponse:
@@ -171,7 +166,7 @@ async def _open(call: Call, cand: Candidate, stream_usage: bool) -> UpstreamResp
     if 200 <= response.status < 300:
         return response
     try:
-        message = _scrub(await _error_message(response), endpoint)
+        message = _scrub(await _error_message(response, endpoint), endpoint)
     finally:
         await response.close()
     if response.status in CALLER_FAULT:

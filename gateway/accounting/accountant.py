@@ -20,11 +20,11 @@ import logging
 import time
 from collections import Counter
 
-from gateway.generations import GenerationStore
-from gateway.limits import Limiter
-from gateway.logs import log_lines
-from gateway.metrics import COST, DURATION, OVERHEAD, REQUESTS, TOKENS, TTFT
-from gateway.trace import Trace, access_log
+from gateway.accounting.generations import GenerationStore
+from gateway.limits.limiter import Limiter
+from gateway.accounting.logs import log_lines
+from gateway.accounting.metrics import COST, DURATION, OVERHEAD, REQUESTS, TOKENS, TTFT
+from gateway.accounting.trace import Trace, access_log
 
 log = logging.getLogger("gateway")
 

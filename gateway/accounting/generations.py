@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from gateway.redis_pipeline import AutoPipeline
+from gateway.storage.autopipeline import AutoPipeline
 
 
 class AttemptOut(msgspec.Struct):

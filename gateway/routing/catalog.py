@@ -10,11 +10,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import providers
-from gateway.limit_stores import Quota
-from gateway.safety.policy import Policy
-from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, ProviderConfig
 from msgspec import UNSET
+
+import providers
+from gateway.config import Config, ConfigError, Policy, Quota, EndpointConfig, ModelConfig, ProviderConfig
+from gateway.protocol import SAMPLING_PARAMETERS
 
 log = logging.getLogger("gateway.catalog")
 
@@ -157,7 +157,9 @@ def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: Provider
         output_usd_per_mtok=val(ec.output_usd_per_mtok, None),
         context_length=ec.context_length,
         quantization=val(ec.quantization, None),
-        supported_parameters=provider.spec.supported_parameters if supported is None else frozenset(supported),
+        supported_parameters=frozenset(supported) if supported is not None else (
+            provider.spec.supported_parameters if provider.spec.supported_parameters is not None
+            else frozenset(SAMPLING_PARAMETERS)),
         quota=Quota(rpm=_opt(ec.rpm), tpm=_opt(ec.tpm), max_concurrent=_opt(ec.max_concurrent)),
     )
     if not endpoint.quota.empty:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from gateway.upstream import BODY_LIMIT, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
+from gateway.upstream.base import BODY_LIMIT, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
 
 
 
@@ -305,7 +305,7 @@ class H1Client:
         except TimeoutError:
             raise UpstreamTimeout("connect timed out") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnreachable(f"ClientConnectorError: {type(exc).__name__}") from None
+            raise UpstreamUnreachable(f"{type(exc).__name__}") from None
         return conn
 
     async def request(self, method: str, url: str, headers: dict[str, str], body: bytes,

@@ -14,10 +14,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from gateway.config import KeyConfig
+from gateway.config import KeyConfig, Policy, Quota
 from gateway.errors import GatewayError
-from gateway.limit_stores import Quota
-from gateway.safety.policy import Policy
 
 log = logging.getLogger("gateway.auth")
 

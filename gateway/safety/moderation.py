@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 
-from gateway.content_filter import merge
+from gateway.safety.results import merge
 from gateway.protocol import ContentFilterResults
 from gateway.safety import (
     DefaultClassifier,

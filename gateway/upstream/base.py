@@ -1,0 +1,60 @@
+"""The seam between the gateway and upstream HTTP: the client protocol and its errors.
+
+Two clients implement it: :class:`gateway.upstream.h1.H1Client`, the default,
+and :class:`gateway.upstream.httpx_client.HttpxClient`, used when a test
+injects an httpx transport. Both raise only the :class:`UpstreamError`
+family below, so callers catch one base class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+BODY_LIMIT = 32 * 1024 * 1024
+
+
+class UpstreamError(Exception):
+    """An upstream HTTP exchange failed."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connecting or reading took longer than the timeout."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection could be made."""
+
+
+class UpstreamBroken(UpstreamError):
+    """The connection failed mid-response, or the body is over the size limit."""
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self, limit: int = ...) -> bytes: ...
+
+    def line_batches(self) -> AsyncIterator[list[str]]:
+        """Lines of the body, grouped as they arrived: all complete lines of one read."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> UpstreamResponse:
+        """Send a request; return once the response headers are in.
+
+        ``timeout_s`` bounds connecting and each read, so a hung upstream is
+        noticed; the caller bounds the whole attempt with its deadline.
+        """
+        ...
+
+    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+        """Status and body of a GET, for backends we started (readiness, metrics)."""
+        ...
+
+    async def close(self) -> None: ...
+
