@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: install serve test system-deps
+.PHONY: install serve test lint system-deps
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus nginx; \
 	fi
+
+# Layers (import-linter), lint and format (ruff), types (mypy): config in pyproject.toml.
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check gateway providers local_backend
+	$(BIN)/ruff format --check gateway providers local_backend
+	$(BIN)/mypy
 
 test: install system-deps
 	$(BIN)/python -m pytest -q

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench.gateway_bench as gb  # noqa: E402
 import gateway.accounting.accountant as accountant  # noqa: E402
 import gateway.pipeline.chat as chat  # noqa: E402
-import gateway.pipeline.attempts as relay  # noqa: E402
+import gateway.pipeline.attempts as attempts  # noqa: E402
 from bench.upstream_nginx import COMPLETION  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
 from gateway.state import Gateway  # noqa: E402
@@ -103,9 +103,9 @@ async def run(requests: int) -> None:
             await asyncio.sleep(0)
         for name in ("decode_request", "check_allowed", "reservation", "_headers", "complete"):
             timed(chat, name)
-        timed(chat, "_annotate_prompt", "classify prompt")
-        timed(relay, "_open", "send to upstream (stub)")
-        timed(relay, "_finish_completion")
+        timed(chat.Admitted, "annotate_prompt", "classify prompt")
+        timed(attempts.Attempts, "send", "send to upstream (stub)")
+        timed(attempts, "_finish_completion")
         timed(accountant, "observe", "metrics and log lines (batched)")
         timed(gw.keys, "authenticate")
         timed(gw.limiter, "begin_key")

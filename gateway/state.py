@@ -16,7 +16,7 @@ from gateway.config import Config
 from gateway.safety.moderation import Moderation
 from gateway.accounting.generations import Generation, GenerationStore, MemoryGenerations, RedisGenerations
 from gateway.routing.health import Circuit, HealthTracker
-from gateway.accounting.metrics import AVAILABLE, BUDGET, CIRCUIT
+from gateway.accounting.metrics import AVAILABLE, BUDGET, CIRCUIT, LIMIT_STORE_ERRORS
 from gateway.limits.stores import MemoryStore, RedisStore
 from gateway.limits.limiter import Limiter
 from gateway.storage.connect import backstop_s, redis_client
@@ -81,7 +81,8 @@ class Gateway:
             self.generations = MemoryGenerations(config.generations.capacity)
         self.limiter = Limiter(store, on_error=config.redis.on_error,
                                lease_ttl_s=config.routing.deadline_s + 60,
-                               block_requests=config.redis.block_requests, block_s=config.redis.block_s)
+                               block_requests=config.redis.block_requests, block_s=config.redis.block_s,
+                               on_store_error=LIMIT_STORE_ERRORS.inc)
         self.accountant = Accountant(self.limiter, self.generations)
         self._tasks: set[asyncio.Task] = set()
         self._local_watch: asyncio.Task | None = None

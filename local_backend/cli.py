@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .server import Backend
@@ -18,31 +19,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m local_backend")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a Mistral-family model over OpenAI-compatible HTTP")
-    s.add_argument("--model", default="embedded",
-                   help="'embedded' (SmolLM2-135M-Instruct), a local HF directory, or a hub id")
+    s.add_argument(
+        "--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a local HF directory, or a hub id"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: bfloat16 on cuda and on CPUs with AVX512-BF16/AMX, else float32")
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: bfloat16 on cuda and on CPUs with AVX512-BF16/AMX, else float32",
+    )
     s.add_argument("--served-name", default=None, help="model name clients must send")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
-    s.add_argument("--max-model-len", type=int, default=None,
-                   help=f"context length (default: the model's, capped at {MAX_DEFAULT_CONTEXT})")
+    s.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help=f"context length (default: the model's, capped at {MAX_DEFAULT_CONTEXT})",
+    )
     s.add_argument("--tokenizer", default=None, help="mistral-common tokenizer file (tokenizer.model.v3, tekken.json)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     s.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
 
-def make_loader(model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None,
-                max_batch: int = 16, max_queue: int = 64, max_model_len: int | None = None,
-                threads: int | None = None) -> Callable[[], Backend]:
+def make_loader(
+    model: str,
+    device: str = "cpu",
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_model_len: int | None = None,
+    threads: int | None = None,
+) -> Callable[[], Backend]:
     """The start-up work the server runs in a thread: load, fuse, warm up.
 
-    The engine is returned unstarted: the server then runs its loop in this same
-    thread (`Engine.run`), so one thread owns every torch op (see Engine.run).
+    The Backend's engine is returned unstarted: the server then runs its loop in this
+    same thread (`Engine.run`), so one thread owns every torch op (see Engine.run).
     """
     from .engine import EngineConfig, build_engine
     from .models import load_model
@@ -71,19 +88,32 @@ def serve(args: argparse.Namespace) -> None:
 
     # No torch work in this (the uvicorn) thread: the loader thread loads and then runs the engine.
     served = args.served_name or default_served_name(args.model)
-    load = make_loader(args.model, args.device, args.dtype, args.tokenizer, args.max_batch,
-                       args.max_queue, args.max_model_len, args.threads)
+    load = make_loader(
+        args.model,
+        args.device,
+        args.dtype,
+        args.tokenizer,
+        args.max_batch,
+        args.max_queue,
+        args.max_model_len,
+        args.threads,
+    )
     app = create_app(served, load)
     logging.getLogger("local_backend").info(
         "listening on http://%s:%d (model %s, served as %r; /health is 503 until loaded)",
-        args.host, args.port, args.model, served)
+        args.host,
+        args.port,
+        args.model,
+        served,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "serve":
         serve(args)
     return 0

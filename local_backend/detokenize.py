@@ -10,7 +10,7 @@ so the leading-space stripping cancels out.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class IncrementalDetokenizer:
@@ -24,19 +24,19 @@ class IncrementalDetokenizer:
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        prefix_text = self._decode(self.ids[self._prefix:self._read])
-        new_text = self._decode(self.ids[self._prefix:])
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self.ids)
-            return new_text[len(prefix_text):]
+            return new_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. a dangling partial character) at the end."""
-        prefix_text = self._decode(self.ids[self._prefix:self._read])
-        new_text = self._decode(self.ids[self._prefix:])
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
 
 class StopMatcher:
@@ -59,7 +59,7 @@ class StopMatcher:
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if hits:
             self._pending = ""
-            return buf[:min(hits)], True
+            return buf[: min(hits)], True
         cut = max(len(buf) - self._hold, 0)
         self._pending = buf[cut:]
         return buf[:cut], False

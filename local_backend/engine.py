@@ -5,22 +5,19 @@ sampling params, never HTTP. It runs in its own thread (torch releases the GIL i
 its kernels); requests arrive through a thread-safe inbox and outputs go back
 through per-request asyncio queues fed with `loop.call_soon_threadsafe`.
 
-Each iteration (1) admits waiting requests while a slot is free, (2) runs at most
-one prompt chunk for the request being prefilled (chunked prefill: a long prompt
-costs running streams one chunk of latency per step, not the whole prompt), and
-(3) runs ONE batched decode forward for every running sequence. Requests join and
-leave between iterations; a finished request's slot is filled by moving the last
-running sequence into it, so the decode batch is always slots 0..B-1.
+Each iteration (1) moves the oldest waiting request into prefill when none is being
+prefilled and a decode slot is free, (2) runs at most one prompt chunk for the
+request being prefilled (chunked prefill: a long prompt costs running streams one
+chunk of latency per step, not the whole prompt), and (3) runs ONE batched decode
+forward for every running sequence. Requests join and leave between iterations;
+a finished request's slot is filled by moving the last running sequence into it,
+so the decode batch is always slots 0..B-1 and the request being prefilled sits
+in slot B.
 
-Why our own engine and not transformers' continuous batching
-(`model.generate_batch` / ContinuousBatchingManager with paged attention): both
-were measured in the same run by `bench/local_backend_bench.py` on the 2-core CPU
-box (SmolLM2-135M, 16 prompts x 64 new tokens; table in docs/local_backend.md):
-generate_batch 48 tok/s (fp32) vs this server's 117 tok/s aggregate decode in fp32
-and 345 in bf16 over streaming HTTP. Its manager also has no per-request sampling
-params, stop strings, per-request seeds, or a cancellation hook, and it must run
-outside torch.inference_mode. One static padded generate() batch (120 tok/s fp32)
-is on par with our fp32 decode but is not a server (no arrivals, no streaming).
+Why our own engine and not transformers' continuous batching (`generate_batch` /
+ContinuousBatchingManager): that manager has no per-request sampling params, stop
+strings, per-request seeds or cancellation hook, must run outside
+torch.inference_mode, and was slower than this engine in bench/local_backend_bench.py.
 """
 
 from __future__ import annotations
@@ -31,15 +28,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .detokenize import IncrementalDetokenizer, StopMatcher
-from .metrics import EngineStats
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, sample_batch
+from .stats import EngineStats
+
+if TYPE_CHECKING:
+    from transformers import MistralForCausalLM
 
 log = logging.getLogger("local_backend.engine")
 
@@ -93,18 +94,27 @@ class _Request:
     arrival: float = field(default_factory=time.monotonic)
 
 
+# What other threads send to the engine thread.
+_Message = tuple[Literal["add"], _Request] | tuple[Literal["abort"], int] | tuple[Literal["wake"], None]
+
+
 class Engine:
     """The scheduler thread. Public methods are thread-safe."""
 
-    def __init__(self, runner: ModelRunner, decode: Callable[[list[int]], str],
-                 eos_token_ids: frozenset[int], config: EngineConfig) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        decode: Callable[[list[int]], str],
+        eos_token_ids: frozenset[int],
+        config: EngineConfig,
+    ) -> None:
         if config.max_batch >= runner.max_slots:
             raise ValueError("runner needs max_batch + 1 slots (one for the prefilling request)")
         self.runner = runner
         self.decode_text = decode
         self.eos = eos_token_ids
         self.cfg = config
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._num_waiting = 0
@@ -129,12 +139,10 @@ class Engine:
     def run(self) -> None:
         """Run the loop in the calling thread until shutdown().
 
-        The server uses this from the thread that loaded the model, so that one
-        thread runs every torch op of the process. libgomp (PyTorch's OpenMP on
-        Linux wheels) makes each parallel region ~60 us slower per extra live
-        OpenMP pool once there are more OpenMP threads than cores (measured on the
-        2-core box: 8 -> 65 us per small op, 27 -> 42 ms per decode step at batch 1),
-        and a decode step runs ~1000 parallel regions.
+        The server calls this from the thread that loaded the model, so that one
+        thread runs every torch op of the process: with libgomp (PyTorch's OpenMP on
+        Linux wheels), every extra live OpenMP pool slows each parallel region once
+        there are more OpenMP threads than cores, and a decode step runs ~1000 of them.
         """
         self.started = True
         self._loop()
@@ -145,24 +153,29 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               sink: Callable[[StepOutput], None]) -> int:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[StepOutput], None]) -> int:
         """Queue a request; raises ContextLengthExceeded / QueueFull synchronously."""
         need = len(prompt_ids) + params.max_tokens
         if not prompt_ids or need > self.cfg.max_model_len:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.cfg.max_model_len} tokens. However, you "
                 f"requested {need} tokens ({len(prompt_ids)} in the messages, {params.max_tokens} in the "
-                f"completion). Please reduce the length of the messages or completion.")
+                f"completion). Please reduce the length of the messages or completion."
+            )
         with self._lock:
             if self._num_waiting >= self.cfg.max_queue:
                 self.stats.requests["rejected"] += 1
                 raise QueueFull(retry_after=self._retry_after())
             self._num_waiting += 1
         req = _Request(
-            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, sink=sink,
+            id=next(self._ids),
+            prompt_ids=list(prompt_ids),
+            params=params,
+            sink=sink,
             sampler=Sampler(params, prompt_ids, self.runner.device),
-            detok=IncrementalDetokenizer(self.decode_text), stops=StopMatcher(params.stop))
+            detok=IncrementalDetokenizer(self.decode_text),
+            stops=StopMatcher(params.stop),
+        )
         self._inbox.put(("add", req))
         return req.id
 
@@ -217,11 +230,10 @@ class Engine:
         except queue.Empty:
             return
         while True:
-            kind, payload = item
-            if kind == "add":
-                self._waiting.append(payload)  # type: ignore[arg-type]
-            elif kind == "abort":
-                self._abort(payload)  # type: ignore[arg-type]
+            if item[0] == "add":
+                self._waiting.append(item[1])
+            elif item[0] == "abort":
+                self._abort(item[1])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -256,7 +268,7 @@ class Engine:
         req = self._prefilling
         assert req is not None
         chunk = self.cfg.prefill_chunk if self._running else self.cfg.prefill_chunk_idle
-        toks = req.prompt_ids[req.computed:req.computed + chunk]
+        toks = req.prompt_ids[req.computed : req.computed + chunk]
         logits = self.runner.prefill(len(self._running), toks, req.computed)
         req.computed += len(toks)
         if req.computed < len(req.prompt_ids):
@@ -278,7 +290,7 @@ class Engine:
         for r in running:
             r.computed += 1
         new = sample_batch(logits, [r.sampler for r in running])
-        for r, t in zip(running, new):
+        for r, t in zip(running, new, strict=True):
             self._accept(r, t)
         for i in range(len(running) - 1, -1, -1):
             if running[i].finished:
@@ -362,8 +374,9 @@ def add_request(engine: Engine, prompt_ids: list[int], params: SamplingParams) -
     return stream
 
 
-def build_engine(model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: frozenset[int],
-                 config: EngineConfig) -> Engine:
+def build_engine(
+    model: MistralForCausalLM, decode: Callable[[list[int]], str], eos_token_ids: frozenset[int], config: EngineConfig
+) -> Engine:
     """Fuse the model's weights into a runner sized for the config and wrap it in an Engine."""
     runner = ModelRunner(model, max_slots=config.max_batch + 1, max_len=config.max_model_len)
     return Engine(runner, decode, eos_token_ids, config)

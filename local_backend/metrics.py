@@ -1,8 +1,10 @@
 """Prometheus metrics of the local backend, served at GET /metrics.
 
-The engine thread only bumps plain ints in an `EngineStats` (one int add per token,
-a few per request); the exposition is built at scrape time by a custom collector
-that reads them, so nothing prometheus-related runs in the decode loop.
+The engine thread only bumps plain ints in an `EngineStats` (local_backend.stats:
+one int add per token, a few per request); the exposition is built at scrape time by
+a custom collector that reads them through the narrow `EngineView` protocol, so
+nothing prometheus-related runs in the decode loop and this module never imports
+the engine.
 
 We deliberately use no prometheus_client Counter/Gauge/Histogram objects: the
 gateway starts us with its own PROMETHEUS_MULTIPROC_DIR in the environment, and
@@ -14,73 +16,78 @@ names.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
-TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Fixed set, pre-seeded at 0: the dict never changes size, so a scrape can copy it
-# while the engine thread updates it.
-STATUSES = ("stop", "length", "error", "aborted", "rejected")
+from .stats import TTFT_BUCKETS, EngineStats
 
 
-class EngineStats:
-    """Counters the engine thread updates; `rejected` is bumped under the engine's lock."""
+class EngineView(Protocol):
+    """What a scrape reads from the engine (`local_backend.engine.Engine` provides it)."""
 
-    def __init__(self) -> None:
-        self.generated_tokens = 0
-        self.requests = dict.fromkeys(STATUSES, 0)
-        self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)  # last one is +Inf
-        self.ttft_sum = 0.0
+    @property
+    def stats(self) -> EngineStats: ...
 
-    def finished(self, status: str) -> None:
-        self.requests[status] += 1
+    @property
+    def num_waiting(self) -> int: ...
 
-    def first_token(self, seconds: float) -> None:
-        self.ttft_counts[bisect_left(TTFT_BUCKETS, seconds)] += 1
-        self.ttft_sum += seconds
+    @property
+    def batch_size(self) -> int: ...
 
 
 class EngineCollector:
     """Reads the engine (or zeros while the model loads) at scrape time."""
 
-    def __init__(self, get_engine: Callable[[], Engine | None]) -> None:
+    def __init__(self, get_engine: Callable[[], EngineView | None]) -> None:
         self.get_engine = get_engine
 
     def collect(self) -> Iterator[Metric]:
         engine = self.get_engine()
         stats = engine.stats if engine is not None else EngineStats()
-        yield GaugeMetricFamily("local_backend_queue_depth", "Requests waiting for a batch slot",
-                                value=engine.num_waiting if engine is not None else 0)
-        yield GaugeMetricFamily("local_backend_batch_size", "Sequences in the running decode batch",
-                                value=engine.batch_size if engine is not None else 0)
-        yield CounterMetricFamily("local_backend_generated_tokens", "Completion tokens generated",
-                                  value=stats.generated_tokens)
-        req = CounterMetricFamily("local_backend_requests", "Requests by outcome: finish reason, "
-                                  "aborted (client left), rejected (queue full)", labels=["status"])
+        yield GaugeMetricFamily(
+            "local_backend_queue_depth",
+            "Requests waiting for a batch slot",
+            value=engine.num_waiting if engine is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "local_backend_batch_size",
+            "Sequences in the running decode batch",
+            value=engine.batch_size if engine is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "local_backend_generated_tokens", "Completion tokens generated", value=stats.generated_tokens
+        )
+        req = CounterMetricFamily(
+            "local_backend_requests",
+            "Requests by outcome: finish reason, aborted (client left), rejected (queue full)",
+            labels=["status"],
+        )
         for status, n in dict(stats.requests).items():
             req.add_metric([status], n)
         yield req
         counts = list(stats.ttft_counts)
         cum, buckets = 0, []
-        for bound, n in zip((*map(str, TTFT_BUCKETS), "+Inf"), counts):
+        for bound, n in zip((*map(str, TTFT_BUCKETS), "+Inf"), counts, strict=True):
             cum += n
             buckets.append((bound, cum))
-        yield HistogramMetricFamily("local_backend_time_to_first_token_seconds",
-                                    "Request arrival to its first generated token",
-                                    buckets=buckets, sum_value=stats.ttft_sum)
+        yield HistogramMetricFamily(
+            "local_backend_time_to_first_token_seconds",
+            "Request arrival to its first generated token",
+            buckets=buckets,
+            sum_value=stats.ttft_sum,
+        )
 
 
-def make_registry(get_engine: Callable[[], Engine | None]) -> CollectorRegistry:
+def make_registry(get_engine: Callable[[], EngineView | None]) -> CollectorRegistry:
+    """A private registry (no process_*/python_* collectors) holding only the engine collector."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(get_engine))
     return registry
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition page and its content type."""
     return generate_latest(registry), CONTENT_TYPE_LATEST

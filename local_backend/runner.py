@@ -4,27 +4,30 @@ Why not `model(...)` with a transformers Cache: every sequence in a continuous b
 sits at a different position, which transformers' StaticCache (one shared
 cache_position) cannot express, and a DynamicCache per sequence has to be stacked
 and split every step. Here the weights come from the loaded `MistralForCausalLM`
-(q/k/v and gate/up fused into one matmul each, so a layer is 4 GEMMs) and the cache
-is one tensor per layer, `[slots, kv_heads, max_len, head_dim]`. Running sequences
-occupy slots 0..B-1 so a decode step reads a plain view `cache[:B, :, :L]`; rows of
-different lengths are masked. RoPE comes from the model's own rotary module, so
-every rope variant transformers supports is honoured.
+(q/k/v and gate/up fused into one matmul each, so a layer is 4 GEMMs) and K and V
+are one pre-allocated tensor each, `[layers, slots, kv_heads, max_len, head_dim]`.
+Running sequences occupy slots 0..B-1 so a decode step reads a plain view
+`cache[layer, :B, :, :L]`; rows of different lengths are masked. RoPE comes from
+the model's own rotary module, so every rope variant transformers supports is
+honoured.
 
-bfloat16 on CPU: the GEMM weights are reordered once into oneDNN's blocked layout
-(`mkldnn._reorder_linear_weight`, the op inductor's freezing pass uses) and
-multiplied with `mkldnn._linear_pointwise`. Plain `F.linear` re-lays-out the
-weight on every call; on the 2-core AVX512-BF16 box the packed path measured
-8.7 vs 13.1 ms for 30 [3072x576] GEMMs at batch 16 and 6.5 vs 8.1 ms at batch 1,
-bit-identical outputs. float32 keeps `F.linear` (it is the reference path the
-tests compare with transformers bit for bit; packing changes fp32 rounding).
+bfloat16 on CPU (where oneDNN supports it): the GEMM weights are reordered once
+into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and multiplied with
+`mkldnn._linear_pointwise`, because plain `F.linear` re-lays-out the weight on
+every call. float32 keeps `F.linear`: it is the reference path the tests compare
+with transformers bit for bit, and packing changes fp32 rounding.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import MistralForCausalLM
 
 log = logging.getLogger("local_backend.runner")
 
@@ -38,55 +41,76 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             return False
         w = torch.randn(64, 32, dtype=dtype)
         x = torch.randn(3, 32, dtype=dtype)
-        packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None),
-                                                    None, "none", [], "")
+        packed = torch.ops.mkldnn._linear_pointwise(
+            x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], ""
+        )
         return bool(torch.allclose(packed.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2))
     except (AttributeError, RuntimeError):
         return False
 
 
+class _Layer(TypedDict):
+    """One decoder layer's weights: norms, fused q/k/v and gate/up, output and down projections."""
+
+    ln1: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wgu: torch.Tensor
+    wd: torch.Tensor
+
+
 class ModelRunner:
     """Owns fused weights and the KV cache; knows nothing about requests."""
 
-    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int) -> None:
+    def __init__(self, model: MistralForCausalLM, max_slots: int, max_len: int) -> None:
         cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.group = self.n_heads // self.n_kv
         self.eps = cfg.rms_norm_eps
-        self.window = getattr(cfg, "sliding_window", None)
+        self.window: int | None = getattr(cfg, "sliding_window", None)
         self.vocab_size = cfg.vocab_size
         self.max_slots = max_slots
         self.max_len = max_len
-        self.scale = self.head_dim ** -0.5
-        self.rotary = model.model.rotary_emb
+        self.scale = self.head_dim**-0.5
+        self.rotary: torch.nn.Module = model.model.rotary_emb
         self.packed = _can_pack(self.device, self.dtype)
-        pack = torch.ops.mkldnn._reorder_linear_weight if self.packed else (lambda w, _: w)
         log.info("GEMMs: %s", "oneDNN packed bf16" if self.packed else f"F.linear ({self.dtype})")
 
-        self.layers: list[dict[str, torch.Tensor | None]] = []
+        def pack(w: torch.Tensor) -> torch.Tensor:
+            if not self.packed:
+                return w
+            packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            return packed
+
+        self.layers: list[_Layer] = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
-            self.layers.append({
-                "ln1": layer.input_layernorm.weight.detach(),
-                "wqkv": pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), None),
-                "bqkv": torch.cat(biases).detach() if all(b is not None for b in biases) else None,
-                "wo": pack(a.o_proj.weight.detach(), None),
-                "ln2": layer.post_attention_layernorm.weight.detach(),
-                "wgu": pack(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), None),
-                "wd": pack(m.down_proj.weight.detach(), None),
-            })
+            self.layers.append(
+                {
+                    "ln1": layer.input_layernorm.weight.detach(),
+                    "wqkv": pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()),
+                    "bqkv": torch.cat(biases).detach() if all(b is not None for b in biases) else None,
+                    "wo": pack(a.o_proj.weight.detach()),
+                    "ln2": layer.post_attention_layernorm.weight.detach(),
+                    "wgu": pack(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()),
+                    "wd": pack(m.down_proj.weight.detach()),
+                }
+            )
             # Drop the unfused (or unpacked) copies so big checkpoints are not held twice.
             for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj) + (
-                    (a.o_proj, m.down_proj) if self.packed else ()):
-                p.weight = None  # type: ignore[assignment]
-        self.embed = model.model.embed_tokens.weight.detach()
-        self.norm = model.model.norm.weight.detach()
-        self.lm_head = pack(model.lm_head.weight.detach(), None)
+                (a.o_proj, m.down_proj) if self.packed else ()
+            ):
+                p.weight = None
+        self.embed: torch.Tensor = model.model.embed_tokens.weight.detach()
+        self.norm: torch.Tensor = model.model.norm.weight.detach()
+        self.lm_head = pack(model.lm_head.weight.detach())
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
 
@@ -148,11 +172,15 @@ class ModelRunner:
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            # torch.ops resolves ops at run time: the call is typed as returning Any.
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # type: ignore[no-any-return]
         return F.linear(x, w, b)
 
     def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """[B, 1, G*T, L] bool: causal, per-row length, optional sliding window."""
+        """[B, 1, G*T, L] bool (for T == 1: [B, 1, 1, L], broadcast over the G query rows).
+
+        Causal, per-row length, optional sliding window.
+        """
         j = self._arange[:kv_len]
         p = pos.unsqueeze(-1)  # [B, T, 1]
         allowed = j <= p
@@ -176,16 +204,17 @@ class ModelRunner:
             h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
             qkv = self._linear(h, w["wqkv"], w["bqkv"])
             # RoPE on q and k in one pass: they are adjacent in the fused projection.
-            qk = _rope(qkv[..., :self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
-            q, k = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:]
-            v = qkv[..., self.q_size + self.kv_size:]
+            qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
+            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
+            v = qkv[..., self.q_size + self.kv_size :]
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc[rows, :, pos] = k  # [B, T, nk, D] scattered into [slot, :, pos, :]
             vc[rows, :, pos] = v.view(b, t, nk, d)
             # GQA without repeat_kv: fold each kv head's query group into the query axis.
             q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
             o = F.scaled_dot_product_attention(
-                q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale)
+                q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale
+            )
             o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
             x = x + self._linear(o, w["wo"])
             h = F.rms_norm(x, (x.shape[-1],), w["ln2"], self.eps)

@@ -30,7 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError(param, message) for values no sampler could honour."""
+        """Raise InvalidParam (a ValueError naming the field) for values no sampler could honour."""
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("temperature", 0.0 <= self.temperature <= 2.0, "must be between 0 and 2"),
@@ -41,8 +41,11 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be between -2 and 2"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"),
             ("stop", len(self.stop) <= 4 and all(self.stop), "at most 4 non-empty strings"),
-            ("logit_bias", all(0 <= t < vocab_size and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-             "token ids must be in the vocabulary and biases between -100 and 100"),
+            (
+                "logit_bias",
+                all(0 <= t < vocab_size and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+                "token ids must be in the vocabulary and biases between -100 and 100",
+            ),
         ]
         for name, ok, msg in checks:
             if not ok:
@@ -70,8 +73,8 @@ class Sampler:
         self._prompt_ids = prompt_ids
         self._seen: torch.Tensor | None = None  # prompt + generated, for repetition_penalty
         self.plain = self.greedy and not (
-            params.logit_bias or params.repetition_penalty != 1.0
-            or params.presence_penalty or params.frequency_penalty)
+            params.logit_bias or params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        )
 
     def append(self, token: int) -> None:
         self.counts[token] = self.counts.get(token, 0) + 1
@@ -79,12 +82,12 @@ class Sampler:
             self._seen = torch.cat([self._seen, torch.tensor([token], dtype=torch.long, device=self.device)])
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Penalties and bias, then temperature/top-k/top-p/min-p. logits: [V] float32."""
+        """Penalties and bias, then (unless greedy) temperature, top-k, min-p, top-p. logits: [V] float32."""
         p = self.p
         if p.repetition_penalty != 1.0:
             if self._seen is None:
-                ids = list(self._prompt_ids) + [t for t, n in self.counts.items() for _ in range(n)]
-                self._seen = torch.tensor(ids, dtype=torch.long, device=self.device)
+                seen = list(self._prompt_ids) + [t for t, n in self.counts.items() for _ in range(n)]
+                self._seen = torch.tensor(seen, dtype=torch.long, device=self.device)
             if self._seen.numel():
                 vals = logits[self._seen]
                 logits = logits.clone()

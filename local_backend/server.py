@@ -13,9 +13,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -47,8 +47,14 @@ class State:
         self.created = int(time.time())
 
 
-def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-          headers: dict[str, str] | None = None) -> Response[bytes]:
+def error(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
     body = P.encode(P.ErrorResponse(P.ErrorBody(message=message, type=type_, param=param, code=code)))
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
@@ -57,8 +63,9 @@ def bad_param(param: str | None, message: str) -> Response[bytes]:
     return error(400, message, "invalid_request_error", param=param, code="invalid_parameter")
 
 
-def sampling_params(req: P.ChatCompletionRequest, prompt_len: int, max_model_len: int,
-                    vocab_size: int) -> SamplingParams:
+def sampling_params(
+    req: P.ChatCompletionRequest, prompt_len: int, max_model_len: int, vocab_size: int
+) -> SamplingParams:
     """Map OpenAI request fields to SamplingParams; raises InvalidParam naming the field."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     bias: dict[int, float] = {}
@@ -79,14 +86,20 @@ def sampling_params(req: P.ChatCompletionRequest, prompt_len: int, max_model_len
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed, stop=stop, logit_bias=bias, ignore_eos=req.ignore_eos,
+        seed=req.seed,
+        stop=stop,
+        logit_bias=bias,
+        ignore_eos=req.ignore_eos,
     )
     params.validate(vocab_size)
     return params
 
 
 def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: bool = True) -> Litestar:
-    """The ASGI app. `load` runs in a thread at startup; /health turns 200 when it returns."""
+    """The ASGI app. `load` runs in a thread at startup; /health turns 200 once it has returned and the engine runs.
+
+    That thread then becomes the engine thread unless the engine was already started.
+    """
     state = State(served_name)
     registry = metrics.make_registry(lambda: state.backend.engine if state.backend is not None else None)
 
@@ -115,8 +128,7 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
     def health() -> Response[bytes]:
         b = state.backend
         if b is None or not b.engine.ready.is_set():
-            return Response(b'{"status":"loading"}', status_code=503, media_type=JSON,
-                            headers={"Retry-After": "1"})
+            return Response(b'{"status":"loading"}', status_code=503, media_type=JSON, headers={"Retry-After": "1"})
         body = {"status": "ok", "running": b.engine.num_running, "waiting": b.engine.num_waiting}
         return Response(msgspec.json.encode(body), media_type=JSON)
 
@@ -127,8 +139,7 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
 
     @get("/v1/models", sync_to_thread=False)
     def models() -> Response[bytes]:
-        return Response(P.encode(P.ModelList([P.ModelCard(id=served_name, created=state.created)])),
-                        media_type=JSON)
+        return Response(P.encode(P.ModelList([P.ModelCard(id=served_name, created=state.created)])), media_type=JSON)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
@@ -139,19 +150,26 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
         except msgspec.DecodeError as e:
             return bad_param(None, f"invalid JSON body: {e}")
         if req.model != served_name:
-            return error(404, f"The model `{req.model}` does not exist. This server serves `{served_name}`.",
-                         "invalid_request_error", param="model", code="model_not_found")
+            return error(
+                404,
+                f"The model `{req.model}` does not exist. This server serves `{served_name}`.",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
         b = state.backend
         if b is None:
-            return error(503, "the model is still loading", "server_error", code="model_loading",
-                         headers={"Retry-After": "5"})
+            return error(
+                503, "the model is still loading", "server_error", code="model_loading", headers={"Retry-After": "5"}
+            )
         if req.n not in (None, 1):
             return bad_param("n", "only n=1 is supported")
         if not req.messages:
             return bad_param("messages", "messages must not be empty")
         try:
             prompt = b.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
-        except Exception as e:  # template/validation errors are the caller's messages
+        # Any error here (chat template, mistral-common validation: many exception types) is in the caller's messages.
+        except Exception as e:  # noqa: BLE001
             return bad_param("messages", f"cannot format messages: {e}")
         try:
             params = sampling_params(req, len(prompt), b.engine.cfg.max_model_len, b.vocab_size)
@@ -161,23 +179,28 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
         except ContextLengthExceeded as e:
             return error(400, str(e), "invalid_request_error", param="messages", code="context_length_exceeded")
         except QueueFull as e:
-            return error(503, str(e), "server_error", code="queue_full",
-                         headers={"Retry-After": str(e.retry_after)})
+            return error(503, str(e), "server_error", code="queue_full", headers={"Retry-After": str(e.retry_after)})
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return Stream(_sse(stream, rid, served_name, include_usage), media_type="text/event-stream",
-                          headers={"Cache-Control": "no-cache"})
+            return Stream(
+                _sse(stream, rid, served_name, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await _complete(request, stream, rid, served_name)
 
-    app = Litestar(route_handlers=[health, metrics_page, models, chat], on_startup=[on_startup],
-                   on_shutdown=[on_shutdown], debug=False)
+    app = Litestar(
+        route_handlers=[health, metrics_page, models, chat],
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        debug=False,
+    )
     app.state.local_backend = state
     return app
 
 
-async def _complete(request: Request[Any, Any, Any], stream: RequestStream, rid: str,
-                    model: str) -> Response[bytes]:
+async def _complete(request: Request[Any, Any, Any], stream: RequestStream, rid: str, model: str) -> Response[bytes]:
     """Non-streamed: gather the text, but abort the request if the client disconnects."""
 
     async def collect() -> tuple[str, str, int, int]:
@@ -207,9 +230,12 @@ async def _complete(request: Request[Any, Any, Any], stream: RequestStream, rid:
     if finish == "error":
         return error(500, "the engine failed while generating", "server_error")
     body = P.ChatCompletion(
-        id=rid, created=int(time.time()), model=model,
+        id=rid,
+        created=int(time.time()),
+        model=model,
         choices=[P.Choice(0, P.ResponseMessage("assistant", text), finish)],
-        usage=P.Usage(n_prompt, n_out, n_prompt + n_out))
+        usage=P.Usage(n_prompt, n_out, n_prompt + n_out),
+    )
     return Response(P.encode(body), media_type=JSON)
 
 
@@ -232,8 +258,7 @@ async def _sse(stream: RequestStream, rid: str, model: str, include_usage: bool)
             elif out.finish_reason is not None:
                 yield chunk(P.Delta(), out.finish_reason)
                 if include_usage:
-                    usage = P.Usage(out.prompt_tokens, out.completion_tokens,
-                                    out.prompt_tokens + out.completion_tokens)
+                    usage = P.Usage(out.prompt_tokens, out.completion_tokens, out.prompt_tokens + out.completion_tokens)
                     yield b"data: " + P.encode(P.ChatCompletionChunk(rid, created, model, [], usage=usage)) + b"\n\n"
         yield b"data: [DONE]\n\n"
     finally:

@@ -1,8 +1,9 @@
-"""Accounting for finished requests, behind the responses.
+"""Accounting for requests: the one place their metrics, logs, settlements and records are written.
 
-When a request ends, its key's reservation is settled with the real usage
+A request's trace starts with ``begin`` and ends with ``add``, plain and
+streamed answers alike. When a request ends, its key's reservation is settled with the real usage
 and cost, and its generation record is written, both as deferred Redis
-commands (``gateway/redis_pipeline.py``): they ride with the next admission's
+commands (``gateway/storage/autopipeline.py``): they ride with the next admission's
 round trip, or leave within 5 ms, and a pipeline runs in order, so the
 client's next request is admitted against the settled figures.
 
@@ -17,14 +18,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from collections import Counter
 
 from gateway.accounting.generations import GenerationStore
-from gateway.limits.limiter import Limiter
 from gateway.accounting.logs import log_lines
-from gateway.accounting.metrics import COST, DURATION, OVERHEAD, REQUESTS, TOKENS, TTFT
+from gateway.accounting.metrics import (
+    COST,
+    DURATION,
+    FAILOVERS,
+    IN_FLIGHT,
+    INTER_CHUNK,
+    LIMIT_REJECTIONS,
+    OVERHEAD,
+    REQUESTS,
+    TOKENS,
+    TTFT,
+    UPSTREAM_ERRORS,
+)
 from gateway.accounting.trace import Trace, access_log
+from gateway.limits.limiter import Limiter
 
 log = logging.getLogger("gateway")
 
@@ -33,7 +47,10 @@ def observe(batch: list[Trace]) -> None:
     """Metrics for a batch of finished requests, and their access-log lines."""
     requests: Counter[tuple[str, ...]] = Counter()
     tokens: Counter[tuple[str, ...]] = Counter()
-    cost: Counter[tuple[str, ...]] = Counter()
+    cost: dict[tuple[str, ...], float] = {}
+    refusals: Counter[tuple[str, str]] = Counter()
+    errors: Counter[tuple[str, str]] = Counter()
+    failovers: Counter[str] = Counter()
     lines = []
     for trace in batch:
         model, provider = trace.labels()
@@ -43,12 +60,30 @@ def observe(batch: list[Trace]) -> None:
         OVERHEAD.observe(overhead)
         if trace.ttft_s is not None:
             TTFT.labels(model, provider).observe(trace.ttft_s)
+        if trace.chunk_gaps:
+            gaps = INTER_CHUNK.labels(model, provider)
+            for gap in trace.chunk_gaps:
+                gaps.observe(gap)
+        if trace.refusal is not None:
+            refusals[(trace.key, trace.refusal)] += 1
+        failed_before = False
+        for a in trace.attempts:
+            if a.outcome == "at_quota":
+                continue  # skipped, never tried
+            if failed_before:
+                failovers[a.model] += 1
+            if a.outcome == "failed":
+                failed_before = True
+                errors[(a.provider, a.kind or "")] += 1
+            elif a.outcome == "failed_mid_stream":
+                errors[(a.provider, "stream")] += 1
         usage = trace.usage
         if usage is not None:
             tokens[(model, provider, trace.key, "prompt")] += usage.prompt_tokens
             tokens[(model, provider, trace.key, "completion")] += usage.completion_tokens
             if usage.estimated_cost:
-                cost[(model, provider, trace.key)] += usage.estimated_cost
+                priced = (model, provider, trace.key)
+                cost[priced] = cost.get(priced, 0.0) + usage.estimated_cost
         lines.append(trace.log_fields(model, provider, duration, overhead))
     for labels, n in requests.items():
         REQUESTS.labels(*labels).inc(n)
@@ -56,10 +91,16 @@ def observe(batch: list[Trace]) -> None:
         TOKENS.labels(*labels).inc(n)
     for labels, usd in cost.items():
         COST.labels(*labels).inc(usd)
+    for (key, reason), n in refusals.items():
+        LIMIT_REJECTIONS.labels(key, reason).inc(n)
+    for (provider, kind), n in errors.items():
+        UPSTREAM_ERRORS.labels(provider, kind).inc(n)
+    for model_id, n in failovers.items():
+        FAILOVERS.labels(model_id).inc(n)
     log_lines(access_log, "request", lines)
 
 
-def _record_failed(generation_id: str, future: asyncio.Future) -> None:
+def _record_failed(generation_id: str, future: asyncio.Future[object]) -> None:
     exc = None if future.cancelled() else future.exception()
     if exc is not None:  # a lost record must not fail anything else
         log.warning("generation record %s not stored (%s)", generation_id, type(exc).__name__)
@@ -75,6 +116,11 @@ class Accountant:
         self._queue: list[Trace] = []
         self._timer: asyncio.TimerHandle | None = None
 
+    def begin(self) -> Trace:
+        """A new request's trace; it is in flight until ``add``."""
+        IN_FLIGHT.inc()
+        return Trace(id="gen-" + secrets.token_hex(12))
+
     def add_after_response(self, trace: Trace) -> None:
         """``add``, once the current task has written its response: called
         while a reply is being returned, it costs that reply nothing. It still
@@ -83,7 +129,10 @@ class Accountant:
         asyncio.get_running_loop().call_soon(self.add, trace)
 
     def add(self, trace: Trace) -> None:
+        """The request has ended: settle its key's reservation, store its record,
+        and queue its metrics and log line."""
         trace.ended = time.perf_counter()  # its durations, whenever its batch is observed
+        IN_FLIGHT.dec()
         usage = trace.usage
         if trace.admission is not None:
             self.limiter.settle_key_soon(trace.admission, usage.total_tokens if usage else 0,

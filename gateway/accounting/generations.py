@@ -47,7 +47,7 @@ class Generation(msgspec.Struct, kw_only=True):
 class GenerationStore:
     """Where records are kept; the Redis and in-process variants share this API."""
 
-    def put_soon(self, record: Generation) -> asyncio.Future | None:
+    def put_soon(self, record: Generation) -> asyncio.Future[object] | None:
         """Store without waiting; the future (None when already done) carries a failure."""
         raise NotImplementedError
 
@@ -80,7 +80,7 @@ class RedisGenerations(GenerationStore):
         self.ttl_s = ttl_s
         self.batcher = batcher
 
-    def put_soon(self, record: Generation) -> asyncio.Future:
+    def put_soon(self, record: Generation) -> asyncio.Future[object]:
         key, value = f"{self.prefix}gen:{record.id}", msgspec.json.encode(record)
         return self.batcher.submit(lambda pipe: pipe.set(key, value, ex=self.ttl_s), defer=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, TextIO
 
 import msgspec
 
@@ -19,7 +20,7 @@ def _ts(created: float) -> str:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "ts": _ts(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
@@ -34,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(out).decode()
 
 
-class JsonHandler(logging.StreamHandler):
+class JsonHandler(logging.StreamHandler[TextIO]):
     """The gateway's own handler: ``write_lines`` lets a batch of lines leave in one write."""
 
     def write_lines(self, lines: list[bytes]) -> None:
@@ -49,7 +50,7 @@ class JsonHandler(logging.StreamHandler):
             self.release()
 
 
-def log_lines(logger: logging.Logger, message: str, rows: list[dict]) -> None:
+def log_lines(logger: logging.Logger, message: str, rows: list[dict[str, Any]]) -> None:
     """One INFO line per row (its fields merged in, as ``extra={"fields": ...}`` does).
 
     When the gateway's JSON handler is the only one on the way (``gateway serve``),
@@ -59,15 +60,16 @@ def log_lines(logger: logging.Logger, message: str, rows: list[dict]) -> None:
         return
     root = logging.getLogger()
     handlers = root.handlers
-    fast = (logger.propagate and not logger.handlers and not logger.filters and len(handlers) == 1
-            and isinstance(handlers[0], JsonHandler) and handlers[0].level <= logging.INFO
-            and not handlers[0].filters and not root.filters)
-    if not fast:
+    handler = handlers[0] if len(handlers) == 1 else None
+    fast = (logger.propagate and not logger.handlers and not logger.filters
+            and isinstance(handler, JsonHandler) and handler.level <= logging.INFO
+            and not handler.filters and not root.filters)
+    if not fast or not isinstance(handler, JsonHandler):
         for fields in rows:
             logger.info(message, extra={"fields": fields})
         return
     head = {"ts": _ts(time.time()), "level": "info", "logger": logger.name, "msg": message}
-    handlers[0].write_lines([msgspec.json.encode({**head, **fields}) for fields in rows])
+    handler.write_lines([msgspec.json.encode({**head, **fields}) for fields in rows])
 
 
 def setup(level: int = logging.INFO) -> None:

@@ -1,20 +1,22 @@
 """Rate limits, concurrency caps and budgets, for gateway keys and upstreams.
 
-A gateway key's limits are checked once at admission (one atomic round trip,
-or none when this worker holds a block of the key's quota: see
-``gateway/quota_blocks.py``) and settled when the request ends, streams and cancelled streams included:
-the token reservation (prompt estimate + max_tokens) is replaced by the real
-usage and the cost is drawn from the budgets. An upstream's own quota
-(``rpm``/``tpm``/``max_concurrent`` on a provider or an endpoint) is taken per
-attempt, so routing skips an endpoint at its cap instead of collecting 429s.
+A gateway key's limits are checked once at admission, in one atomic round
+trip to the store, or in none while this worker holds a block of the key's
+quota (``gateway/limits/blocks.py``). The check is settled when the request
+ends, streams and cancelled streams included: the token reservation (prompt
+estimate + max_tokens) is replaced by the real usage and the cost is drawn
+from the budgets. An upstream's own quota (``rpm``/``tpm``/``max_concurrent``
+on a provider or an endpoint) is taken per attempt through an
+:class:`UpstreamQuota`, so routing skips an endpoint at its cap instead of
+collecting 429s.
 
-When Redis fails, ``[redis] on_error`` decides: ``open`` serves anyway
-(counted in a metric, logged once per interval), ``closed`` answers 503.
-A dead or hung Redis is caught by the client's socket timeouts
-(``timeout_s``); every pipeline is also bounded by the wider ``backstop_s``
-(see ``AutoPipeline``), wide so that a busy event loop under load is not
-mistaken for a Redis failure, which would fail open and let requests past
-the limit.
+When the store fails, ``[redis] on_error`` decides: ``open`` serves anyway
+(reported through ``on_store_error`` and logged once per interval),
+``closed`` answers 503. A dead or hung Redis is caught by the client's socket
+timeouts (``timeout_s``); every pipeline is also bounded by the wider
+``backstop_s`` (``gateway/storage/connect.py``), wide so that a busy event
+loop under load is not mistaken for a Redis failure, which would fail open
+and let requests past the limit.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import math
 import time
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError
+from collections.abc import Callable
+
 from gateway.config import Quota
-from gateway.limits.stores import BlockAsk, LimitStore, PendingVerdict, Periods, Verdict
-from gateway.accounting.metrics import LIMIT_REJECTIONS, LIMIT_STORE_ERRORS
+from gateway.errors import GatewayError
 from gateway.limits.blocks import Block
+from gateway.limits.stores import BlockAsk, LimitStore, PendingVerdict, Periods, Verdict
 
 log = logging.getLogger("gateway.limits")
 _LOG_EVERY_S = 30.0
@@ -69,6 +72,15 @@ _MESSAGES = {
 }
 
 
+class Refused(GatewayError):
+    """A request the key's limits refuse; ``reason`` names the limit."""
+
+    def __init__(self, status: int, message: str, *, reason: str, code: str,
+                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
+        super().__init__(status, message, code=code, headers=headers, param=param)
+        self.reason = reason
+
+
 @dataclass(slots=True)
 class Admission:
     """A key's admitted request: what to settle later and the headers to send."""
@@ -105,20 +117,22 @@ class Limiter:
     """Keys' and upstreams' limits over one store (Redis or in-process)."""
 
     def __init__(self, store: LimitStore, *, on_error: str = "open",
-                 lease_ttl_s: float = 600.0, block_requests: int = 0, block_s: float = 1.0) -> None:
+                 lease_ttl_s: float = 600.0, block_requests: int = 0, block_s: float = 1.0,
+                 on_store_error: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.on_error = on_error
+        self.on_store_error = on_store_error
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self._last_log = 0.0
         self.block_requests = block_requests if store.takes_blocks else 0
         self.block_s = block_s
         self._blocks: dict[str, list[Block]] = {}  # entity -> the blocks this worker holds, oldest first
-        self._tasks: set[asyncio.Task] = set()  # blocks asked for ahead
+        self._tasks: set[asyncio.Task[None]] = set()  # blocks asked for ahead
         self._asking: set[str] = set()  # entities with a block asked for and not yet answered
         self._cost: dict[str, float] = {}  # entity -> recent cost per request, for keys with budgets
 
     def _store_failed(self, exc: BaseException) -> None:
-        LIMIT_STORE_ERRORS.inc()
+        self.on_store_error()
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
@@ -164,6 +178,7 @@ class Limiter:
         try:
             if check.error is not None:
                 raise check.error
+            assert check.pending is not None
             verdict = await check.pending.verdict()
         except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
             self._store_failed(exc)
@@ -174,7 +189,7 @@ class Limiter:
         finally:
             if check.ask is not None:
                 self._asking.discard(check.entity)
-        if verdict.block:
+        if verdict.block and check.ask is not None:
             self._hold(check, check.ask.id, check.sent, verdict)
         if verdict.denied in ("requests", "tokens") and check.entity in self._blocks:
             # A block this worker holds has places counted in Redis already.
@@ -185,11 +200,10 @@ class Limiter:
                                  headers_for(check.quota, local), True, block.id, check.tokens)
         headers = headers_for(check.quota, verdict)
         if verdict.denied is not None:
-            LIMIT_REJECTIONS.labels(check.name, verdict.denied).inc()
             status, message, code = _MESSAGES[verdict.denied]
             if status == 429:
                 headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))
-            raise GatewayError(status, message, code=code, headers=headers)
+            raise Refused(status, message, reason=verdict.denied, code=code, headers=headers)
         return Admission(check.entity, check.quota, check.request_id, check.periods, headers, True,
                          reserved=check.tokens)
 
@@ -279,20 +293,30 @@ class Limiter:
 
     async def settle_key(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
         """Reconcile the reservation with real usage and spend the cost. Never raises."""
-        pending = self._settle_key(admission, tokens, cost_usd, soon=False)
-        if pending is not None:
-            try:
-                await pending
-            except Exception as exc:  # noqa: BLE001
-                self._store_failed(exc)
+        settlement = self._settlement(admission, tokens, cost_usd)
+        if settlement is None:
+            return
+        try:
+            await self.store.settle(*settlement)
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
+            self._store_failed(exc)
 
     def settle_key_soon(self, admission: Admission, tokens: int, cost_usd: float | None) -> None:
         """``settle_key`` without waiting (see ``AutoPipeline``'s deferred ops). Never raises."""
-        pending = self._settle_key(admission, tokens, cost_usd, soon=True)
+        settlement = self._settlement(admission, tokens, cost_usd)
+        if settlement is None:
+            return
+        try:
+            pending = self.store.settle_soon(*settlement)
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
+            self._store_failed(exc)
+            return
         if pending is not None:
             pending.add_done_callback(self._settled)
 
-    def _settle_key(self, admission: Admission, tokens: int, cost_usd: float | None, *, soon: bool):
+    def _settlement(self, admission: Admission, tokens: int, cost_usd: float | None
+                    ) -> tuple[str, Quota, str, int, float, Periods, int | None] | None:
+        """The store's settle arguments; None when nothing was counted."""
         if not admission.counted:
             return None
         cost = cost_usd or 0.0
@@ -302,17 +326,11 @@ class Limiter:
             for block in self._blocks.get(entity, ()):
                 block.spend(cost)
         # From a block: its one token entry moves by what this request did not use.
-        entry, reserved = ((admission.block, admission.reserved) if admission.block
-                           else (admission.request_id, None))
-        try:
-            if soon:
-                return self.store.settle_soon(entity, quota, entry, tokens, cost, admission.periods, reserved)
-            return self.store.settle(entity, quota, entry, tokens, cost, admission.periods, reserved)
-        except Exception as exc:  # noqa: BLE001
-            self._store_failed(exc)
-            return None
+        if admission.block:
+            return entity, quota, admission.block, tokens, cost, admission.periods, admission.reserved
+        return entity, quota, admission.request_id, tokens, cost, admission.periods, None
 
-    def _settled(self, future: asyncio.Future) -> None:
+    def _settled(self, future: asyncio.Future[object]) -> None:
         exc = None if future.cancelled() else future.exception()
         if exc is not None:
             self._store_failed(exc)
@@ -345,7 +363,32 @@ class Limiter:
             except Exception as exc:  # noqa: BLE001
                 self._store_failed(exc)
 
+    def upstream_quota(self, request_id: str, tokens: int) -> UpstreamQuota:
+        """One request's hold on the upstream quotas its attempts take."""
+        return UpstreamQuota(self, request_id, tokens)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await self.store.close()
+
+
+class UpstreamQuota:
+    """One request's share of upstream quotas (an endpoint's and its provider's):
+    taken per attempt with the request's token estimate, handed back with the
+    tokens really used."""
+
+    __slots__ = ("_limiter", "_request_id", "_tokens")
+
+    def __init__(self, limiter: Limiter, request_id: str, tokens: int) -> None:
+        self._limiter = limiter
+        self._request_id = request_id
+        self._tokens = tokens
+
+    async def take(self, quotas: list[tuple[str, Quota]]) -> bool:
+        """False when one of the quotas is at its cap: skip that endpoint."""
+        return not quotas or await self._limiter.acquire_upstream(quotas, self._request_id, self._tokens)
+
+    async def give_back(self, quotas: list[tuple[str, Quota]], tokens: int) -> None:
+        if quotas:
+            await self._limiter.release_upstream(quotas, self._request_id, tokens)

@@ -1,15 +1,16 @@
-"""``POST /v1/chat/completions``, top to bottom:
-authenticate → decode → limit → route → call → account → respond.
+"""``POST /v1/chat/completions`` as named phases:
+authenticate → decode → admit → call → respond, then account.
 
 Free of any web framework: it takes the ``Authorization`` header and the raw
-body and returns a :class:`Reply`; ``gateway/asgi.py`` speaks ASGI around it.
+body and returns a :class:`Reply`; ``gateway/server/asgi.py`` speaks HTTP
+around it. Plain and streamed answers leave through one accounting exit,
+:func:`_account`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,17 +18,20 @@ from dataclasses import dataclass
 import anyio
 import msgspec
 
-from gateway.accounting.usage import price_warning
-from gateway.limits.keys import GatewayKey
-from gateway.errors import GatewayError, invalid_request
-from gateway.limits.limiter import Admission
-from gateway.accounting.metrics import IN_FLIGHT, INTER_CHUNK, LIMIT_REJECTIONS
-from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
-from gateway.pipeline.attempts import DONE, KEEPALIVE, Call, LastPiece, StreamRelay, complete, sse
-from gateway.routing.router import Candidate, requested_models
-from gateway.state import Gateway
-from gateway.routing.tokens import reservation
 from gateway.accounting.trace import Trace
+from gateway.accounting.usage import price_warning
+from gateway.config import Policy
+from gateway.errors import GatewayError, invalid_request
+from gateway.limits.keys import GatewayKey
+from gateway.limits.limiter import Admission, Refused
+from gateway.pipeline.attempts import Attempts, complete
+from gateway.pipeline.services import Services
+from gateway.pipeline.stream import DONE, KEEPALIVE, LastPiece, StreamRelay, sse
+from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
+from gateway.routing.catalog import Model
+from gateway.routing.router import Candidate, requested_models
+from gateway.routing.tokens import reservation
+from gateway.safety.moderation import Moderation
 
 _AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
 
@@ -40,6 +44,26 @@ class Reply:
     body: bytes | None = None
     stream: AsyncIterator[bytes] | None = None
     status: int = 200
+
+
+@dataclass(slots=True)
+class Admitted:
+    """What the admit phase hands the call: the key's admission, the prompt's
+    content-filter results and the candidates to try, in order."""
+
+    admission: Admission
+    candidates: list[Candidate]
+    #: Filled later, while the first attempt is in flight, in annotate mode.
+    prompt_filter: list[PromptFilterResult]
+    policy: Policy
+    #: Tokens reserved against quotas until the real usage is known.
+    estimate: int
+    prompt_text: str
+
+    def annotate_prompt(self, moderation: Moderation) -> None:
+        """The prompt's content-filter results in annotate mode, once."""
+        if not self.prompt_filter:
+            self.prompt_filter.append(PromptFilterResult(0, moderation.default.classify(self.prompt_text)))
 
 
 def decode_request(body: bytes) -> ChatRequest:
@@ -63,38 +87,151 @@ def decode_request(body: bytes) -> ChatRequest:
     return request
 
 
-def check_allowed(gw: Gateway, key: GatewayKey, request: ChatRequest) -> None:
+def check_allowed(key: GatewayKey, name: str, model: Model) -> None:
     """403 when the key's allow-list does not include a requested model."""
-    if key.models is None:
-        return
-    for name in requested_models(request):
+    if key.models is not None and model.id.lower() not in key.models and name.lower() not in key.models:
+        raise Refused(403, f"this key may not use model {model.id!r}", reason="model_not_allowed",
+                      code="model_not_allowed", param="model")
+
+
+async def chat_completions(gw: Services, authorization: str | None, raw: bytes) -> Reply:
+    """Answer one chat request; raises the GatewayError to send instead."""
+    trace = gw.accountant.begin()
+    relay: StreamRelay | None = None
+    attempts: Attempts | None = None
+    try:
+        key = gw.keys.authenticate(authorization)
+        trace.key = key.name
+        chat, models = _decode(gw, trace, key, raw)
+        admitted = await _admit(gw, trace, key, chat, models)
+        attempts = _attempts(gw, trace, chat, admitted)
+        screen = gw.moderation.completion_filter(admitted.policy)
+        if chat.stream:
+            include_usage = chat.stream_options is not msgspec.UNSET and chat.stream_options.include_usage
+            relay = StreamRelay(attempts, screen, admitted.prompt_filter, include_usage)
+            return await _stream(gw, trace, relay, admitted)
+        done = await complete(attempts, screen)
+        trace.served, trace.usage, trace.finish_reason = attempts.served, done.usage, done.choices[0].finish_reason
+        admitted.annotate_prompt(gw.moderation)  # done already, unless the call never waited
+        cand = done_candidate(attempts)
+        body = ChatCompletionOut(
+            id=trace.id,
+            object="chat.completion",
+            created=done.answer.created or int(time.time()),
+            model=cand.model.id,
+            provider=cand.endpoint.provider.name,
+            choices=done.choices,
+            usage=done.usage,
+            prompt_filter_results=admitted.prompt_filter,
+            system_fingerprint=done.answer.system_fingerprint or None,
+        )
+        return Reply(_headers(admitted.admission, attempts), body=msgspec.json.encode(body))
+    except GatewayError as exc:
+        trace.status, trace.error = exc.status, exc.message
+        if isinstance(exc, Refused):
+            trace.refusal = exc.reason
+        exc.headers.setdefault("x-request-id", trace.id)
+        raise
+    except BaseException as exc:
+        trace.status, trace.error = 500, type(exc).__name__
+        raise
+    finally:
+        if relay is None or trace.status != 200:  # a stream that started accounts when it ends
+            _account(gw, trace, attempts)
+
+
+def done_candidate(attempts: Attempts) -> Candidate:
+    served = attempts.served
+    assert served is not None  # set by every successful attempt
+    return served
+
+
+# --- phases ----------------------------------------------------------------------
+
+
+def _decode(gw: Services, trace: Trace, key: GatewayKey, raw: bytes) -> tuple[ChatRequest, list[tuple[str, Model]]]:
+    """The request, decoded at the edge (the HTTP layer has already refused
+    bodies over ``max_body_bytes``), and its models, resolved once."""
+    chat = decode_request(raw)
+    trace.requested_model = chat.model if chat.model is not msgspec.UNSET else None
+    trace.streamed = chat.stream
+    models = []
+    for name in requested_models(chat):
         model = gw.router.resolve(name)
-        if model.id.lower() not in key.models and name.lower() not in key.models:
-            LIMIT_REJECTIONS.labels(key.name, "model_not_allowed").inc()
-            raise GatewayError(403, f"this key may not use model {model.id!r}", code="model_not_allowed",
-                               param="model")
+        check_allowed(key, name, model)
+        models.append((name, model))
+    return chat, models
 
 
-def _screen_and_plan(gw: Gateway, chat: ChatRequest, policy, ours: ContentFilterResults
-                     ) -> tuple[ContentFilterResults, list[Candidate]]:
+async def _admit(gw: Services, trace: Trace, key: GatewayKey, chat: ChatRequest,
+                 models: list[tuple[str, Model]]) -> Admitted:
+    """The key's admission: rate, concurrency and budget in one round trip
+    (none while this worker holds a block of the key's quota), while the route
+    is planned and the prompt screened in-process.
+
+    An external moderation call waits for the admission instead: a refused
+    request must not cost one. In annotate mode the prompt's results cannot
+    stop the request, so they are computed later, while the first upstream
+    attempt is in flight. An error found while the admission was under way
+    is raised once the admission is known, so a refused request reads as
+    refused.
+    """
+    policy = key.safety or models[0][1].safety or gw.moderation.policy
+    estimate = reservation(chat.messages, chat.max_tokens or None)
+    check = gw.limiter.begin_key(key.name, key.quota, trace.id, estimate)
+    prompt_text = "\n".join(m.text() for m in chat.messages)
+    late = gw.moderation.may_screen_late(policy)
+    early: tuple[ContentFilterResults | None, list[Candidate]] | None = None
+    problem: GatewayError | None = None
+    try:
+        if late:
+            early = None, gw.router.plan(chat, models)
+        else:
+            ours = gw.moderation.classify_now(prompt_text)
+            early = None if ours is None else _screen_and_plan(gw, chat, models, policy, ours)
+    except GatewayError as exc:
+        problem = exc
+    admission = trace.admission = await gw.limiter.finish_key(check)
+    if problem is not None:
+        raise problem
+    if early is None:
+        early = _screen_and_plan(gw, chat, models, policy, await gw.moderation.classify(prompt_text))
+    prompt_results, candidates = early
+    if prompt_results is None:  # late: run at the request's first wait on the upstream
+        admitted = Admitted(admission, candidates, [], policy, estimate, prompt_text)
+        asyncio.get_running_loop().call_soon(admitted.annotate_prompt, gw.moderation)
+        return admitted
+    return Admitted(admission, candidates, [PromptFilterResult(0, prompt_results)], policy, estimate, prompt_text)
+
+
+def _screen_and_plan(gw: Services, chat: ChatRequest, models: list[tuple[str, Model]], policy: Policy,
+                     ours: ContentFilterResults) -> tuple[ContentFilterResults, list[Candidate]]:
     """The prompt's content-filter results, and the ordered candidates; raises
     the error to answer when the prompt is filtered or no endpoint can serve."""
     prompt_results = gw.moderation.decide(ours, None, policy)
     if gw.moderation.blocked(prompt_results):
         raise GatewayError(400, "the prompt was filtered by the content policy", code="content_filter",
                            param="messages")
-    return prompt_results, gw.router.plan(chat)
+    return prompt_results, gw.router.plan(chat, models)
 
 
-def _annotate_prompt(gw: Gateway, text: str, into: list[PromptFilterResult]) -> None:
-    """The prompt's content-filter results in annotate mode, once."""
-    if not into:
-        into.append(PromptFilterResult(0, gw.moderation.default.classify(text)))
+def _attempts(gw: Services, trace: Trace, chat: ChatRequest, admitted: Admitted) -> Attempts:
+    return Attempts(
+        request=chat,
+        request_id=trace.id,
+        candidates=admitted.candidates,
+        deadline=time.monotonic() + gw.config.routing.deadline_s,
+        client=gw.client,
+        health=gw.health,
+        quota=gw.limiter.upstream_quota(trace.id, admitted.estimate),
+        records=trace.attempts,
+    )
 
 
-def _headers(admission: Admission, call: Call) -> dict[str, str]:
-    headers = {**admission.headers, "x-request-id": call.generation_id, "x-gateway-attempts": str(len(call.attempts))}
-    cand = call.served
+def _headers(admission: Admission, attempts: Attempts) -> dict[str, str]:
+    headers = {**admission.headers, "x-request-id": attempts.request_id,
+               "x-gateway-attempts": str(len(attempts.records))}
+    cand = attempts.served
     if cand is not None:
         headers["x-gateway-provider"] = cand.endpoint.provider.name
         headers["x-gateway-model"] = cand.model.id
@@ -106,119 +243,33 @@ def _headers(admission: Admission, call: Call) -> dict[str, str]:
     return headers
 
 
-async def chat_completions(gw: Gateway, authorization: str | None, raw: bytes) -> Reply:
-    """Answer one chat request; raises the GatewayError to send instead."""
-    trace = Trace(id="gen-" + secrets.token_hex(12))
-    IN_FLIGHT.inc()
-    try:
-        # 1. Authenticate.
-        key = gw.keys.authenticate(authorization)
-        trace.key = key.name
-        # 2. Decode at the edge; the HTTP layer has already refused bodies over max_body_bytes.
-        chat = decode_request(raw)
-        trace.requested_model = chat.model if chat.model is not msgspec.UNSET else None
-        trace.streamed = chat.stream
-        check_allowed(gw, key, chat)
-        model = gw.router.resolve(requested_models(chat)[0])
-        policy = key.safety or model.safety or gw.moderation.policy
-        # 3. Limit: rate, concurrency and budget of the key, in one round trip
-        # (none while this worker holds a block of the key's quota),
-        # 4. while the route is planned and the prompt screened, when both run
-        # in-process. An external moderation call waits for the admission
-        # instead: a refused request must not cost one. In annotate mode the
-        # prompt's results cannot stop the request, so they are computed
-        # later, while the first upstream attempt is in flight.
-        estimate = reservation(chat.messages, chat.max_tokens or None)
-        check = gw.limiter.begin_key(key.name, key.quota, trace.id, estimate)
-        prompt_text = "\n".join(m.text() for m in chat.messages)
-        late = gw.moderation.may_screen_late(policy)
-        try:
-            if late:
-                early = None, gw.router.plan(chat)
-            else:
-                ours = gw.moderation.classify_now(prompt_text)
-                early = None if ours is None else _screen_and_plan(gw, chat, policy, ours)
-        except Exception as exc:  # noqa: BLE001 - raised once the admission is settled-for
-            early = exc
-        admission = trace.admission = await gw.limiter.finish_key(check)
-        if isinstance(early, Exception):
-            raise early
-        prompt_results, candidates = early or _screen_and_plan(
-            gw, chat, policy, await gw.moderation.classify(prompt_text))
-        prompt_filter = [] if late else [PromptFilterResult(0, prompt_results)]
-        if late:  # run at the request's first wait on the upstream, before any answer is read
-            asyncio.get_running_loop().call_soon(_annotate_prompt, gw, prompt_text, prompt_filter)
-        call = trace.call = Call(
-            request=chat,
-            generation_id=trace.id,
-            client=gw.client,
-            health=gw.health,
-            moderation=gw.moderation,
-            policy=policy,
-            candidates=candidates,
-            deadline=time.monotonic() + gw.config.routing.deadline_s,
-            prompt_filter=prompt_filter,
-            limiter=gw.limiter,
-            estimate=estimate,
-        )
-        if chat.stream:
-            response = await _stream(gw, call, admission, trace)
-            trace.handed_off = True  # the stream accounts for itself when it ends
-            return response
-        # 5. Call, failing over between candidates.
-        done = await complete(call)
-        trace.usage, trace.finish_reason = done.usage, done.choices[0].finish_reason
-        # 6. Respond; accounting runs in `finally`.
-        _annotate_prompt(gw, prompt_text, prompt_filter)  # (done already, unless the call never waited)
-        cand = call.served
-        body = ChatCompletionOut(
-            id=trace.id,
-            object="chat.completion",
-            created=done.answer.created or int(time.time()),
-            model=cand.model.id,
-            provider=cand.endpoint.provider.name,
-            choices=done.choices,
-            usage=done.usage,
-            prompt_filter_results=call.prompt_filter,
-            system_fingerprint=done.answer.system_fingerprint or None,
-        )
-        return Reply(_headers(admission, call), body=msgspec.json.encode(body))
-    except GatewayError as exc:
-        trace.status, trace.error = exc.status, exc.message
-        exc.headers.setdefault("x-request-id", trace.id)
-        raise
-    except BaseException as exc:
-        trace.status, trace.error = 500, type(exc).__name__
-        raise
-    finally:
-        if not trace.handed_off:
-            IN_FLIGHT.dec()
-            gw.accountant.add_after_response(trace)  # accounted for behind the response
+# --- streams ---------------------------------------------------------------------
 
 
-async def _stream(gw: Gateway, call: Call, admission: Admission, trace: Trace) -> Reply:
-    """Streams: errors found before the first chunk are plain HTTP errors; if
-    the first chunk takes longer than ``keepalive_s``, the stream starts with
-    keep-alive comments and any later error goes in-band."""
-    include_usage = call.request.stream_options is not msgspec.UNSET and call.request.stream_options.include_usage
-    relay = StreamRelay(call, include_usage)
+async def _stream(gw: Services, trace: Trace, relay: StreamRelay, admitted: Admitted) -> Reply:
+    """Errors found before the first chunk are plain HTTP errors; if the first
+    chunk takes longer than ``keepalive_s``, the stream starts with keep-alive
+    comments and any later error goes in-band."""
+    keepalive_s = gw.config.routing.keepalive_s
     opening = asyncio.ensure_future(relay.open())
-    await asyncio.wait({opening}, timeout=gw.config.routing.keepalive_s)
+    await asyncio.wait({opening}, timeout=keepalive_s)
     if opening.done():
         opening.result()  # raises the GatewayError to answer with
+        trace.served = relay.served
         body = relay.chunks()
     else:
-        body = _after_keepalives(relay, opening, gw.config.routing.keepalive_s)
-    return Reply(_headers(admission, call), stream=_accounted(gw, relay, trace, body))
+        body = _after_keepalives(trace, relay, opening, keepalive_s)
+    return Reply(_headers(admitted.admission, relay.attempts), stream=_timed(gw, trace, relay, body))
 
 
-async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s: float) -> AsyncIterator[bytes]:
+async def _after_keepalives(trace: Trace, relay: StreamRelay, opening: asyncio.Future[Candidate],
+                            every_s: float) -> AsyncIterator[bytes]:
     try:
         while not opening.done():
             yield KEEPALIVE
             await asyncio.wait({opening}, timeout=every_s)
         try:
-            opening.result()
+            trace.served = opening.result()
         except GatewayError as exc:
             yield LastPiece(sse(relay.error_chunk(exc.message)) + DONE)
             return
@@ -231,7 +282,7 @@ async def _after_keepalives(relay: StreamRelay, opening: asyncio.Future, every_s
             await relay.close()
 
 
-async def _accounted(gw: Gateway, relay: StreamRelay, trace: Trace, body: AsyncIterator[bytes]):
+async def _timed(gw: Services, trace: Trace, relay: StreamRelay, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Relay the stream, timing its chunks, then account for what was really
     used, even when the client went away mid-stream (the stream is cancelled
     then, so accounting runs as its own task)."""
@@ -243,28 +294,34 @@ async def _accounted(gw: Gateway, relay: StreamRelay, trace: Trace, body: AsyncI
                 if last is None:
                     trace.ttft_s = now - trace.started
                 else:
-                    INTER_CHUNK.labels(*trace.labels()).observe(now - last)
+                    trace.chunk_gaps.append(now - last)
                 last = now
             yield piece
     except BaseException:
         trace.error = trace.error or "client went away"
         raise
     finally:
-        _account_stream(gw, relay, trace)
+        trace.usage = relay.final_usage or (relay.usage() if relay.served is not None else None)
+        trace.finish_reason = relay.finish_reason
+        _account(gw, trace, relay.attempts)
 
 
-def _account_stream(gw: Gateway, relay: StreamRelay, trace: Trace) -> None:
-    IN_FLIGHT.dec()
-    served = relay.call.served
-    trace.usage = relay.final_usage or (relay.usage() if served is not None else None)
-    trace.finish_reason = relay.finish_reason
-    if served is not None and served.endpoint.quotas:
-        gw.spawn(_release_then_account(gw, relay, served, trace))
+# --- account ---------------------------------------------------------------------
+
+
+def _account(gw: Services, trace: Trace, attempts: Attempts | None) -> None:
+    """The one exit of every request, answered or not: hand back the served
+    attempt's upstream quota share with the real tokens, then account for
+    the request behind its response."""
+    served = trace.served
+    if attempts is not None and served is not None and served.endpoint.quotas:
+        tokens = trace.usage.total_tokens if trace.usage else 0
+        gw.spawn(_release_then_account(gw, trace, attempts, served, tokens))
     else:
-        gw.accountant.add(trace)
+        gw.accountant.add_after_response(trace)
 
 
-async def _release_then_account(gw: Gateway, relay: StreamRelay, served: Candidate, trace: Trace) -> None:
-    """Hand back the upstream's quota share with the real tokens, then account."""
-    await relay.call.release(served, trace.usage.total_tokens if trace.usage else 0)
+async def _release_then_account(gw: Services, trace: Trace, attempts: Attempts, served: Candidate,
+                                tokens: int) -> None:
+    await attempts.give_back(served, tokens)
     gw.accountant.add(trace)

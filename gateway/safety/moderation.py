@@ -13,17 +13,14 @@ from __future__ import annotations
 import functools
 import os
 
-from gateway.safety.results import merge
+import msgspec
+
+from gateway.config import Policy, SafetyConfig
 from gateway.protocol import ContentFilterResults
-from gateway.safety import (
-    DefaultClassifier,
-    ExternalModerationClassifier,
-    Policy,
-    SafetyConfig,
-    StreamScanner,
-    any_filtered,
-    evaluate,
-)
+from gateway.safety.classifier import DefaultClassifier, StreamScanner
+from gateway.safety.external import ExternalModerationClassifier
+from gateway.safety.policy import any_filtered, evaluate
+from gateway.safety.results import decode_upstream, merge
 
 _CATEGORIES = ("hate", "self_harm", "sexual", "violence", "jailbreak", "profanity")
 
@@ -82,6 +79,66 @@ class Moderation:
     def blocked(results: ContentFilterResults) -> bool:
         return any_filtered(results)
 
+    def completion_filter(self, policy: Policy) -> CompletionFilter:
+        """The policy applied to one request's completions."""
+        return CompletionFilter(self, policy)
+
     async def close(self) -> None:
         if self.external is not None:
             await self.external.aclose()
+
+
+class CompletionFilter:
+    """The content policy applied to one request's completions: a whole
+    answer at once, or a streamed choice through a :class:`ChoiceScreen`."""
+
+    __slots__ = ("moderation", "per_chunk", "policy")
+
+    def __init__(self, moderation: Moderation, policy: Policy) -> None:
+        self.moderation = moderation
+        self.policy = policy
+        #: Block mode screens each chunk, to cut a stream at the offending
+        #: delta; annotate mode needs results only at the end, and classifies
+        #: the whole text once then.
+        self.per_chunk = policy.mode == "block"
+
+    async def check(self, text: str, upstream: msgspec.Raw | None) -> ContentFilterResults:
+        """A whole completion's results, merged with the upstream's own."""
+        ours = await self.moderation.classify(text)
+        return self.moderation.decide(ours, decode_upstream(upstream), self.policy)
+
+    def screen(self) -> ChoiceScreen:
+        return ChoiceScreen(self)
+
+    @staticmethod
+    def blocked(results: ContentFilterResults) -> bool:
+        return any_filtered(results)
+
+
+class ChoiceScreen:
+    """One streamed choice under the policy: fed delta by delta, classified
+    incrementally (never from the start again) in block mode."""
+
+    __slots__ = ("_filter", "_scanner")
+
+    def __init__(self, completion_filter: CompletionFilter) -> None:
+        self._filter = completion_filter
+        self._scanner = completion_filter.moderation.scanner()
+
+    def feed(self, text: str) -> None:
+        if self._filter.per_chunk:
+            self._scanner.feed(text)
+
+    def check(self, upstream: msgspec.Raw | None) -> ContentFilterResults | None:
+        """Block mode: the results so far. Annotate mode: None (see ``final``)."""
+        if not self._filter.per_chunk:
+            return None
+        f = self._filter
+        return f.moderation.decide(self._scanner.result(), decode_upstream(upstream), f.policy)
+
+    def final(self, text: str, upstream: msgspec.Raw | None) -> ContentFilterResults:
+        """The choice's results at its end; ``text`` is all of it."""
+        if not self._filter.per_chunk:
+            self._scanner.feed(text)
+        f = self._filter
+        return f.moderation.decide(self._scanner.result(), decode_upstream(upstream), f.policy)

@@ -1,11 +1,11 @@
 """The ASGI entry point: chat completions straight over ASGI, the rest through litestar.
 
-``POST /v1/chat/completions`` is nearly all of a gateway's traffic. Served
-through litestar's routing, middleware and response classes it cost about a
-sixth of a worker's CPU (py-spy, see ``bench/NOTES.md``), so it is answered
-here from the raw ASGI messages: read the body (with the size limit), call
-:func:`gateway.chat.chat_completions`, write the reply. Every other route,
-and the lifespan, go to the litestar app unchanged.
+``POST /v1/chat/completions`` is nearly all of a gateway's traffic, so it is
+answered here from the raw ASGI messages, without a framework's routing,
+middleware and response classes (``bench/NOTES.md`` has the measurements):
+read the body (with the size limit), call
+:func:`gateway.pipeline.chat.chat_completions`, write the reply. Every other
+route, and the lifespan, go to the litestar app unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.pipeline import chat
 from gateway.errors import GatewayError
-from gateway.pipeline.attempts import LastPiece
+from gateway.pipeline.stream import LastPiece
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -123,43 +123,44 @@ async def send_stream(receive: Receive, send: Send, status: int, headers: dict[s
         await stream.aclose()
 
 
+async def serve_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+    """One chat request, from its ASGI messages to its reply."""
+    try:
+        body = await _read_body(scope, receive, gw.config.server.max_body_bytes)
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        reply = await chat.chat_completions(gw, authorization, body)
+    except GatewayError as exc:
+        await send_error(send, exc)
+        return
+    except _TooLarge:
+        await send_error(send, GatewayError(413, "request body too large", code="request_too_large"))
+        return
+    except _Disconnected:
+        return
+    except Exception:
+        # Never a traceback to the caller; the log has it, without request bodies.
+        log.exception("unhandled error on POST %s", CHAT_PATH)
+        await send_error(send, GatewayError(500, "internal error", code="internal_error"))
+        return
+    if reply.stream is not None:
+        await send_stream(receive, send, reply.status, reply.headers, reply.stream)
+    else:
+        await send_json(send, reply.status, reply.body or b"", reply.headers)
+
+
 class App:
     """The ASGI application ``gateway serve`` runs: the chat fast path, then litestar."""
 
     def __init__(self, gw: Gateway, fallback: ASGIApp) -> None:
         self.gateway = gw
         self.fallback = fallback
-        self.max_body = gw.config.server.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            await self.chat(scope, receive, send)
+            await serve_chat(self.gateway, scope, receive, send)
         else:
             await self.fallback(scope, receive, send)
-
-    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            body = await _read_body(scope, receive, self.max_body)
-            authorization = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-                    break
-            reply = await chat.chat_completions(self.gateway, authorization, body)
-        except GatewayError as exc:
-            await send_error(send, exc)
-            return
-        except _TooLarge:
-            await send_error(send, GatewayError(413, "request body too large", code="request_too_large"))
-            return
-        except _Disconnected:
-            return
-        except Exception:
-            # Never a traceback to the caller; the log has it, without request bodies.
-            log.exception("unhandled error on POST %s", CHAT_PATH)
-            await send_error(send, GatewayError(500, "internal error", code="internal_error"))
-            return
-        if reply.stream is not None:
-            await send_stream(receive, send, reply.status, reply.headers, reply.stream)
-        else:
-            await send_json(send, reply.status, reply.body or b"", reply.headers)

@@ -1,9 +1,8 @@
-"""The HTTP surface: routes, error shapes, start-up and shut-down.
+"""The HTTP surface beside chat completions: routes, error shapes, start-up and shut-down.
 
-``create_app`` returns :class:`gateway.asgi.App`, which answers
-``POST /v1/chat/completions`` itself and hands everything else to the litestar
-app built here (which also lists the chat route, for the OpenAPI schema and
-any path litestar normalises to it).
+``create_app`` returns :class:`gateway.server.asgi.App`, which answers
+``POST /v1/chat/completions`` itself and hands everything else to the
+litestar app built here.
 """
 
 from __future__ import annotations
@@ -12,17 +11,15 @@ import logging
 import os
 
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery
-from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from gateway import config as config_mod
 from gateway.accounting import metrics
-from gateway.pipeline import chat
-from gateway.server.asgi import App
+from gateway.server.asgi import CHAT_PATH, App, Receive, Scope, Send, send_error, serve_chat
 from gateway.errors import GatewayError
 from gateway.server.models_api import endpoint_entry, model_entry
 from gateway.state import Gateway
@@ -41,13 +38,15 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-@post("/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)")
-async def chat_completions(request: Request) -> Response:
-    reply = await chat.chat_completions(_gateway(request), request.headers.get("authorization"), await request.body())
-    if reply.stream is not None:
-        headers = {**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return Stream(reply.stream, status_code=reply.status, media_type="text/event-stream", headers=headers)
-    return Response(reply.body, status_code=reply.status, media_type="application/json", headers=reply.headers)
+@asgi(CHAT_PATH, copy_scope=False)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    """The chat path as litestar routes it (a path it normalised, another
+    method): the same handler as the fast path in ``App``."""
+    if scope["method"] != "POST":
+        await send_error(send, GatewayError(405, "method not allowed", code="method_not_allowed",
+                                            headers={"allow": "POST"}))
+        return
+    await serve_chat(scope["app"].state.gateway, scope, receive, send)
 
 
 @get("/v1/models", summary="List the catalog (OpenRouter-style entries)")
