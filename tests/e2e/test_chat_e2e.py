@@ -160,3 +160,18 @@ def test_circuit_opens_and_stops_traffic(start_gateway, fakes):
     assert len(fakes["deepinfra"].requests(chat_only=True)) == 2  # then the circuit opened
     status = httpx.get(f"{gw.base_url}/models/{V02}/endpoints", headers={"authorization": f"Bearer {GATEWAY_KEY}"})
     assert status.json()["data"]["endpoints"][0]["status"]["circuit"] == "open"
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"detail": "prompt is too long for this model"}, "prompt is too long for this model"),
+    ({"detail": [{"loc": ["body", "max_tokens"], "msg": "ensure this value is less than 4096",
+                  "type": "value_error"}]}, "ensure this value is less than 4096"),
+    ("not json at all", "HTTP 422"),
+])
+def test_deepinfra_error_detail_reaches_the_caller(client, fakes, body, message):
+    """DeepInfra answers FastAPI's ``{"detail": ...}``: the caller gets its text, not a bare status."""
+    fakes["deepinfra"].control("status", status=422, body=body)
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model=V02, messages=ask(), extra_body={"provider": {"only": ["deepinfra"]}})
+    assert err.value.code == "upstream_rejected_request"
+    assert err.value.body["message"] == message
