@@ -1,5 +1,5 @@
 """The Python floor: an ASGI app that forwards each POST to the upstream with the
-gateway's own HTTP client (``gateway/h1.py``), under uvicorn, with no feature at all.
+gateway's own HTTP client (``gateway/upstream/h1.py``), under uvicorn, with no feature at all.
 
     UPSTREAM_URL=http://127.0.0.1:PORT/json/chat/completions \\
         .venv/bin/uvicorn bench.bare_forwarder:app --workers 2

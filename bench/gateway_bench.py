@@ -300,7 +300,7 @@ def main() -> None:
         targets = [
             direct_t,
             Target("nginx proxy_pass (the floor)", f"http://127.0.0.1:{floor_port}/v1/chat/completions", json_script),
-            Target(f"bare Python forwarder (uvicorn + gateway/h1.py, {args.workers} workers, no feature)",
+            Target(f"bare Python forwarder (uvicorn + gateway/upstream/h1.py, {args.workers} workers, no feature)",
                    bare.url, json_script),
             ours,
         ]

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import os
 import sys
-
-from msgspec import UNSET
+from collections.abc import Callable
 
 from gateway import config as config_mod
 from gateway.accounting import logs
-from gateway.routing.catalog import build
 from gateway.config import ConfigError
-from gateway.server.models_api import per_token
+from gateway.routing.catalog import build
 
 
 def _is_loopback(host: str) -> bool:
@@ -48,17 +45,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _price(usd_per_mtok: float | None) -> str:
+    return "-" if usd_per_mtok is None else f"{usd_per_mtok:g}"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     catalog = build(_load(args.config), env={})
     rows = [("model", "provider", "upstream model", "context", "in $/Mtok", "out $/Mtok")]
     for m in catalog.models:
         for e in m.endpoints:
-            price = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
-            rows.append((m.id, e.provider.name, e.upstream_model, str(e.context_length),
-                         price(e.input_usd_per_mtok), price(e.output_usd_per_mtok)))
+            rows.append(
+                (
+                    m.id,
+                    e.provider.name,
+                    e.upstream_model,
+                    str(e.context_length),
+                    _price(e.input_usd_per_mtok),
+                    _price(e.output_usd_per_mtok),
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
@@ -88,8 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway.server.routes import CONFIG_ENV
     from gateway.server.backend_process import LocalBackendProcess
+    from gateway.server.routes import CONFIG_ENV
     from gateway.state import LOCAL_URL_ENV
 
     cfg = _load(args.config)
@@ -97,8 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else cfg.server.port
     workers = args.workers or cfg.server.workers
     if not cfg.auth.keys and not _is_loopback(host):
-        print(f"error: refusing to bind {host}: no gateway keys are configured ([[auth.keys]]), "
-              "so anyone who can reach it could use it. Bind 127.0.0.1 or add keys.", file=sys.stderr)
+        print(
+            f"error: refusing to bind {host}: no gateway keys are configured ([[auth.keys]]), "
+            "so anyone who can reach it could use it. Bind 127.0.0.1 or add keys.",
+            file=sys.stderr,
+        )
         return 2
     local = None
     if cfg.local.enabled and cfg.local.url is None:
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("name")
     new.set_defaults(func=cmd_keys_new)
     args = parser.parse_args(argv)
-    return args.func(args)
+    command: Callable[[argparse.Namespace], int] = args.func
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ overridable fields default to ``UNSET`` rather than a value.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 import tomllib
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -24,6 +24,8 @@ PositiveFloat = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Price = Annotated[float, Meta(ge=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
+
+_S = TypeVar("_S", bound=Struct)
 
 
 class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -42,8 +44,10 @@ class Quota:
 
     @property
     def empty(self) -> bool:
-        return all(v is None for v in (self.rpm, self.tpm, self.max_concurrent,
-                                        self.budget_usd_per_day, self.budget_usd_per_month))
+        return all(
+            v is None
+            for v in (self.rpm, self.tpm, self.max_concurrent, self.budget_usd_per_day, self.budget_usd_per_month)
+        )
 
 
 # "off" never blocks the category.
@@ -130,7 +134,7 @@ class RedisConfig(_Section):
     prefix: str = "gw:"
     #: Admission in blocks: a worker may take up to this many more requests of
     #: a key's quota in one round trip and admit them without another
-    #: (gateway/quota_blocks.py says how limits stay exact). 0 = one round trip
+    #: (gateway/limits/blocks.py says how limits stay exact). 0 = one round trip
     #: per request.
     block_requests: Annotated[int, Meta(ge=0, le=1000)] = 32
     #: How long a block may be used; what is left of it then goes back.
@@ -139,26 +143,26 @@ class RedisConfig(_Section):
 
 class ProviderConfig(_Section):
     base_url: str | UnsetType = UNSET
-    api_key_env: str | None | UnsetType = UNSET
+    api_key_env: str | UnsetType | None = UNSET
     timeout_s: PositiveFloat | UnsetType = UNSET
     headers: dict[str, str] | UnsetType = UNSET
     enabled: bool | UnsetType = UNSET
-    rpm: PositiveInt | None | UnsetType = UNSET
-    tpm: PositiveInt | None | UnsetType = UNSET
-    max_concurrent: PositiveInt | None | UnsetType = UNSET
+    rpm: PositiveInt | UnsetType | None = UNSET
+    tpm: PositiveInt | UnsetType | None = UNSET
+    max_concurrent: PositiveInt | UnsetType | None = UNSET
 
 
 class EndpointConfig(_Section):
     provider: str
     upstream_model: str | UnsetType = UNSET
-    input_usd_per_mtok: Price | None | UnsetType = UNSET
-    output_usd_per_mtok: Price | None | UnsetType = UNSET
+    input_usd_per_mtok: Price | UnsetType | None = UNSET
+    output_usd_per_mtok: Price | UnsetType | None = UNSET
     context_length: PositiveInt | UnsetType = UNSET
-    quantization: str | None | UnsetType = UNSET
-    supported_parameters: list[str] | None | UnsetType = UNSET
-    rpm: PositiveInt | None | UnsetType = UNSET
-    tpm: PositiveInt | None | UnsetType = UNSET
-    max_concurrent: PositiveInt | None | UnsetType = UNSET
+    quantization: str | UnsetType | None = UNSET
+    supported_parameters: list[str] | UnsetType | None = UNSET
+    rpm: PositiveInt | UnsetType | None = UNSET
+    tpm: PositiveInt | UnsetType | None = UNSET
+    max_concurrent: PositiveInt | UnsetType | None = UNSET
 
 
 class ModelConfig(_Section):
@@ -167,7 +171,7 @@ class ModelConfig(_Section):
     aliases: list[str] | UnsetType = UNSET
     tokenizer: Literal["v1", "v3", "tekken", "none"] | UnsetType = UNSET
     #: Content policy for this model (overrides [safety]'s).
-    safety: Policy | None | UnsetType = UNSET
+    safety: Policy | UnsetType | None = UNSET
     endpoints: list[EndpointConfig] = []
 
 
@@ -236,7 +240,7 @@ def _describe(exc: msgspec.ValidationError, prefix: str) -> str:
     return f"{path.lstrip('.') or '(top level)'}: {text}"
 
 
-def parse(raw: dict, source: str = "config") -> Config:
+def parse(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a decoded TOML document, collecting one error per broken part.
 
     msgspec stops at the first error; validating each section (and each list
@@ -247,7 +251,7 @@ def parse(raw: dict, source: str = "config") -> Config:
     for key in raw:
         if key not in fields:
             errors.append(f"{key}: unknown section")
-    out: dict = {}
+    out: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in fields:
             continue
@@ -301,13 +305,9 @@ def builtin() -> Config:
     return parse(tomllib.loads(text), "built-in catalog")
 
 
-def _overlay(base: Struct, top: Struct) -> Struct:
+def _overlay(base: _S, top: _S) -> _S:
     """Fields set in ``top`` win; UNSET ones keep ``base``'s value."""
-    changes = {
-        f.name: getattr(top, f.name)
-        for f in msgspec.structs.fields(top)
-        if getattr(top, f.name) is not UNSET
-    }
+    changes = {f.name: getattr(top, f.name) for f in msgspec.structs.fields(top) if getattr(top, f.name) is not UNSET}
     return msgspec.structs.replace(base, **changes)
 
 
@@ -324,7 +324,7 @@ def _merge_model(base: ModelConfig, top: ModelConfig) -> ModelConfig:
     return msgspec.structs.replace(merged, endpoints=endpoints, id=base.id)
 
 
-def merge(base: Config, user: Config, user_raw: dict) -> Config:
+def merge(base: Config, user: Config, user_raw: dict[str, Any]) -> Config:
     """Lay a user's config over the built-in one.
 
     Scalar sections are taken whole from the user's file only when the file

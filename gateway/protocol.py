@@ -2,7 +2,7 @@
 
 Requests are decoded once, at the edge, into these Structs; out-of-range
 values fail there with an error naming the parameter. Fields the gateway only
-relays (tools, response_format, tool calls, logprobs) stay ``msgspec.Raw`` so
+forwards (tools, response_format, tool calls, logprobs) stay ``msgspec.Raw`` so
 they pass through byte for byte.
 """
 
@@ -91,7 +91,7 @@ class ChatRequest(Struct, kw_only=True, omit_defaults=True):
     min_p: MinP | UnsetType = UNSET
     max_tokens: MaxTokens | UnsetType = UNSET
     max_completion_tokens: MaxTokens | UnsetType = UNSET
-    stop: str | StopList | None | UnsetType = UNSET
+    stop: str | StopList | UnsetType | None = UNSET
     n: N | UnsetType = UNSET
     seed: int | UnsetType = UNSET
     presence_penalty: Penalty | UnsetType = UNSET
@@ -118,10 +118,13 @@ SAMPLING_PARAMETERS: tuple[str, ...] = tuple(
 
 # --- responses -------------------------------------------------------------
 
+#: A harm category's severity, lowest first.
+SeverityLevel = Literal["safe", "low", "medium", "high"]
+
 
 class Severity(Struct, omit_defaults=False):
     filtered: bool = False
-    severity: Literal["safe", "low", "medium", "high"] = "safe"
+    severity: SeverityLevel = "safe"
 
 
 class Detection(Struct, omit_defaults=False):
@@ -166,15 +169,15 @@ class AssistantMessage(Struct, kw_only=True):
     content: str | None = None
     tool_calls: Raw | UnsetType = UNSET
     function_call: Raw | UnsetType = UNSET
-    refusal: str | None | UnsetType = UNSET
-    reasoning: str | None | UnsetType = UNSET
+    refusal: str | UnsetType | None = UNSET
+    reasoning: str | UnsetType | None = UNSET
 
 
 class Choice(Struct, kw_only=True, omit_defaults=True):
     index: int = 0
     message: AssistantMessage = msgspec.field(default_factory=AssistantMessage)
     finish_reason: str | None = None
-    logprobs: Raw | None | UnsetType = UNSET
+    logprobs: Raw | UnsetType | None = UNSET
     content_filter_results: Raw | UnsetType = UNSET
 
 
@@ -185,7 +188,7 @@ class ChatCompletion(Struct, kw_only=True, omit_defaults=True):
     model: str = ""
     choices: list[Choice] = []
     usage: UpstreamUsage | None = None
-    system_fingerprint: str | None | UnsetType = UNSET
+    system_fingerprint: str | UnsetType | None = UNSET
 
 
 class ChoiceOut(Struct, kw_only=True):
@@ -212,18 +215,18 @@ class ChatCompletionOut(Struct, kw_only=True):
 
 class Delta(Struct, kw_only=True, omit_defaults=True):
     role: str | UnsetType = UNSET
-    content: str | None | UnsetType = UNSET
+    content: str | UnsetType | None = UNSET
     tool_calls: Raw | UnsetType = UNSET
     function_call: Raw | UnsetType = UNSET
-    refusal: str | None | UnsetType = UNSET
-    reasoning: str | None | UnsetType = UNSET
+    refusal: str | UnsetType | None = UNSET
+    reasoning: str | UnsetType | None = UNSET
 
 
 class ChunkChoice(Struct, kw_only=True, omit_defaults=True):
     index: int = 0
     delta: Delta = msgspec.field(default_factory=Delta)
     finish_reason: str | None = None
-    logprobs: Raw | None | UnsetType = UNSET
+    logprobs: Raw | UnsetType | None = UNSET
     content_filter_results: Raw | UnsetType = UNSET
 
 
@@ -234,7 +237,7 @@ class ChatChunk(Struct, kw_only=True, omit_defaults=True):
     model: str = ""
     choices: list[ChunkChoice] = []
     usage: UpstreamUsage | None = None
-    system_fingerprint: str | None | UnsetType = UNSET
+    system_fingerprint: str | UnsetType | None = UNSET
     error: Raw | UnsetType = UNSET
 
 

@@ -6,22 +6,25 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Coroutine
+from typing import Any
 
 import httpx
 
-from gateway.routing import catalog as catalog_mod, tokens
 from gateway.accounting.accountant import Accountant
-from gateway.limits.keys import KeyRing
-from gateway.config import Config
-from gateway.safety.moderation import Moderation
-from gateway.accounting.generations import Generation, GenerationStore, MemoryGenerations, RedisGenerations
-from gateway.routing.health import Circuit, HealthTracker
+from gateway.accounting.generations import GenerationStore, MemoryGenerations, RedisGenerations
 from gateway.accounting.metrics import AVAILABLE, BUDGET, CIRCUIT, LIMIT_STORE_ERRORS
-from gateway.limits.stores import MemoryStore, RedisStore
+from gateway.config import Config
+from gateway.limits.keys import KeyRing
 from gateway.limits.limiter import Limiter
-from gateway.storage.connect import backstop_s, redis_client
-from gateway.storage.autopipeline import AutoPipeline
+from gateway.limits.stores import LimitStore, MemoryStore, RedisStore
+from gateway.routing import catalog as catalog_mod
+from gateway.routing import tokens
+from gateway.routing.health import Circuit, HealthTracker
 from gateway.routing.router import Router
+from gateway.safety.moderation import Moderation
+from gateway.storage.autopipeline import AutoPipeline
+from gateway.storage.connect import backstop_s, redis_client
 from gateway.upstream import make_client
 from gateway.upstream.base import UpstreamError
 
@@ -74,18 +77,22 @@ class Gateway:
         if config.redis.url:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
             self.batcher = batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
-            store = RedisStore(redis, config.redis.prefix, batcher)
+            store: LimitStore = RedisStore(redis, config.redis.prefix, batcher)
             self.generations = RedisGenerations(config.redis.prefix, config.generations.ttl_s, batcher)
         else:
             store = MemoryStore()  # exact for this process only: one replica
             self.generations = MemoryGenerations(config.generations.capacity)
-        self.limiter = Limiter(store, on_error=config.redis.on_error,
-                               lease_ttl_s=config.routing.deadline_s + 60,
-                               block_requests=config.redis.block_requests, block_s=config.redis.block_s,
-                               on_store_error=LIMIT_STORE_ERRORS.inc)
+        self.limiter = Limiter(
+            store,
+            on_error=config.redis.on_error,
+            lease_ttl_s=config.routing.deadline_s + 60,
+            block_requests=config.redis.block_requests,
+            block_s=config.redis.block_s,
+            on_store_error=LIMIT_STORE_ERRORS.inc,
+        )
         self.accountant = Accountant(self.limiter, self.generations)
-        self._tasks: set[asyncio.Task] = set()
-        self._local_watch: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._local_watch: asyncio.Task[None] | None = None
 
     def refresh_gauges(self) -> None:
         """Circuit and availability gauges, from this worker's view, before a scrape."""
@@ -93,16 +100,17 @@ class Gateway:
             for e in model.endpoints:
                 circuit = self.health.circuit(e.key)
                 CIRCUIT.labels(e.provider.name, e.key).set(
-                    {Circuit.CLOSED: 0, Circuit.HALF_OPEN: 1, Circuit.OPEN: 2}[circuit])
+                    {Circuit.CLOSED: 0, Circuit.HALF_OPEN: 1, Circuit.OPEN: 2}[circuit]
+                )
                 usable = e.provider.enabled and e.provider.ready and circuit is not Circuit.OPEN
                 AVAILABLE.labels(model.id, e.provider.name, e.key).set(1 if usable else 0)
-        for key in self.keys.keys():
+        for key in self.keys.listed():
             if key.quota.budget_usd_per_day is not None:
                 BUDGET.labels(key.name, "day").set(key.quota.budget_usd_per_day)
             if key.quota.budget_usd_per_month is not None:
                 BUDGET.labels(key.name, "month").set(key.quota.budget_usd_per_month)
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run work that must finish even if the request that started it was
         cancelled (settling a stream whose client went away)."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -134,7 +142,7 @@ class Gateway:
             try:
                 async with asyncio.timeout(2.0):
                     await self.batcher.drain()  # deferred settlements, records and returned blocks
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - shutting down: report whatever stopped the drain
                 log.warning("last settlements and records not written at shutdown (%s)", type(exc).__name__)
         await self.limiter.close()
         await self.moderation.close()

@@ -169,7 +169,7 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
         try:
             prompt = b.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
         # Any error here (chat template, mistral-common validation: many exception types) is in the caller's messages.
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - see above: the caller's messages
             return bad_param("messages", f"cannot format messages: {e}")
         try:
             params = sampling_params(req, len(prompt), b.engine.cfg.max_model_len, b.vocab_size)

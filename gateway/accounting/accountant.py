@@ -135,8 +135,9 @@ class Accountant:
         IN_FLIGHT.dec()
         usage = trace.usage
         if trace.admission is not None:
-            self.limiter.settle_key_soon(trace.admission, usage.total_tokens if usage else 0,
-                                         usage.estimated_cost if usage else None)
+            self.limiter.settle_key_soon(
+                trace.admission, usage.total_tokens if usage else 0, usage.estimated_cost if usage else None
+            )
         pending = self.generations.put_soon(trace.record())
         if pending is not None:
             pending.add_done_callback(functools.partial(_record_failed, trace.id))
@@ -153,5 +154,5 @@ class Accountant:
         if batch:
             try:
                 observe(batch)
-            except Exception:  # noqa: BLE001 - never let metrics break the worker
+            except Exception:
                 log.exception("metrics for %d requests failed", len(batch))

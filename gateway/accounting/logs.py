@@ -61,9 +61,15 @@ def log_lines(logger: logging.Logger, message: str, rows: list[dict[str, Any]]) 
     root = logging.getLogger()
     handlers = root.handlers
     handler = handlers[0] if len(handlers) == 1 else None
-    fast = (logger.propagate and not logger.handlers and not logger.filters
-            and isinstance(handler, JsonHandler) and handler.level <= logging.INFO
-            and not handler.filters and not root.filters)
+    fast = (
+        logger.propagate
+        and not logger.handlers
+        and not logger.filters
+        and isinstance(handler, JsonHandler)
+        and handler.level <= logging.INFO
+        and not handler.filters
+        and not root.filters
+    )
     if not fast or not isinstance(handler, JsonHandler):
         for fields in rows:
             logger.info(message, extra={"fields": fields})

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from gateway.protocol import UpstreamUsage, Usage
 from gateway.routing.catalog import Endpoint
-from gateway.protocol import Usage, UpstreamUsage
 from gateway.routing.tokens import count_text
 
 log = logging.getLogger("gateway.accounting")

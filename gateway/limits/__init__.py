@@ -1,0 +1,1 @@
+"""Gateway keys, and the rate, concurrency and budget limits on keys and upstreams."""

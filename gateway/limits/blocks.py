@@ -57,11 +57,20 @@ class Block:
     at_grant: Verdict  # remaining requests and tokens after the whole block, resets, spend
 
     @classmethod
-    def granted_by(cls, verdict: Verdict, quota: Quota, block_id: str, tokens_each: int, sent: float,
-                   life_s: float, periods: Periods) -> "Block":
+    def granted_by(
+        cls,
+        verdict: Verdict,
+        quota: Quota,
+        block_id: str,
+        tokens_each: int,
+        sent: float,
+        life_s: float,
+        periods: Periods,
+    ) -> Block:
         tokens = verdict.block * tokens_each if quota.tpm else 0
-        return cls(block_id, quota, verdict.block, verdict.block, tokens, sent + life_s, time.monotonic(),
-                   periods, verdict)
+        return cls(
+            block_id, quota, verdict.block, verdict.block, tokens, sent + life_s, time.monotonic(), periods, verdict
+        )
 
     def take(self, quota: Quota, tokens: int, periods: Periods, now: float) -> Verdict | None:
         """Admit one request from this block, or None when it cannot (used up,
@@ -79,8 +88,14 @@ class Block:
         if quota.tpm:
             self.tokens_left -= tokens
         elapsed_ms = int((now - self.granted) * 1000)
-        return Verdict(None, 0, g.requests_remaining + self.left, max(g.requests_reset_ms - elapsed_ms, 0),
-                       g.tokens_remaining + self.tokens_left, max(g.tokens_reset_ms - elapsed_ms, 0))
+        return Verdict(
+            None,
+            0,
+            g.requests_remaining + self.left,
+            max(g.requests_reset_ms - elapsed_ms, 0),
+            g.tokens_remaining + self.tokens_left,
+            max(g.tokens_reset_ms - elapsed_ms, 0),
+        )
 
     def spend(self, cost_usd: float) -> None:
         """This worker's spend since the grant, for the budget checks."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.config import KeyConfig, Policy, Quota
@@ -33,8 +34,13 @@ OPEN = GatewayKey(name="open")
 
 
 def _key(k: KeyConfig) -> GatewayKey:
-    quota = Quota(rpm=k.rpm, tpm=k.tpm, max_concurrent=k.max_concurrent,
-                  budget_usd_per_day=k.budget_usd_per_day, budget_usd_per_month=k.budget_usd_per_month)
+    quota = Quota(
+        rpm=k.rpm,
+        tpm=k.tpm,
+        max_concurrent=k.max_concurrent,
+        budget_usd_per_day=k.budget_usd_per_day,
+        budget_usd_per_month=k.budget_usd_per_month,
+    )
     models = None if k.models is None else frozenset(m.lower() for m in k.models)
     return GatewayKey(k.name, quota, models, k.safety)
 
@@ -46,21 +52,22 @@ def digest(key: str) -> str:
 class KeyRing:
     """The configured keys; empty means open mode (loopback only)."""
 
-    def __init__(self, keys: list[KeyConfig], env: dict[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
+    def __init__(self, keys: list[KeyConfig], env: Mapping[str, str] | None = None) -> None:
+        environ: Mapping[str, str] = os.environ if env is None else env
         self._by_digest: dict[str, GatewayKey] = {}
         for k in keys:
             if k.sha256 is not None:
                 self._by_digest[k.sha256.lower()] = _key(k)
             elif k.key_env:
-                value = env.get(k.key_env)
+                value = environ.get(k.key_env)
                 if value:
                     self._by_digest[digest(value)] = _key(k)
                 else:
                     log.warning("gateway key %s disabled: $%s is not set", k.name, k.key_env)
         self.configured = bool(keys)
 
-    def keys(self) -> list[GatewayKey]:
+    def listed(self) -> list[GatewayKey]:
+        """Every key that can authenticate (for the budget gauges)."""
         return list(self._by_digest.values())
 
     @property

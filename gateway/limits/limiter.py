@@ -25,9 +25,8 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.config import Quota
 from gateway.errors import GatewayError
@@ -75,8 +74,16 @@ _MESSAGES = {
 class Refused(GatewayError):
     """A request the key's limits refuse; ``reason`` names the limit."""
 
-    def __init__(self, status: int, message: str, *, reason: str, code: str,
-                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        reason: str,
+        code: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(status, message, code=code, headers=headers, param=param)
         self.reason = reason
 
@@ -116,9 +123,16 @@ class KeyCheck:
 class Limiter:
     """Keys' and upstreams' limits over one store (Redis or in-process)."""
 
-    def __init__(self, store: LimitStore, *, on_error: str = "open",
-                 lease_ttl_s: float = 600.0, block_requests: int = 0, block_s: float = 1.0,
-                 on_store_error: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        store: LimitStore,
+        *,
+        on_error: str = "open",
+        lease_ttl_s: float = 600.0,
+        block_requests: int = 0,
+        block_s: float = 1.0,
+        on_store_error: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self.on_error = on_error
         self.on_store_error = on_store_error
@@ -138,7 +152,7 @@ class Limiter:
             self._last_log = now
             log.warning("rate-limit store unavailable (%s); failing %s", type(exc).__name__, self.on_error)
 
-    def begin_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> "KeyCheck":
+    def begin_key(self, name: str, quota: Quota, request_id: str, tokens: int) -> KeyCheck:
         """Send a gateway key's admission check, unless a block this worker
         holds admits it; ``finish_key`` gives its outcome. The caller may work
         meanwhile, but must always finish the check."""
@@ -162,17 +176,26 @@ class Limiter:
             self._asking.add(entity)
         check.sent = time.monotonic()
         try:
-            check.pending = self.store.admit_soon(entity, quota, request_id, tokens, self.lease_ttl_ms,
-                                                  check.periods, ask=check.ask)
+            check.pending = self.store.admit_soon(
+                entity, quota, request_id, tokens, self.lease_ttl_ms, check.periods, ask=check.ask
+            )
         except Exception as exc:  # noqa: BLE001 - reported by finish_key
             check.error = exc
         return check
 
-    async def finish_key(self, check: "KeyCheck") -> Admission:
+    async def finish_key(self, check: KeyCheck) -> Admission:
         """The admitted request, or raise the 429/402/503 to answer."""
         if check.local is not None:
-            return Admission(check.entity, check.quota, check.request_id, check.periods,
-                             headers_for(check.quota, check.local), True, check.block, check.tokens)
+            return Admission(
+                check.entity,
+                check.quota,
+                check.request_id,
+                check.periods,
+                headers_for(check.quota, check.local),
+                True,
+                check.block,
+                check.tokens,
+            )
         if check.pending is None and check.error is None:
             return Admission(check.entity, check.quota, check.request_id, check.periods, {}, counted=False)
         try:
@@ -183,8 +206,12 @@ class Limiter:
         except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
             self._store_failed(exc)
             if self.on_error == "closed":
-                raise GatewayError(503, "rate limiting is unavailable; try again shortly",
-                                   code="rate_limiter_unavailable", headers={"retry-after": "1"}) from None
+                raise GatewayError(
+                    503,
+                    "rate limiting is unavailable; try again shortly",
+                    code="rate_limiter_unavailable",
+                    headers={"retry-after": "1"},
+                ) from None
             return Admission(check.entity, check.quota, check.request_id, check.periods, {}, counted=False)
         finally:
             if check.ask is not None:
@@ -196,16 +223,25 @@ class Limiter:
             taken = self._take(check)
             if taken is not None:
                 block, local = taken
-                return Admission(check.entity, check.quota, check.request_id, check.periods,
-                                 headers_for(check.quota, local), True, block.id, check.tokens)
+                return Admission(
+                    check.entity,
+                    check.quota,
+                    check.request_id,
+                    check.periods,
+                    headers_for(check.quota, local),
+                    True,
+                    block.id,
+                    check.tokens,
+                )
         headers = headers_for(check.quota, verdict)
         if verdict.denied is not None:
             status, message, code = _MESSAGES[verdict.denied]
             if status == 429:
                 headers["retry-after"] = str(max(1, math.ceil(verdict.retry_after_ms / 1000)))
             raise Refused(status, message, reason=verdict.denied, code=code, headers=headers)
-        return Admission(check.entity, check.quota, check.request_id, check.periods, headers, True,
-                         reserved=check.tokens)
+        return Admission(
+            check.entity, check.quota, check.request_id, check.periods, headers, True, reserved=check.tokens
+        )
 
     def _ask(self, entity: str, block_id: str) -> BlockAsk:
         return BlockAsk(block_id, self.block_requests, self._cost.get(entity, 0.0), int(self.block_s * 1000))
@@ -229,9 +265,10 @@ class Limiter:
         ask = self._ask(entity, check.request_id + ":n")
         sent = time.monotonic()
         try:
-            pending = self.store.admit_soon(entity, check.quota, "", check.tokens, self.lease_ttl_ms,
-                                            check.periods, ask=ask)
-        except Exception as exc:  # noqa: BLE001
+            pending = self.store.admit_soon(
+                entity, check.quota, "", check.tokens, self.lease_ttl_ms, check.periods, ask=ask
+            )
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
             self._store_failed(exc)
             return
         self._asking.add(entity)
@@ -255,8 +292,9 @@ class Limiter:
         reservation), and hand back what is left of it when its life ends."""
         block = Block.granted_by(verdict, check.quota, block_id, check.tokens, sent, self.block_s, check.periods)
         self._blocks.setdefault(check.entity, []).append(block)
-        asyncio.get_running_loop().call_later(max(block.expires - time.monotonic(), 0.0), self._end_block,
-                                              check.entity, block)
+        asyncio.get_running_loop().call_later(
+            max(block.expires - time.monotonic(), 0.0), self._end_block, check.entity, block
+        )
 
     def _end_block(self, entity: str, block: Block) -> None:
         """Stop using a block and give back its unused places (deferred, like settlements)."""
@@ -268,9 +306,8 @@ class Limiter:
         if not block.holds_anything_in_redis:
             return
         try:
-            pending = self.store.return_block_soon(entity, block.id, block.first_unused, block.size,
-                                                   block.tokens_left)
-        except Exception as exc:  # noqa: BLE001
+            pending = self.store.return_block_soon(entity, block.id, block.first_unused, block.size, block.tokens_left)
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
             self._store_failed(exc)
             return
         block.left = block.tokens_left = 0
@@ -314,8 +351,9 @@ class Limiter:
         if pending is not None:
             pending.add_done_callback(self._settled)
 
-    def _settlement(self, admission: Admission, tokens: int, cost_usd: float | None
-                    ) -> tuple[str, Quota, str, int, float, Periods, int | None] | None:
+    def _settlement(
+        self, admission: Admission, tokens: int, cost_usd: float | None
+    ) -> tuple[str, Quota, str, int, float, Periods, int | None] | None:
         """The store's settle arguments; None when nothing was counted."""
         if not admission.counted:
             return None
@@ -346,7 +384,7 @@ class Limiter:
         for entity, quota in entities:
             try:
                 verdict = await self.store.admit(entity, quota, request_id, tokens, self.lease_ttl_ms, periods)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
                 self._store_failed(exc)
                 continue
             if verdict.denied is not None:
@@ -360,7 +398,7 @@ class Limiter:
         for entity, quota in entities:
             try:
                 await self.store.settle(entity, quota, request_id, tokens, 0.0, periods)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any store failure degrades the same way
                 self._store_failed(exc)
 
     def upstream_quota(self, request_id: str, tokens: int) -> UpstreamQuota:

@@ -186,21 +186,33 @@ class Attempts:
         summary = "; ".join(f"{a.provider}: {a.error}" for a in self.records) or "no attempt could be made"
         failures = self.failures
         if not failures and any(a.outcome == "at_quota" for a in self.records):
-            return GatewayError(503, f"every provider is at its quota ({summary})", code="upstream_quota_exhausted",
-                                headers={"retry-after": "1"})
-        if not failures or self.remaining_s <= 0 and failures[-1].kind == "timeout":
+            return GatewayError(
+                503,
+                f"every provider is at its quota ({summary})",
+                code="upstream_quota_exhausted",
+                headers={"retry-after": "1"},
+            )
+        if not failures or (self.remaining_s <= 0 and failures[-1].kind == "timeout"):
             return GatewayError(504, f"upstream timed out ({summary})", code="upstream_timeout")
         last = failures[-1]
         if all(f.status == 429 for f in failures):
-            return GatewayError(429, f"every provider is rate limited ({summary})", code="upstream_rate_limited",
-                                headers={"retry-after": last.retry_after or "1"})
+            return GatewayError(
+                429,
+                f"every provider is rate limited ({summary})",
+                code="upstream_rate_limited",
+                headers={"retry-after": last.retry_after or "1"},
+            )
         if last.kind == "timeout":
             return GatewayError(504, f"upstream timed out ({summary})", code="upstream_timeout")
         if last.kind == "invalid":
             return GatewayError(502, f"invalid answer from upstream ({summary})", code="upstream_invalid_response")
         if last.kind == "connect":
-            return GatewayError(503, f"no provider could be reached ({summary})", code="no_provider_available",
-                                headers={"retry-after": "5"})
+            return GatewayError(
+                503,
+                f"no provider could be reached ({summary})",
+                code="no_provider_available",
+                headers={"retry-after": "5"},
+            )
         return GatewayError(502, f"upstream error ({summary})", code="upstream_error")
 
 

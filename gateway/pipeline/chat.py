@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import anyio
@@ -42,7 +42,7 @@ class Reply:
 
     headers: dict[str, str]
     body: bytes | None = None
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncGenerator[bytes, None] | None = None
     status: int = 200
 
 
@@ -90,8 +90,13 @@ def decode_request(body: bytes) -> ChatRequest:
 def check_allowed(key: GatewayKey, name: str, model: Model) -> None:
     """403 when the key's allow-list does not include a requested model."""
     if key.models is not None and model.id.lower() not in key.models and name.lower() not in key.models:
-        raise Refused(403, f"this key may not use model {model.id!r}", reason="model_not_allowed",
-                      code="model_not_allowed", param="model")
+        raise Refused(
+            403,
+            f"this key may not use model {model.id!r}",
+            reason="model_not_allowed",
+            code="model_not_allowed",
+            param="model",
+        )
 
 
 async def chat_completions(gw: Services, authorization: str | None, raw: bytes) -> Reply:
@@ -163,8 +168,9 @@ def _decode(gw: Services, trace: Trace, key: GatewayKey, raw: bytes) -> tuple[Ch
     return chat, models
 
 
-async def _admit(gw: Services, trace: Trace, key: GatewayKey, chat: ChatRequest,
-                 models: list[tuple[str, Model]]) -> Admitted:
+async def _admit(
+    gw: Services, trace: Trace, key: GatewayKey, chat: ChatRequest, models: list[tuple[str, Model]]
+) -> Admitted:
     """The key's admission: rate, concurrency and budget in one round trip
     (none while this worker holds a block of the key's quota), while the route
     is planned and the prompt screened in-process.
@@ -204,14 +210,16 @@ async def _admit(gw: Services, trace: Trace, key: GatewayKey, chat: ChatRequest,
     return Admitted(admission, candidates, [PromptFilterResult(0, prompt_results)], policy, estimate, prompt_text)
 
 
-def _screen_and_plan(gw: Services, chat: ChatRequest, models: list[tuple[str, Model]], policy: Policy,
-                     ours: ContentFilterResults) -> tuple[ContentFilterResults, list[Candidate]]:
+def _screen_and_plan(
+    gw: Services, chat: ChatRequest, models: list[tuple[str, Model]], policy: Policy, ours: ContentFilterResults
+) -> tuple[ContentFilterResults, list[Candidate]]:
     """The prompt's content-filter results, and the ordered candidates; raises
     the error to answer when the prompt is filtered or no endpoint can serve."""
     prompt_results = gw.moderation.decide(ours, None, policy)
     if gw.moderation.blocked(prompt_results):
-        raise GatewayError(400, "the prompt was filtered by the content policy", code="content_filter",
-                           param="messages")
+        raise GatewayError(
+            400, "the prompt was filtered by the content policy", code="content_filter", param="messages"
+        )
     return prompt_results, gw.router.plan(chat, models)
 
 
@@ -229,8 +237,11 @@ def _attempts(gw: Services, trace: Trace, chat: ChatRequest, admitted: Admitted)
 
 
 def _headers(admission: Admission, attempts: Attempts) -> dict[str, str]:
-    headers = {**admission.headers, "x-request-id": attempts.request_id,
-               "x-gateway-attempts": str(len(attempts.records))}
+    headers = {
+        **admission.headers,
+        "x-request-id": attempts.request_id,
+        "x-gateway-attempts": str(len(attempts.records)),
+    }
     cand = attempts.served
     if cand is not None:
         headers["x-gateway-provider"] = cand.endpoint.provider.name
@@ -262,8 +273,9 @@ async def _stream(gw: Services, trace: Trace, relay: StreamRelay, admitted: Admi
     return Reply(_headers(admitted.admission, relay.attempts), stream=_timed(gw, trace, relay, body))
 
 
-async def _after_keepalives(trace: Trace, relay: StreamRelay, opening: asyncio.Future[Candidate],
-                            every_s: float) -> AsyncIterator[bytes]:
+async def _after_keepalives(
+    trace: Trace, relay: StreamRelay, opening: asyncio.Future[Candidate], every_s: float
+) -> AsyncIterator[bytes]:
     try:
         while not opening.done():
             yield KEEPALIVE
@@ -282,7 +294,9 @@ async def _after_keepalives(trace: Trace, relay: StreamRelay, opening: asyncio.F
             await relay.close()
 
 
-async def _timed(gw: Services, trace: Trace, relay: StreamRelay, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _timed(
+    gw: Services, trace: Trace, relay: StreamRelay, body: AsyncIterator[bytes]
+) -> AsyncGenerator[bytes, None]:
     """Relay the stream, timing its chunks, then account for what was really
     used, even when the client went away mid-stream (the stream is cancelled
     then, so accounting runs as its own task)."""
@@ -321,7 +335,6 @@ def _account(gw: Services, trace: Trace, attempts: Attempts | None) -> None:
         gw.accountant.add_after_response(trace)
 
 
-async def _release_then_account(gw: Services, trace: Trace, attempts: Attempts, served: Candidate,
-                                tokens: int) -> None:
+async def _release_then_account(gw: Services, trace: Trace, attempts: Attempts, served: Candidate, tokens: int) -> None:
     await attempts.give_back(served, tokens)
     gw.accountant.add(trace)

@@ -9,14 +9,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 import providers
-from gateway.config import Config, ConfigError, Policy, Quota, EndpointConfig, ModelConfig, ProviderConfig
+from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, Policy, ProviderConfig, Quota
 from gateway.protocol import SAMPLING_PARAMETERS
 
 log = logging.getLogger("gateway.catalog")
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 @dataclass(slots=True)
@@ -66,11 +70,20 @@ class Endpoint:
     def priced(self) -> bool:
         return self.input_usd_per_mtok is not None and self.output_usd_per_mtok is not None
 
+    @property
+    def price_usd_per_mtok(self) -> float | None:
+        """Input plus output price, the figure routing compares; None when unpriced."""
+        inp, out = self.input_usd_per_mtok, self.output_usd_per_mtok
+        if inp is None or out is None:
+            return None
+        return inp + out
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         """USD at this endpoint's price; None when it has none."""
-        if not self.priced:
+        inp, out = self.input_usd_per_mtok, self.output_usd_per_mtok
+        if inp is None or out is None:
             return None
-        return (prompt_tokens * self.input_usd_per_mtok + completion_tokens * self.output_usd_per_mtok) / 1e6
+        return (prompt_tokens * inp + completion_tokens * out) / 1e6
 
 
 @dataclass(slots=True)
@@ -137,29 +150,35 @@ def _provider(name: str, pc: ProviderConfig, env: dict[str, str]) -> ProviderRun
     )
 
 
-def _opt(value):
+def _opt(value: _T | UnsetType) -> _T | None:
+    """A config field left UNSET means no value."""
     return None if value is UNSET else value
+
+
+def _or(value: _T | UnsetType, default: _U) -> _T | _U:
+    """``value``, or ``default`` when the config left it UNSET."""
+    return default if value is UNSET else value
 
 
 def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: ProviderRuntime) -> Endpoint:
     if ec.context_length is UNSET:
         raise ConfigError("config", [f"models[{model.id}].endpoints[{i}].context_length: required"])
-
-    def val(v, default):
-        return default if v is UNSET else v
-
-    supported = val(ec.supported_parameters, None)
+    supported = _opt(ec.supported_parameters)
     endpoint = Endpoint(
         model_id=model.id,
         provider=provider,
-        upstream_model=val(ec.upstream_model, model.id),
-        input_usd_per_mtok=val(ec.input_usd_per_mtok, None),
-        output_usd_per_mtok=val(ec.output_usd_per_mtok, None),
+        upstream_model=_or(ec.upstream_model, model.id),
+        input_usd_per_mtok=_opt(ec.input_usd_per_mtok),
+        output_usd_per_mtok=_opt(ec.output_usd_per_mtok),
         context_length=ec.context_length,
-        quantization=val(ec.quantization, None),
-        supported_parameters=frozenset(supported) if supported is not None else (
-            provider.spec.supported_parameters if provider.spec.supported_parameters is not None
-            else frozenset(SAMPLING_PARAMETERS)),
+        quantization=_opt(ec.quantization),
+        supported_parameters=frozenset(supported)
+        if supported is not None
+        else (
+            provider.spec.supported_parameters
+            if provider.spec.supported_parameters is not None
+            else frozenset(SAMPLING_PARAMETERS)
+        ),
         quota=Quota(rpm=_opt(ec.rpm), tpm=_opt(ec.tpm), max_concurrent=_opt(ec.max_concurrent)),
     )
     if not endpoint.quota.empty:

@@ -9,11 +9,12 @@ probe's outcome closes the circuit or opens it again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Circuit(str, Enum):
+class Circuit(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
@@ -41,7 +42,7 @@ def _ewma(old: float | None, new: float) -> float:
 class HealthTracker:
     """Health state of every endpoint in this process, keyed by endpoint key."""
 
-    def __init__(self, failure_threshold: int, cooldown_s: float, clock=time.monotonic) -> None:
+    def __init__(self, failure_threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
         self._clock = clock

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from msgspec import UNSET
 
-from gateway.routing.catalog import Catalog, Endpoint, Model
 from gateway.errors import GatewayError, invalid_request, no_provider
-from gateway.routing.health import HealthTracker
 from gateway.protocol import ChatRequest, ProviderPreferences
+from gateway.routing.catalog import Catalog, Endpoint, Model
+from gateway.routing.health import HealthTracker
 from gateway.routing.tokens import PromptTokens
 from gateway.upstream.adapter import unsupported_parameters
 
@@ -57,9 +57,7 @@ def requested_models(request: ChatRequest) -> list[str]:
 
 
 def _price(e: Endpoint) -> float | None:
-    if not e.priced:
-        return None
-    return e.input_usd_per_mtok + e.output_usd_per_mtok
+    return e.price_usd_per_mtok
 
 
 def _order(endpoints: list[Endpoint], sort: str | None, health: HealthTracker, rng: random.Random) -> list[Endpoint]:
@@ -73,12 +71,12 @@ def _order(endpoints: list[Endpoint], sort: str | None, health: HealthTracker, r
     # come first, unpriced ones last (their cost is unknown, not zero).
     free = [e for e in endpoints if _price(e) == 0]
     unpriced = [e for e in endpoints if _price(e) is None]
-    pool = [e for e in endpoints if _price(e)]
+    pool = [(e, price) for e in endpoints if (price := _price(e))]
     ordered: list[Endpoint] = []
     while pool:
-        weights = [1.0 / _price(e) ** 2 for e in pool]
+        weights = [1.0 / price**2 for _, price in pool]
         pick = rng.choices(range(len(pool)), weights=weights)[0]
-        ordered.append(pool.pop(pick))
+        ordered.append(pool.pop(pick)[0])
     return free + ordered + unpriced
 
 
@@ -86,7 +84,9 @@ def _apply_order(endpoints: list[Endpoint], prefs: ProviderPreferences | None) -
     if prefs is None or not prefs.order:
         return endpoints
     rank = {name.lower(): i for i, name in enumerate(prefs.order)}
-    listed = sorted((e for e in endpoints if e.provider.name.lower() in rank), key=lambda e: rank[e.provider.name.lower()])
+    listed = sorted(
+        (e for e in endpoints if e.provider.name.lower() in rank), key=lambda e: rank[e.provider.name.lower()]
+    )
     if not prefs.allow_fallbacks:
         return listed
     return listed + [e for e in endpoints if e.provider.name.lower() not in rank]
@@ -118,15 +118,17 @@ class Router:
             raise GatewayError(404, f"model {name!r} is not in the catalog", code="model_not_found", param="model")
         return model
 
-    def plan(self, request: ChatRequest) -> list[Candidate]:
-        """The candidates, in order. Raises the error to answer when there are none."""
+    def plan(self, request: ChatRequest, models: list[tuple[str, Model]] | None = None) -> list[Candidate]:
+        """The candidates, in order; ``models`` are the requested names, resolved
+        already. Raises the error to answer when there are none."""
         prefs = request.provider if request.provider is not UNSET else None
         max_tokens = request.max_tokens if request.max_tokens is not UNSET else 0
-        names = requested_models(request)
-        models = [self.resolve(n) for n in names]
+        if models is None:
+            models = [(n, self.resolve(n)) for n in requested_models(request)]
+        names = [name for name, _ in models]
         out: list[Candidate] = []
         reasons: set[str] = set()
-        for name, model in zip(names, models):
+        for name, model in models:
             sort = (prefs.sort if prefs else None) or split_suffix(name)[1]
             prompt = PromptTokens(request.messages, model.tokenizer)
             eligible = []
@@ -168,11 +170,12 @@ class Router:
                 return "filtered"
             if prefs.max_price is not None:
                 mp = prefs.max_price
-                if not e.priced:
+                prompt_price, completion_price = e.input_usd_per_mtok, e.output_usd_per_mtok
+                if prompt_price is None or completion_price is None:
                     return "price"
-                if mp.prompt is not None and e.input_usd_per_mtok > mp.prompt:
+                if mp.prompt is not None and prompt_price > mp.prompt:
                     return "price"
-                if mp.completion is not None and e.output_usd_per_mtok > mp.completion:
+                if mp.completion is not None and completion_price > mp.completion:
                     return "price"
             if prefs.require_parameters and unsupported_parameters(request, e.provider.spec, e.supported_parameters):
                 return "parameters"

@@ -14,18 +14,26 @@ import functools
 import threading
 from collections import OrderedDict
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from gateway.protocol import Message
+
+if TYPE_CHECKING:
+    from mistral_common.tokens.tokenizers.base import Tokenizer
 
 # Template tokens around each message: [INST] ... [/INST] are plain text in v1
 # and control tokens in v3 and tekken.
 _PER_MESSAGE = {"v1": 8, "v3": 3, "tekken": 3}
-_FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3", "tekken": "tekken_240911.json"}
+_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "tekken": "tekken_240911.json",
+}
 _lock = threading.Lock()
 
 
 @functools.cache
-def _tokenizer(version: str):
+def _tokenizer(version: str) -> Tokenizer:
     """The raw tokenizer for a mistral-common version; ``none`` approximates with v3."""
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -37,7 +45,7 @@ def _tokenizer(version: str):
 
 def preload(versions: set[str]) -> None:
     """Load these tokenizers now (start-up) rather than on the first request
-    that needs one, which would wait up to a second for it."""
+    that needs one, which would otherwise wait for the load."""
     for version in versions:
         if version != "none":
             _tokenizer(version)
@@ -100,7 +108,7 @@ def count_prompt(messages: list[Message], version: str) -> int:
 class PromptTokens:
     """One request's prompt size: the bound at once, the exact count on demand."""
 
-    __slots__ = ("messages", "version", "upper_bound", "_exact")
+    __slots__ = ("_exact", "messages", "upper_bound", "version")
 
     def __init__(self, messages: list[Message], version: str) -> None:
         self.messages = messages

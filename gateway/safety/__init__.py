@@ -1,4 +1,4 @@
-"""Content safety for the gateway (issue 5).
+"""Content safety for the gateway.
 
 ``DefaultClassifier`` runs in process on every prompt and completion;
 ``StreamScanner`` applies it to streamed choices chunk by chunk;
@@ -10,11 +10,11 @@ results into a decision under a ``Policy``; ``SafetyConfig`` is the
 
 from __future__ import annotations
 
-from gateway.safety.results import Classifier, merge
+from gateway.config import Level, Policy, SafetyConfig, Thresholds
 from gateway.safety.classifier import DefaultClassifier, StreamScanner
 from gateway.safety.external import ExternalModerationClassifier
-from gateway.config import Level, Policy, SafetyConfig, Thresholds
 from gateway.safety.policy import any_filtered, evaluate
+from gateway.safety.results import Classifier, merge
 
 __all__ = [
     "Classifier",

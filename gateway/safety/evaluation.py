@@ -19,6 +19,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from gateway.protocol import ContentFilterResults
 from gateway.safety.classifier import DefaultClassifier
@@ -27,9 +28,17 @@ from gateway.safety.lexicon import CATEGORIES, DETECTION_CATEGORIES, RANK
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "tests" / "safety" / "data" / "labelled.jsonl"
 
 
+class Row(TypedDict):
+    """One labelled text: its categories (none when benign) and its split."""
+
+    text: str
+    labels: list[str]
+    split: str
+
+
 def flagged(results: ContentFilterResults, min_level: str = "medium") -> set[str]:
     """Categories counted as positive predictions."""
-    out = set()
+    out: set[str] = set()
     for name in CATEGORIES:
         value = getattr(results, name)
         if name in DETECTION_CATEGORIES:
@@ -64,12 +73,12 @@ class Report:
         return self.benign_flagged / self.benign if self.benign else 0.0
 
 
-def load_rows(path: Path = DEFAULT_DATA, split: str = "all") -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+def load_rows(path: Path = DEFAULT_DATA, split: str = "all") -> list[Row]:
+    rows: list[Row] = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
     return [r for r in rows if split == "all" or r["split"] == split]
 
 
-def run(classifier: DefaultClassifier, rows: list[dict]) -> Report:
+def run(classifier: DefaultClassifier, rows: list[Row]) -> Report:
     rep = Report()
     for row in rows:
         results = classifier.classify(row["text"])
@@ -92,20 +101,25 @@ def run(classifier: DefaultClassifier, rows: list[dict]) -> Report:
 
 
 def format_report(rep: Report, title: str) -> str:
-    lines = [f"{title}: {rep.n} texts, {rep.benign} benign",
-             f"{'category':<10} {'precision':>9} {'recall':>7} {'support':>7}"]
+    lines = [
+        f"{title}: {rep.n} texts, {rep.benign} benign",
+        f"{'category':<10} {'precision':>9} {'recall':>7} {'support':>7}",
+    ]
     for c in CATEGORIES:
         lines.append(f"{c:<10} {rep.precision(c):>9.3f} {rep.recall(c):>7.3f} {rep.tp[c] + rep.fn[c]:>7}")
-    lines.append(f"false-positive rate on benign texts: {rep.fp_rate:.3f} ({rep.benign_flagged}/{rep.benign});"
-                 f" benign annotated 'low' only: {rep.benign_low}")
+    lines.append(
+        f"false-positive rate on benign texts: {rep.fp_rate:.3f} ({rep.benign_flagged}/{rep.benign});"
+        f" benign annotated 'low' only: {rep.benign_low}"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--split", choices=("tune", "heldout", "all"), default=None,
-                        help="one split (default: each split, then all)")
+    parser.add_argument(
+        "--split", choices=("tune", "heldout", "all"), default=None, help="one split (default: each split, then all)"
+    )
     parser.add_argument("--errors", action="store_true", help="list misclassified texts")
     args = parser.parse_args(argv)
     classifier = DefaultClassifier()

@@ -15,10 +15,10 @@ import os
 import httpx
 import msgspec
 
+from gateway.config import SafetyConfig
 from gateway.protocol import ContentFilterResults, Detection, Severity
 from gateway.safety.classifier import DefaultClassifier
 from gateway.safety.lexicon import LEVELS
-from gateway.config import SafetyConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class ExternalModerationClassifier:
         self.fallbacks = 0
 
     @classmethod
-    def from_config(cls, config: SafetyConfig, fallback: DefaultClassifier | None = None) -> ExternalModerationClassifier:
+    def from_config(
+        cls, config: SafetyConfig, fallback: DefaultClassifier | None = None
+    ) -> ExternalModerationClassifier:
         if not config.endpoint:
             raise ValueError("safety.endpoint is not set")
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
@@ -146,7 +148,7 @@ def _to_results(found: dict[str, int]) -> ContentFilterResults:
     out = ContentFilterResults()
     for name in ("hate", "self_harm", "sexual", "violence"):
         if found.get(name):
-            setattr(out, name, Severity(filtered=False, severity=LEVELS[found[name]]))  # type: ignore[arg-type]
+            setattr(out, name, Severity(filtered=False, severity=LEVELS[found[name]]))
     for name in ("jailbreak", "profanity"):
         if found.get(name):
             setattr(out, name, Detection(filtered=False, detected=True))

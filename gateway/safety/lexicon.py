@@ -26,19 +26,20 @@ from __future__ import annotations
 import functools
 import itertools
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator
 
 import ahocorasick
 
+from gateway.protocol import SeverityLevel
 from gateway.safety.normalize import Normalizer
 
 SEVERITY_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 DETECTION_CATEGORIES = ("jailbreak", "profanity")
 CATEGORIES = SEVERITY_CATEGORIES + DETECTION_CATEGORIES
 RANK = {"safe": 0, "low": 1, "medium": 2, "high": 3}
-LEVELS = ("safe", "low", "medium", "high")
+LEVELS: tuple[SeverityLevel, ...] = ("safe", "low", "medium", "high")
 
 
 # Kinds of automaton entries.
@@ -144,7 +145,7 @@ def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
     """Read every TOML file under the data folder into one automaton.
 
     Cached: the result is read-only after construction, so classifiers built
-    in one process share it (building takes one to two seconds).
+    in one process share it (building it is slow).
     """
     root = resources.files(package) / folder
     docs = []
@@ -195,8 +196,15 @@ def load(package: str = "gateway.safety", folder: str = "data") -> Lexicon:
         for block in doc.get("combos", []):
             if block["category"] not in CATEGORIES:
                 raise ValueError(f"bad combo category {block['category']}")
-            combos.append(Combo(block["category"], block.get("severity", "high"), block["a"], block["b"],
-                                int(block.get("within", 60))))
+            combos.append(
+                Combo(
+                    block["category"],
+                    block.get("severity", "high"),
+                    block["a"],
+                    block["b"],
+                    int(block.get("within", 60)),
+                )
+            )
         for block in doc.get("downgrade", []):
             downgrades.append((block["category"], block["tag"], int(block.get("levels", 1))))
     for key, es in entries.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 
 import msgspec
 
@@ -37,10 +38,14 @@ class Moderation:
         self.policy = config.policy()
         self.external: ExternalModerationClassifier | None = None
         if config.endpoint:
-            env = os.environ if env is None else env
+            environ: Mapping[str, str] = os.environ if env is None else env
             self.external = ExternalModerationClassifier(
-                config.endpoint, model=config.model, timeout_s=config.timeout_s,
-                api_key=env.get(config.api_key_env) if config.api_key_env else None, fallback=self.default)
+                config.endpoint,
+                model=config.model,
+                timeout_s=config.timeout_s,
+                api_key=environ.get(config.api_key_env) if config.api_key_env else None,
+                fallback=self.default,
+            )
 
     async def classify(self, text: str) -> ContentFilterResults:
         if self.external is not None:
@@ -62,8 +67,9 @@ class Moderation:
         return StreamScanner(self.default)
 
     @staticmethod
-    def decide(ours: ContentFilterResults, upstream: ContentFilterResults | None,
-               policy: Policy) -> ContentFilterResults:
+    def decide(
+        ours: ContentFilterResults, upstream: ContentFilterResults | None, policy: Policy
+    ) -> ContentFilterResults:
         """Merged results with ``filtered`` set by the policy; an upstream that
         says it filtered something is believed too."""
         if policy.mode == "annotate":

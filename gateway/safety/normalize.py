@@ -15,16 +15,33 @@ import unicodedata
 
 # Characters that render as nothing (or as a join) and are used to split words.
 _INVISIBLE = dict.fromkeys(
-    map(ord, "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f"
-        "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\ufeff"),
+    map(
+        ord,
+        "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f"
+        "\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\ufeff",
+    ),
     None,
 )
 
 # Leetspeak digits and symbols, decoded only next to a letter (see _LEET_RUN):
 # "k1ll" becomes "kill" but "top 10" and "$5" stay as they are. "!", "|" and
 # "+" only count before a letter, so "hello!" keeps its punctuation.
-_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t",
-                       "@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
+_LEET = str.maketrans(
+    {
+        "0": "o",
+        "1": "i",
+        "3": "e",
+        "4": "a",
+        "5": "s",
+        "7": "t",
+        "@": "a",
+        "$": "s",
+        "!": "i",
+        "|": "i",
+        "+": "t",
+        "€": "e",
+    }
+)
 # (Written to start on a character class, not a lookbehind: 2x faster.)
 _LEET_RUN = re.compile(r"[a-z][013457@$€]+|[013457@$|+€!]+[a-z]")
 # Whether _LEET_RUN can match at all, as two searches that start on a
@@ -44,7 +61,7 @@ _RUN3 = re.compile(r"([a-z])\1\1+")
 
 
 def _join_spaced(m: re.Match[str]) -> str:
-    """"k i l l" -> "kill"; "k.i.l.l y.o.u" -> "kill you" (when letters are
+    """ "k i l l" -> "kill"; "k.i.l.l y.o.u" -> "kill you" (when letters are
     joined by another separator, a space still separates words)."""
     run = m.group()
     if " " in run and _NON_SPACE_SEPARATORS.search(run) is not None:

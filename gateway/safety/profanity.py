@@ -1,13 +1,14 @@
 """alt-profanity-check's trained model, evaluated without scikit-learn's overhead.
 
-``profanity_check.predict_prob`` costs about 3 ms per call on this box whatever
-the length (input validation, sparse matrices, five calibrated SVMs), which is
-30x the budget for a 100-byte text. The model is a TF-IDF vectoriser feeding a
-linear SVM ensemble with sigmoid calibration, so at construction we copy its
-vocabulary, IDF weights, coefficients and calibration constants into plain
-dicts and compute the same probability with a token loop. The model file still
-ships in (and is loaded from) the alt-profanity-check package; nothing is
-downloaded. ``tests/safety`` checks the result against ``predict_prob``.
+``profanity_check.predict_prob`` costs the same whatever the length of the
+text (input validation, sparse matrices, five calibrated SVMs), far more than
+a classification may take (``bench/NOTES.md``). The model is a TF-IDF
+vectoriser feeding a linear SVM ensemble with sigmoid calibration, so at
+construction we copy its vocabulary, IDF weights, coefficients and calibration
+constants into plain dicts and compute the same probability with a token loop.
+The model file still ships in (and is loaded from) the alt-profanity-check
+package; nothing is downloaded. ``tests/safety`` checks the result against
+``predict_prob``.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class ProfanityModel:
             norm = 1.0
         else:
             # Per member k: sum of count * idf * coef_k, summed column-wise in C.
-            sums = [sum(col) for col in zip(*(scaled if count == 1 else [count * w for w in scaled]
-                                              for count, (_, scaled) in known))]
+            columns = (scaled if count == 1 else [count * w for w in scaled] for count, (_, scaled) in known)
+            sums = [sum(col) for col in zip(*columns, strict=True)]
             norm = math.sqrt(sum((count * idf) ** 2 for count, (idf, _) in known)) or 1.0
         total = 0.0
         for k in range(self._n):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.pipeline import chat
 from gateway.errors import GatewayError
+from gateway.pipeline import chat
 from gateway.pipeline.stream import LastPiece
 from gateway.state import Gateway
 
@@ -57,7 +57,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     message = await receive()
     if message["type"] != "http.request":
         raise _Disconnected
-    body = message.get("body", b"")
+    body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
             raise _TooLarge
@@ -78,8 +78,13 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [_JSON, (b"content-length", b"%d" % len(body)), *_header_list(headers)]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", b"%d" % len(body)), *_header_list(headers)],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -87,11 +92,13 @@ async def send_error(send: Send, exc: GatewayError) -> None:
     await send_json(send, exc.status, exc.to_json(), exc.headers)
 
 
-async def send_stream(receive: Receive, send: Send, status: int, headers: dict[str, str],
-                      stream: AsyncIterator[bytes]) -> None:
+async def send_stream(
+    receive: Receive, send: Send, status: int, headers: dict[str, str], stream: AsyncGenerator[bytes, None]
+) -> None:
     """Relay an SSE stream; a client that goes away cancels it (and so the upstream call)."""
     await send({"type": "http.response.start", "status": status, "headers": [*_SSE, *_header_list(headers)]})
     task = asyncio.current_task()
+    assert task is not None  # ASGI servers run each request in a task
     gone = False
 
     async def watch() -> None:

@@ -7,6 +7,7 @@ so the same slot can point at a remote backend or at vLLM instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import signal
@@ -22,16 +23,15 @@ log = logging.getLogger("gateway.local")
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _die_with_parent() -> None:
     """Linux: the backend gets SIGTERM if the gateway dies, even by SIGKILL,
     so a crashed gateway never leaves a model server running."""
-    try:
+    with contextlib.suppress(OSError):  # not glibc: the backend just outlives a killed gateway
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class LocalBackendProcess:
@@ -41,7 +41,7 @@ class LocalBackendProcess:
         self.local = local
         self.served_name = served_name
         self.port = free_port()
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -49,13 +49,22 @@ class LocalBackendProcess:
 
     def start(self) -> None:
         cmd = [
-            sys.executable, "-m", "local_backend", "serve",
-            "--model", self.local.model,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--device", self.local.device,
-            "--dtype", self.local.dtype,
-            "--served-name", self.served_name,
+            sys.executable,
+            "-m",
+            "local_backend",
+            "serve",
+            "--model",
+            self.local.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            self.local.device,
+            "--dtype",
+            self.local.dtype,
+            "--served-name",
+            self.served_name,
         ]
         log.info("starting local backend: %s", " ".join(cmd[1:]))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, cast
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
@@ -19,23 +20,27 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from gateway import config as config_mod
 from gateway.accounting import metrics
-from gateway.server.asgi import CHAT_PATH, App, Receive, Scope, Send, send_error, serve_chat
 from gateway.errors import GatewayError
-from gateway.server.models_api import endpoint_entry, model_entry
+from gateway.server.asgi import CHAT_PATH, App, ASGIApp, Receive, Scope, Send, send_error, serve_chat
+from gateway.server.models_api import EndpointList, ModelEndpoints, ModelList, endpoint_entry, model_entry
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
+
+#: Litestar's request and response, as this module uses them.
+HTTPRequest = Request[Any, Any, Any]
+HTTPResponse = Response[bytes]
 
 #: Set by ``gateway serve`` for its workers.
 CONFIG_ENV = "GATEWAY_CONFIG"
 
 
-def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> HTTPResponse:
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+def _gateway(request: HTTPRequest) -> Gateway:
+    return cast(Gateway, request.app.state.gateway)
 
 
 @asgi(CHAT_PATH, copy_scope=False)
@@ -43,21 +48,22 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     """The chat path as litestar routes it (a path it normalised, another
     method): the same handler as the fast path in ``App``."""
     if scope["method"] != "POST":
-        await send_error(send, GatewayError(405, "method not allowed", code="method_not_allowed",
-                                            headers={"allow": "POST"}))
+        await send_error(
+            send, GatewayError(405, "method not allowed", code="method_not_allowed", headers={"allow": "POST"})
+        )
         return
-    await serve_chat(scope["app"].state.gateway, scope, receive, send)
+    await serve_chat(cast(Gateway, scope["app"].state.gateway), scope, receive, send)
 
 
 @get("/v1/models", summary="List the catalog (OpenRouter-style entries)")
-async def list_models(request: Request) -> Response:
+async def list_models(request: HTTPRequest) -> HTTPResponse:
     gw = _gateway(request)
     gw.keys.authenticate(request.headers.get("authorization"))
-    return _json({"object": "list", "data": [model_entry(m) for m in gw.catalog.models]})
+    return _json(ModelList(data=[model_entry(m) for m in gw.catalog.models]))
 
 
 @get("/v1/models/{path:path}", summary="One model, or its endpoints with live health (…/endpoints)")
-async def model_detail(request: Request, path: FromPath[str]) -> Response:
+async def model_detail(request: HTTPRequest, path: FromPath[str]) -> HTTPResponse:
     gw = _gateway(request)
     gw.keys.authenticate(request.headers.get("authorization"))
     name = path.strip("/")
@@ -70,17 +76,12 @@ async def model_detail(request: Request, path: FromPath[str]) -> Response:
         raise GatewayError(404, f"model {name!r} is not in the catalog", code="model_not_found", param="model")
     if not want_endpoints:
         return _json(model_entry(model))
-    return _json({
-        "data": {
-            "id": model.id,
-            "name": model.name,
-            "endpoints": [endpoint_entry(e, gw.health) for e in model.endpoints],
-        }
-    })
+    endpoints = [endpoint_entry(e, gw.health) for e in model.endpoints]
+    return _json(ModelEndpoints(EndpointList(model.id, model.name, endpoints)))
 
 
 @get("/v1/generation", summary="The record of a past request, by its id")
-async def generation(request: Request, id: FromQuery[str]) -> Response:
+async def generation(request: HTTPRequest, id: FromQuery[str]) -> HTTPResponse:
     gw = _gateway(request)
     key = gw.keys.authenticate(request.headers.get("authorization"))
     record = await gw.generations.get(id)
@@ -91,7 +92,7 @@ async def generation(request: Request, id: FromQuery[str]) -> Response:
 
 
 @get("/metrics", summary="Prometheus metrics, summed over all workers", include_in_schema=False)
-async def metrics_endpoint(request: Request) -> Response:
+async def metrics_endpoint(request: HTTPRequest) -> HTTPResponse:
     gw = _gateway(request)
     gw.accountant.flush()
     gw.refresh_gauges()
@@ -101,21 +102,21 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 @get("/health/live", summary="The process is up")
-async def live() -> Response:
+async def live() -> HTTPResponse:
     return _json({"status": "ok"})
 
 
 @get("/health/ready", summary="At least one provider can take traffic")
-async def ready(request: Request) -> Response:
+async def ready(request: HTTPRequest) -> HTTPResponse:
     ok, usable = _gateway(request).ready()
     return _json({"status": "ready" if ok else "not_ready", "providers": usable}, 200 if ok else 503)
 
 
-def _gateway_error(_: Request, exc: GatewayError) -> Response:
+def _gateway_error(_: HTTPRequest, exc: GatewayError) -> HTTPResponse:
     return Response(exc.to_json(), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
 
-def _http_error(_: Request, exc: HTTPException) -> Response:
+def _http_error(_: HTTPRequest, exc: HTTPException) -> HTTPResponse:
     status = exc.status_code
     messages = {404: "no such route", 405: "method not allowed", 413: "request body too large"}
     message = messages.get(status) or (exc.detail if status < 500 else "internal error")
@@ -123,10 +124,11 @@ def _http_error(_: Request, exc: HTTPException) -> Response:
     return _gateway_error(_, GatewayError(status, message, code=codes.get(status)))
 
 
-def _internal_error(request: Request, exc: Exception) -> Response:
+def _internal_error(request: HTTPRequest, exc: Exception) -> HTTPResponse:
     # Never a traceback to the caller; the log has it, without request bodies.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _gateway_error(request, GatewayError(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", code="internal_error"))
+    error = GatewayError(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", code="internal_error")
+    return _gateway_error(request, error)
 
 
 def create_app(gw: Gateway) -> App:
@@ -147,7 +149,8 @@ def create_app(gw: Gateway) -> App:
         debug=False,
     )
     app.state.gateway = gw
-    return App(gw, app)
+    # Litestar types its ASGI arguments as TypedDicts; App passes them through untouched.
+    return App(gw, cast(ASGIApp, app))
 
 
 def create_app_from_env() -> App:

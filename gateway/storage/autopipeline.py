@@ -6,7 +6,7 @@ each command, usually a Lua script, is atomic on its own), one batch in
 flight at a time: a command submitted while a batch is in flight leaves with
 the next one, together with everything else submitted meanwhile.
 
-With :class:`gateway.resp.RespClient` (plain Redis) a batch is written to the
+With :class:`gateway.storage.resp.RespClient` (plain Redis) a batch is written to the
 socket inside ``submit`` when none is in flight, so a caller can do other
 work while Redis answers (the request path classifies the prompt and plans
 its route during the admission round trip). With redis-py's clients
@@ -23,19 +23,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-Op = Callable[[object], None]  # adds its commands to a pipeline
-_Batch = list[tuple[Op, asyncio.Future]]
+from gateway.storage.connect import Pipeline, RedisClient
+
+if TYPE_CHECKING:
+    from gateway.storage.resp import RespClient
+
+Op = Callable[[Pipeline], object]  # adds its commands to a pipeline
+_Batch = list[tuple[Op, asyncio.Future[Any]]]
 
 
-def _deliver(batch: _Batch, results: list | None, exc: BaseException | None) -> None:
-    """Each caller's own result (or the batch's failure)."""
-    if exc is not None:
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
-        return
-    for (_, future), result in zip(batch, results):
+def _sends_now(client: RedisClient) -> TypeGuard[RespClient]:
+    """Whether the client can write a batch at once (only ours can)."""
+    return hasattr(client, "send_now")
+
+
+def _fail(batch: _Batch, exc: BaseException) -> None:
+    """The batch's failure, to every caller in it."""
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _deliver(batch: _Batch, results: list[Any]) -> None:
+    """Each caller's own result (an error reply fails only its own caller)."""
+    for (_, future), result in zip(batch, results, strict=False):
         if future.done():
             continue
         if isinstance(result, Exception):
@@ -47,22 +60,22 @@ def _deliver(batch: _Batch, results: list | None, exc: BaseException | None) -> 
 class AutoPipeline:
     """Batches commands from concurrent callers into pipelines; each caller gets its own result."""
 
-    def __init__(self, client, timeout_s: float, max_batch: int = 512, defer_s: float = 0.005) -> None:
+    def __init__(self, client: RedisClient, timeout_s: float, max_batch: int = 512, defer_s: float = 0.005) -> None:
         self.client = client
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self.defer_s = defer_s
         self._pending: _Batch = []
         self._urgent = False  # something pending is awaited by a caller, not deferred
-        self._inflight: asyncio.Future | None = None
+        self._inflight: asyncio.Future[list[Any]] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._sends_now = hasattr(client, "send_now")
+        self._now: RespClient | None = client if _sends_now(client) else None
 
-    def submit(self, op: Op, *, defer: bool = False) -> asyncio.Future:
+    def submit(self, op: Op, *, defer: bool = False) -> asyncio.Future[Any]:
         """Queue ``op``; the future resolves (or fails) when its batch has run.
         A deferred op waits for the next batch, at most ``defer_s``."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((op, future))
         if not defer:
             self._urgent = True
@@ -83,37 +96,38 @@ class AutoPipeline:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
         self._urgent = bool(self._pending) and self._urgent
-        if self._sends_now and self.client.connected:
-            pipe = self.client.pipeline()
+        now = self._now
+        if now is not None and now.connected:
+            pipe = now.pipeline()
             try:
                 for op, _ in batch:
                     op(pipe)
-                self._inflight = self.client.send_now(pipe.commands)
+                self._inflight = now.send_now(pipe.commands)
             except Exception as exc:  # noqa: BLE001 - e.g. an argument Redis cannot take
-                _deliver(batch, None, exc)
+                _fail(batch, exc)
                 self._send()
                 return
         else:
             self._inflight = asyncio.get_running_loop().create_task(self._execute(batch))
         self._inflight.add_done_callback(lambda done: self._done(batch, done))
 
-    async def _execute(self, batch: _Batch) -> list:
+    async def _execute(self, batch: _Batch) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for op, _ in batch:
             op(pipe)
         async with asyncio.timeout(self.timeout_s):
             return await pipe.execute(raise_on_error=False)
 
-    def _done(self, batch: _Batch, done: asyncio.Future) -> None:
+    def _done(self, batch: _Batch, done: asyncio.Future[list[Any]]) -> None:
         self._inflight = None
         if done.cancelled():
-            _deliver(batch, None, asyncio.CancelledError())
-        elif done.exception() is not None:
-            _deliver(batch, None, done.exception())
+            _fail(batch, asyncio.CancelledError())
+        elif (exc := done.exception()) is not None:
+            _fail(batch, exc)
         else:
-            _deliver(batch, done.result(), None)
+            _deliver(batch, done.result())
         if self._urgent:
             self._send()
         elif self._pending and self._timer is None:

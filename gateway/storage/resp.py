@@ -1,19 +1,18 @@
 """A lean Redis client: one pipelined connection, RESP written by hand, replies parsed by hiredis.
 
 The gateway sends Redis little besides batches of Lua script calls and SETs
-(``gateway/redis_pipeline.py``). Through redis-py's asyncio pipeline each
-batch cost more Python time than the commands themselves (connection-pool
-checkout, per-command packing and response callbacks): most of the worker
-time at one request at a time. Here a batch is encoded into one write, and
-replies are matched to batches in order on one connection, as Redis answers
-a connection's commands in order.
+(``gateway/storage/autopipeline.py``), and redis-py's asyncio pipeline spends
+more Python time on each batch (connection-pool checkout, per-command packing
+and response callbacks) than the commands take (``bench/NOTES.md``). Here a
+batch is encoded into one write, and replies are matched to batches in order
+on one connection, as Redis answers a connection's commands in order.
 
-``redis_client`` in ``gateway/limits.py`` uses this for ``redis://``,
-``rediss://`` and ``unix://`` URLs; Cluster and Sentinel go through redis-py.
-It offers the few redis-py calls the gateway makes (``pipeline()`` with
-``eval``/``evalsha``/``set``/``get``, ``script_load``, ``mget``,
-``register_script``, ``aclose``), raising redis-py's exception classes, so the
-stores work unchanged on either.
+``redis_client`` in ``gateway/storage/connect.py`` uses this for
+``redis://``, ``rediss://`` and ``unix://`` URLs; Cluster and Sentinel go
+through redis-py. It offers the few redis-py calls the gateway makes
+(``pipeline()`` with ``eval``/``evalsha``/``set``/``get``, ``script_load``,
+``mget``, ``register_script``, ``aclose``: the ``RedisClient`` protocol),
+raising redis-py's exception classes, so the stores work unchanged on either.
 
 Failure handling: a reply not in within ``timeout_s`` closes the connection
 (replies still due would be matched to the wrong batch) and fails every
@@ -26,6 +25,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
@@ -33,12 +33,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-Command = tuple
+#: A command argument: each is sent as a bulk string.
+RedisValue = str | bytes | int | float
+Command = tuple[RedisValue, ...]
 
 
 def encode(commands: list[Command]) -> bytes:
     """RESP arrays of bulk strings, one per command, in one buffer."""
     out: list[bytes] = []
+    value: Any  # dispatched on its exact type below, which mypy cannot narrow on
     for command in commands:
         out.append(b"*%d\r\n" % len(command))
         for value in command:
@@ -63,11 +66,11 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
 
 
 class _Batch:
-    __slots__ = ("size", "results", "future", "timer")
+    __slots__ = ("future", "results", "size", "timer")
 
-    def __init__(self, size: int, future: asyncio.Future) -> None:
+    def __init__(self, size: int, future: asyncio.Future[list[Any]]) -> None:
         self.size = size
-        self.results: list = []
+        self.results: list[Any] = []  # replies, an error reply as a ResponseError
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
 
@@ -80,7 +83,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -132,27 +135,27 @@ class _Script:
 class RespPipeline:
     """Commands collected for one batch (never a MULTI/EXEC transaction)."""
 
-    def __init__(self, client: "RespClient") -> None:
+    def __init__(self, client: RespClient) -> None:
         self._client = client
         self.commands: list[Command] = []
 
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args) -> "RespPipeline":
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: RedisValue) -> RespPipeline:
         self.commands.append(("EVALSHA", sha, numkeys, *keys_and_args))
         return self
 
-    def eval(self, script: str, numkeys: int, *keys_and_args) -> "RespPipeline":
+    def eval(self, script: str, numkeys: int, *keys_and_args: RedisValue) -> RespPipeline:
         self.commands.append(("EVAL", script, numkeys, *keys_and_args))
         return self
 
-    def set(self, key: str, value, ex: int | None = None) -> "RespPipeline":
+    def set(self, key: str, value: RedisValue, ex: int | None = None) -> RespPipeline:
         self.commands.append(("SET", key, value) if ex is None else ("SET", key, value, "EX", ex))
         return self
 
-    def get(self, key: str) -> "RespPipeline":
+    def get(self, key: str) -> RespPipeline:
         self.commands.append(("GET", key))
         return self
 
-    async def execute(self, raise_on_error: bool = True) -> list:
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
         results = await self._client.execute(self.commands)
         if raise_on_error:
             for result in results:
@@ -181,7 +184,7 @@ class RespClient:
         if db not in (None, "", "0"):
             self._setup.append(("SELECT", int(db)))
         self._conn: _Connection | None = None
-        self._connecting: asyncio.Future | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -222,9 +225,10 @@ class RespClient:
         self._conn = conn
         return conn
 
-    async def _send(self, conn: _Connection, commands: list[Command]) -> list:
+    async def _send(self, conn: _Connection, commands: list[Command]) -> list[Any]:
         data = encode(commands)  # first: a command that cannot be encoded must not leave a batch waiting
-        future = asyncio.get_running_loop().create_future()
+        assert conn.transport is not None, "a connected connection has its transport"
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         conn.waiting.append(_Batch(len(commands), future))
         conn.transport.write(data)
         return await future
@@ -233,12 +237,13 @@ class RespClient:
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
 
-    def send_now(self, commands: list[Command]) -> asyncio.Future:
+    def send_now(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         """Write commands now, on the open connection (see ``connected``); the
         future gets their replies. No reply within ``timeout_s`` fails the
         connection, and so every batch waiting on it."""
         conn = self._conn
         assert conn is not None and not conn.closed, "send_now needs an open connection"
+        assert conn.transport is not None, "a connected connection has its transport"
         data = encode(commands)
         loop = asyncio.get_running_loop()
         batch = _Batch(len(commands), loop.create_future())
@@ -247,7 +252,7 @@ class RespClient:
         conn.transport.write(data)
         return batch.future
 
-    async def execute(self, commands: list[Command]) -> list:
+    async def execute(self, commands: list[Command]) -> list[Any]:
         """Send commands in one write; their replies (a ResponseError in place of an error reply)."""
         if not commands:
             return []
@@ -273,13 +278,13 @@ class RespClient:
             raise sha
         return sha.decode() if isinstance(sha, bytes) else sha
 
-    async def mget(self, *keys: str) -> list:
+    async def mget(self, *keys: str) -> list[Any]:
         (values,) = await self.execute([("MGET", *keys)])
         if isinstance(values, Exception):
             raise values
-        return values
+        return cast("list[Any]", values)  # an array reply
 
-    async def get(self, key: str):
+    async def get(self, key: str) -> Any:
         (value,) = await self.execute([("GET", key)])
         if isinstance(value, Exception):
             raise value

@@ -26,14 +26,9 @@ def _value_admitted(provider: Provider, name: str, value: object) -> bool:
     return limit.admits(value)
 
 
-def unsupported_parameters(
-    request: ChatRequest, provider: Provider, supported: Iterable[str] | None
-) -> list[str]:
+def unsupported_parameters(request: ChatRequest, provider: Provider, supported: Iterable[str] | None) -> list[str]:
     """Names of the request's parameters this endpoint cannot take as given."""
-    if supported is not None:
-        accepted = frozenset(supported)
-    else:
-        accepted = provider.supported_parameters or _ALL_PARAMETERS
+    accepted = frozenset(supported) if supported is not None else provider.supported_parameters or _ALL_PARAMETERS
     out = []
     for name in SAMPLING_PARAMETERS:
         value = getattr(request, name)

@@ -1,11 +1,10 @@
 """A lean HTTP/1.1 client for upstream calls: keep-alive pools over asyncio, httptools parsing.
 
-Why not aiohttp or httpx: aiohttp's ``ClientSession`` took about a fifth of a
-worker's profile samples under load, most of it setting each request up, and
-httpx's pool scans every pooled connection per request (``bench/NOTES.md``). Upstream calls need little of either: one
-POST with a bytes body, the status and headers, then the body read whole or
-as it arrives. So this module writes the request bytes itself and lets
-httptools (the C parser uvicorn uses) parse the response.
+Upstream calls need little of a general-purpose client: one POST with a bytes
+body, the status and headers, then the body read whole or as it arrives. So
+this module writes the request bytes itself and lets httptools (the C parser
+uvicorn uses) parse the response, which costs a worker far less per request
+than aiohttp or httpx did (``bench/NOTES.md`` has the profiles).
 
 What it does: HTTP and HTTPS (the system trust store), keep-alive with idle
 connections reused last-in first-out and dropped after ``keepalive_s``,
@@ -23,19 +22,22 @@ import asyncio
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from gateway.upstream.base import BODY_LIMIT, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
 
+#: A pool: one per (scheme, host, port).
+_PoolKey = tuple[str, str, int]
 
 
 class _Target:
     """What a URL means to the pool, parsed once per distinct URL."""
 
-    __slots__ = ("key", "host", "port", "ssl", "path", "host_header")
+    __slots__ = ("host", "host_header", "key", "path", "port", "ssl")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -47,14 +49,14 @@ class _Target:
             self.port = parts.port or (443 if self.ssl else 80)
         except ValueError:
             raise UpstreamUnreachable("InvalidURL") from None
-        self.key = (parts.scheme, self.host, self.port)
+        self.key: _PoolKey = (parts.scheme, self.host, self.port)
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         default = 443 if self.ssl else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if self.port == default else f"{host}:{self.port}"
 
 
-def _expire(waiter: asyncio.Future) -> None:
+def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(UpstreamTimeout("read timed out"))
 
@@ -81,11 +83,11 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.error: Exception | None = None
         self.chunks: list[bytes] = []
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport
 
     def data_received(self, data: bytes) -> None:
         self.received = True
@@ -93,6 +95,7 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.error = UpstreamBroken("invalid HTTP response")
+            assert self.transport is not None, "data arrives only after connection_made"
             self.transport.close()
         self._wake()
 
@@ -102,7 +105,7 @@ class _Connection(asyncio.Protocol):
             if self.headers_done and not self.sized and exc is None:
                 self.complete = True  # the body ran until the connection closed
             else:
-                self.error = UpstreamBroken("ServerDisconnectedError")
+                self.error = UpstreamBroken("the server closed the connection")
         self._wake()
 
     # httptools callbacks
@@ -118,8 +121,7 @@ class _Connection(asyncio.Protocol):
             self._interim = True
             return
         self.status = status
-        self.sized = ("content-length" in self.headers
-                      or "chunked" in self.headers.get("transfer-encoding", "").lower())
+        self.sized = "content-length" in self.headers or "chunked" in self.headers.get("transfer-encoding", "").lower()
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -175,13 +177,13 @@ class _Decoder:
 class H1Response:
     """A response whose headers are in; the body is read with ``read`` or ``line_batches``."""
 
-    def __init__(self, client: "H1Client", key: tuple, conn: _Connection, timeout_s: float) -> None:
+    def __init__(self, client: H1Client, key: _PoolKey, conn: _Connection, timeout_s: float) -> None:
         self._client = client
         self._key = key
         self._conn: _Connection | None = conn
         self._timeout_s = timeout_s
         self.status = conn.status
-        self.headers = conn.headers
+        self.headers: Mapping[str, str] = conn.headers
         encoding = conn.headers.get("content-encoding", "").strip().lower()
         self._decode = _Decoder(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
 
@@ -189,9 +191,10 @@ class H1Response:
         """Wait for more body; False once it is complete."""
         if conn.complete:
             return False
-        if conn.error is not None:
-            raise conn.error
-        await conn.wait(self._timeout_s)
+        error = conn.error
+        if error is not None:
+            raise error
+        await conn.wait(self._timeout_s)  # may set conn.error
         if conn.error is not None and not conn.chunks:
             raise conn.error
         return True
@@ -258,7 +261,7 @@ class H1Client:
     def __init__(self, *, keepalive_s: float = 15.0, max_idle_per_host: int = 256) -> None:
         self.keepalive_s = keepalive_s
         self.max_idle_per_host = max_idle_per_host
-        self._idle: dict[tuple, list[_Connection]] = {}
+        self._idle: dict[_PoolKey, list[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -270,7 +273,7 @@ class H1Client:
             target = self._targets[url] = _Target(url)
         return target
 
-    def _release(self, key: tuple, conn: _Connection) -> None:
+    def _release(self, key: _PoolKey, conn: _Connection) -> None:
         idle = self._idle.setdefault(key, [])
         if len(idle) >= self.max_idle_per_host:
             conn.close()
@@ -278,14 +281,20 @@ class H1Client:
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
-    def _pooled(self, key: tuple) -> _Connection | None:
+    def _pooled(self, key: _PoolKey) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and not conn.transport.is_closing() and now - conn.idle_since < self.keepalive_s:
+            transport = conn.transport
+            if (
+                not conn.closed
+                and transport is not None
+                and not transport.is_closing()
+                and now - conn.idle_since < self.keepalive_s
+            ):
                 return conn
             conn.close()
         return None
@@ -300,16 +309,21 @@ class H1Client:
         try:
             async with asyncio.timeout(min(timeout_s, 10.0)):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), target.host, target.port, ssl=context,
-                    server_hostname=target.host if context else None)
+                    lambda: _Connection(loop),
+                    target.host,
+                    target.port,
+                    ssl=context,
+                    server_hostname=target.host if context else None,
+                )
         except TimeoutError:
             raise UpstreamTimeout("connect timed out") from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamUnreachable(f"{type(exc).__name__}") from None
         return conn
 
-    async def request(self, method: str, url: str, headers: dict[str, str], body: bytes,
-                      timeout_s: float) -> H1Response:
+    async def request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes, timeout_s: float
+    ) -> H1Response:
         """Send a request; return once the response headers are in.
 
         ``timeout_s`` bounds connecting and each wait for data."""
@@ -328,9 +342,11 @@ class H1Client:
             if conn is None:
                 conn = await self._connect(target, timeout_s)
             conn._begin()
-            conn.transport.write(head + body if len(body) < 65536 else head)
+            transport = conn.transport
+            assert transport is not None, "a connected connection has its transport"
+            transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
-                conn.transport.write(body)
+                transport.write(body)
             try:
                 while not conn.headers_done:
                     if conn.error is not None:
@@ -345,7 +361,7 @@ class H1Client:
                 conn.close()
                 raise
             return H1Response(self, target.key, conn, timeout_s)
-        raise UpstreamBroken("ServerDisconnectedError")
+        raise UpstreamBroken("the server closed the connection")
 
     async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> H1Response:
         return await self.request("POST", url, headers, body, timeout_s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
@@ -13,7 +13,7 @@ class _HttpxResponse:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
-        self.headers = response.headers
+        self.headers: Mapping[str, str] = response.headers
 
     async def read(self, limit: int = BODY_LIMIT) -> bytes:
         chunks: list[bytes] = []

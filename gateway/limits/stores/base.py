@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config import Quota
 
@@ -54,18 +54,21 @@ class Periods:
     month_ttl_s: int = 32 * 86400
 
     @classmethod
-    def now(cls) -> "Periods":
+    def now(cls) -> Periods:
+        global _now
         second = int(time.time())
         if second != _now[0]:  # formatted once a second, not once a request
             t = time.gmtime(second)
-            _now[:] = [second, time.strftime("%Y%m%d", t), time.strftime("%Y%m", t)]
+            _now = (second, time.strftime("%Y%m%d", t), time.strftime("%Y%m", t))
         return cls(day=_now[1], month=_now[2])
 
 
-_now: list = [-1, "", ""]  # the second Periods.now last formatted, and its day and month
+_now: tuple[int, str, str] = (-1, "", "")  # the second Periods.now last formatted, and its day and month
 
 
 class PendingVerdict(Protocol):
+    """An admission sent; its verdict is awaited later."""
+
     async def verdict(self) -> Verdict: ...
 
 
@@ -85,29 +88,68 @@ class LimitStore(Protocol):
     #: Whether ``admit_soon`` grants blocks (see BlockAsk).
     takes_blocks: bool
 
-    async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-                    periods: Periods, window_ms: int = WINDOW_MS) -> Verdict: ...
+    @property
+    def connected(self) -> bool:
+        """False while the store cannot be reached (then no block may be used)."""
+        ...
 
-    def admit_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-                   periods: Periods, window_ms: int = WINDOW_MS, ask: BlockAsk | None = None) -> PendingVerdict:
+    async def admit(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int = WINDOW_MS,
+    ) -> Verdict: ...
+
+    def admit_soon(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int = WINDOW_MS,
+        ask: BlockAsk | None = None,
+    ) -> PendingVerdict:
         """``admit``, sent now; the verdict is awaited later."""
         ...
 
-    async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
-                     periods: Periods, reserved: int | None = None) -> None:
+    async def settle(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None = None,
+    ) -> None:
         """Replace the request's token reservation with ``tokens`` and spend the
         cost. With ``reserved``, ``request_id`` is the block the request came
         from, and its count moves by ``tokens - reserved``."""
         ...
 
-    def settle_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
-                    periods: Periods, reserved: int | None = None) -> asyncio.Future | None:
+    def settle_soon(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None = None,
+    ) -> asyncio.Future[Any] | None:
         """``settle`` without waiting: queued in order before any later admission.
         The future (None when it is already done) carries a failure."""
         ...
 
-    def return_block_soon(self, entity: str, block_id: str, first_unused: int, size: int,
-                          unused_tokens: int) -> asyncio.Future | None:
+    def return_block_soon(
+        self, entity: str, block_id: str, first_unused: int, size: int, unused_tokens: int
+    ) -> asyncio.Future[Any] | None:
         """Give back a block's unused requests (``first_unused``..``size``) and tokens, deferred."""
         ...
 

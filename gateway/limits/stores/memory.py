@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import Quota
-from gateway.limits.stores.base import WINDOW_MS, BlockAsk, Periods, Verdict, Decided
+from gateway.limits.stores.base import WINDOW_MS, BlockAsk, Decided, Periods, Verdict
 
 
 @dataclass(slots=True)
@@ -49,23 +49,49 @@ class MemoryStore:
     takes_blocks = False  # nothing to save: every check is already in-process
     connected = True
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._entities: dict[str, _Entity] = {}
 
     def _now(self) -> int:
         return int(self._clock() * 1000)
 
-    async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-                    periods: Periods, window_ms: int = WINDOW_MS, ask: BlockAsk | None = None) -> Verdict:
+    async def admit(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int = WINDOW_MS,
+        ask: BlockAsk | None = None,
+    ) -> Verdict:
         return self._admit(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms)
 
-    def admit_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-                   periods: Periods, window_ms: int = WINDOW_MS, ask: BlockAsk | None = None) -> Decided:
+    def admit_soon(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int = WINDOW_MS,
+        ask: BlockAsk | None = None,
+    ) -> Decided:
         return Decided(self._admit(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms))
 
-    def _admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-               periods: Periods, window_ms: int) -> Verdict:
+    def _admit(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int,
+    ) -> Verdict:
         e = self._entities.setdefault(entity, _Entity())
         now = self._now()
         e.expire(now - window_ms, now)
@@ -76,8 +102,9 @@ class MemoryStore:
         if rpm and rcount >= rpm:
             return Verdict("requests", rreset, 0, rreset, 0, 0)
         if tpm and tsum + tokens > tpm:
-            return Verdict("tokens", treset if tsum else window_ms, max(rpm - rcount, 0), rreset,
-                           max(tpm - tsum, 0), treset)
+            return Verdict(
+                "tokens", treset if tsum else window_ms, max(rpm - rcount, 0), rreset, max(tpm - tsum, 0), treset
+            )
         if quota.max_concurrent and len(e.leases) >= quota.max_concurrent:
             return Verdict("concurrency", 1000, max(rpm - rcount, 0), rreset, max(tpm - tsum, 0), treset)
         if quota.budget_usd_per_day and e.spend.get(periods.day, 0.0) >= quota.budget_usd_per_day:
@@ -95,15 +122,37 @@ class MemoryStore:
             tsum += tokens
         if quota.max_concurrent:
             e.leases[request_id] = now + lease_ttl_ms
-        return Verdict(None, 0, max(rpm - rcount, 0) if rpm else 0, rreset if rpm else 0,
-                       max(tpm - tsum, 0) if tpm else 0, treset if tpm else 0)
+        return Verdict(
+            None,
+            0,
+            max(rpm - rcount, 0) if rpm else 0,
+            rreset if rpm else 0,
+            max(tpm - tsum, 0) if tpm else 0,
+            treset if tpm else 0,
+        )
 
-    async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
-                     periods: Periods, reserved: int | None = None) -> None:
+    async def settle(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None = None,
+    ) -> None:
         self.settle_soon(entity, quota, request_id, tokens, cost_usd, periods, reserved)
 
-    def settle_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
-                    periods: Periods, reserved: int | None = None) -> None:
+    def settle_soon(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None = None,
+    ) -> None:
         e = self._entities.setdefault(entity, _Entity())
         if request_id in e.tokens:
             at, entry = e.tokens[request_id]
@@ -115,8 +164,7 @@ class MemoryStore:
             for period in (periods.day, periods.month):
                 e.spend[period] = e.spend.get(period, 0.0) + cost_usd
 
-    def return_block_soon(self, entity: str, block_id: str, first_unused: int, size: int,
-                          unused_tokens: int) -> None:
+    def return_block_soon(self, entity: str, block_id: str, first_unused: int, size: int, unused_tokens: int) -> None:
         raise NotImplementedError("the in-process store grants no blocks")
 
     async def spent(self, entity: str, periods: Periods) -> tuple[float, float]:

@@ -17,19 +17,24 @@ single replica without Redis.
 
 An admission may also ask for a *block*: more of the key's quota, counted in
 Redis at once, that the asking worker then hands out without a round trip
-(``gateway/quota_blocks.py`` says how it stays exact).
+(``gateway/limits/blocks.py`` says how it stays exact).
 """
 
 from __future__ import annotations
 
 import asyncio
 from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
 from gateway.config import Quota
 from gateway.limits.stores.base import WINDOW_MS, BlockAsk, Periods, Verdict
 from gateway.storage.autopipeline import AutoPipeline
+from gateway.storage.connect import RedisClient
+
+if TYPE_CHECKING:
+    from gateway.storage.resp import RedisValue
 
 
 def _lua(name: str) -> str:
@@ -43,23 +48,40 @@ _RETURN = _lua("return_block.lua")
 
 def _keys(prefix: str, entity: str, periods: Periods) -> list[str]:
     tag = f"{prefix}{{{entity}}}"  # one hash slot per entity (Redis Cluster)
-    return [f"{tag}:req", f"{tag}:tok", f"{tag}:tokn", f"{tag}:toksum", f"{tag}:lease",
-            f"{tag}:spend:{periods.day}", f"{tag}:spend:{periods.month}"]
+    return [
+        f"{tag}:req",
+        f"{tag}:tok",
+        f"{tag}:tokn",
+        f"{tag}:toksum",
+        f"{tag}:lease",
+        f"{tag}:spend:{periods.day}",
+        f"{tag}:spend:{periods.month}",
+    ]
 
 
-def _verdict(raw: list) -> Verdict:
+def _verdict(raw: list[Any]) -> Verdict:
     denied = raw[0].decode() if isinstance(raw[0], bytes) else raw[0]
     if len(raw) == 6:  # denied: no block, no spend
         return Verdict(denied or None, *(int(x) for x in raw[1:]))
-    return Verdict(denied or None, *(int(x) for x in raw[1:7]), float(raw[7]), float(raw[8]))
+    return Verdict(
+        denied or None,
+        int(raw[1]),
+        int(raw[2]),
+        int(raw[3]),
+        int(raw[4]),
+        int(raw[5]),
+        int(raw[6]),
+        float(raw[7]),
+        float(raw[8]),
+    )
 
 
 class _RedisVerdict:
     """An admission script call in flight."""
 
-    __slots__ = ("_store", "_call", "_future")
+    __slots__ = ("_call", "_future", "_store")
 
-    def __init__(self, store: "RedisStore", call: list, future: asyncio.Future) -> None:
+    def __init__(self, store: RedisStore, call: list[RedisValue], future: asyncio.Future[list[Any]]) -> None:
         self._store, self._call, self._future = store, call, future
 
     async def verdict(self) -> Verdict:
@@ -78,65 +100,124 @@ class RedisStore:
     socket write, which is most of redis-py's cost per command.
     """
 
-    def __init__(self, client, prefix: str = "gw:", batcher: AutoPipeline | None = None) -> None:
+    def __init__(self, client: RedisClient, prefix: str = "gw:", batcher: AutoPipeline | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.batcher = batcher or AutoPipeline(client, timeout_s=2.0)
         self._admit = client.register_script(_ADMIT)
         # Blocks need to know when the connection drops (then Redis may be
-        # gone, and a block must not keep admitting): only gateway.resp says so.
+        # gone, and a block must not keep admitting): only gateway.storage.resp says so.
         self.takes_blocks = hasattr(client, "send_now")
 
     @property
     def connected(self) -> bool:
         return bool(getattr(self.client, "connected", False))
 
-    async def admit(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-                    periods: Periods, window_ms: int = WINDOW_MS, ask: BlockAsk | None = None) -> Verdict:
-        return await self.admit_soon(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms,
-                                     ask).verdict()
+    async def admit(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int = WINDOW_MS,
+        ask: BlockAsk | None = None,
+    ) -> Verdict:
+        return await self.admit_soon(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms, ask).verdict()
 
-    def admit_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, lease_ttl_ms: int,
-                   periods: Periods, window_ms: int = WINDOW_MS, ask: BlockAsk | None = None) -> "_RedisVerdict":
-        call = [*_keys(self.prefix, entity, periods), window_ms, quota.rpm or 0, quota.tpm or 0,
-                quota.max_concurrent or 0, tokens, request_id, lease_ttl_ms, quota.budget_usd_per_day or 0,
-                quota.budget_usd_per_month or 0]
+    def admit_soon(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        lease_ttl_ms: int,
+        periods: Periods,
+        window_ms: int = WINDOW_MS,
+        ask: BlockAsk | None = None,
+    ) -> _RedisVerdict:
+        call: list[RedisValue] = [
+            *_keys(self.prefix, entity, periods),
+            window_ms,
+            quota.rpm or 0,
+            quota.tpm or 0,
+            quota.max_concurrent or 0,
+            tokens,
+            request_id,
+            lease_ttl_ms,
+            quota.budget_usd_per_day or 0,
+            quota.budget_usd_per_month or 0,
+        ]
         if ask is None:
             call += ["", 0, 0.0, 0]
         else:
             call += [ask.id, ask.requests, float(ask.cost_usd), ask.life_ms]
         return _RedisVerdict(self, call, self._evalsha(call))
 
-    async def admit_again(self, call: list) -> list:
+    async def admit_again(self, call: list[RedisValue]) -> list[Any]:
         """The admission script, loaded into Redis again first (after NOSCRIPT)."""
         self._admit.sha = await self.client.script_load(_ADMIT)
         return await self._evalsha(call)
 
-    def _evalsha(self, call: list) -> asyncio.Future:
+    def _evalsha(self, call: list[RedisValue]) -> asyncio.Future[list[Any]]:
+        """The admission script, queued; the future gets its reply (a list)."""
         sha = self._admit.sha
         return self.batcher.submit(lambda pipe: pipe.evalsha(sha, 7, *call))
 
-    async def settle(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
-                     periods: Periods, reserved: int | None = None) -> None:
+    async def settle(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None = None,
+    ) -> None:
         await self._settle(entity, request_id, tokens, cost_usd, periods, reserved, defer=False)
 
-    def settle_soon(self, entity: str, quota: Quota, request_id: str, tokens: int, cost_usd: float,
-                    periods: Periods, reserved: int | None = None) -> asyncio.Future:
+    def settle_soon(
+        self,
+        entity: str,
+        quota: Quota,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None = None,
+    ) -> asyncio.Future[Any]:
         return self._settle(entity, request_id, tokens, cost_usd, periods, reserved, defer=True)
 
-    def _settle(self, entity: str, request_id: str, tokens: int, cost_usd: float, periods: Periods,
-                reserved: int | None, *, defer: bool) -> asyncio.Future:
+    def _settle(
+        self,
+        entity: str,
+        request_id: str,
+        tokens: int,
+        cost_usd: float,
+        periods: Periods,
+        reserved: int | None,
+        *,
+        defer: bool,
+    ) -> asyncio.Future[Any]:
         keys = _keys(self.prefix, entity, periods)[1:]
-        args = [request_id, tokens, repr(float(cost_usd)), periods.day_ttl_s, periods.month_ttl_s,
-                "" if reserved is None else reserved]
+        args: list[RedisValue] = [
+            request_id,
+            tokens,
+            repr(float(cost_usd)),
+            periods.day_ttl_s,
+            periods.month_ttl_s,
+            "" if reserved is None else reserved,
+        ]
         # EVAL, not EVALSHA: no NOSCRIPT case to handle after a Redis restart,
         # and Redis caches the compiled script by its hash anyway.
         return self.batcher.submit(lambda pipe: pipe.eval(_SETTLE, len(keys), *keys, *args), defer=defer)
 
-    def return_block_soon(self, entity: str, block_id: str, first_unused: int, size: int,
-                          unused_tokens: int) -> asyncio.Future:
+    def return_block_soon(
+        self, entity: str, block_id: str, first_unused: int, size: int, unused_tokens: int
+    ) -> asyncio.Future[Any]:
         keys = _keys(self.prefix, entity, Periods("", ""))[:4]
-        args = [block_id, first_unused, size, unused_tokens]
+        args: list[RedisValue] = [block_id, first_unused, size, unused_tokens]
         return self.batcher.submit(lambda pipe: pipe.eval(_RETURN, len(keys), *keys, *args), defer=True)
 
     async def spent(self, entity: str, periods: Periods) -> tuple[float, float]:
