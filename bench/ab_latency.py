@@ -2,7 +2,7 @@
 that small request-path changes need on a noisy shared box.
 
     git worktree add /tmp/before HEAD~1
-    .venv/bin/python bench/ab_latency.py /tmp/before,. [--rounds 4] [--duration 4] [--connections 64,1]
+    .venv/bin/python bench/ab_latency.py /tmp/before,. [--rounds 4] [--duration 4] [--connections 64,1] [--stream]
 
 Each checkout's gateway runs as users run it (``bench/gateway_bench.py``'s
 config: 2 workers, a key with rpm, tpm and a budget, Redis, every feature on)
@@ -10,7 +10,8 @@ against one nginx upstream and one Redis. Every round runs each checkout once
 per connection count, alternating which goes first. Prints medians per
 checkout: rps at many connections; added p50 over direct, and p99, at one connection;
 and the workers' CPU time per request (user + system, from /proc), which
-moves less with the box's load than latency does.
+moves less with the box's load than latency does. ``--stream`` measures
+streamed answers (the seed-shaped SSE upstream) instead of JSON ones.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=int, default=4)
     ap.add_argument("--connections", default="64,1")
+    ap.add_argument("--stream", action="store_true", help="streamed answers instead of JSON ones")
     args = ap.parse_args()
     roots = [str(Path(p).resolve()) for p in args.checkouts.split(",")]
     conns = [int(c) for c in args.connections.split(",")]
@@ -59,8 +61,9 @@ def main() -> None:
         for root in roots:
             gb.ROOT = Path(root)  # the gateway is started from (and so imports) this checkout
             gateways.append(gb.Gateway(gb.config_toml(port, redis.url), 2).start())
-        script = gb.wrk_script(tmp / "json.lua", "bench/json", stream=False)
-        direct = f"http://127.0.0.1:{port}/json/chat/completions"
+        kind = "sse" if args.stream else "json"
+        script = gb.wrk_script(tmp / f"{kind}.lua", f"bench/{kind}", stream=args.stream)
+        direct = f"http://127.0.0.1:{port}/{kind}/chat/completions"
         runs: dict[tuple[str, int], list[dict]] = {(r, c): [] for r in ["direct", *roots] for c in conns}
         for n in range(args.rounds):
             pairs = list(zip(roots, gateways))
@@ -85,7 +88,8 @@ def main() -> None:
                           f"CPU {cpu:.0f} us/request")
                 else:
                     rps = [r["rps"] for r in got]
-                    print(f"{root} at {c} connections: {statistics.median(rps):,.0f} rps "
+                    unit = "streams/s" if args.stream else "rps"
+                    print(f"{root} at {c} connections: {statistics.median(rps):,.0f} {unit} "
                           f"(runs {', '.join(f'{x:,.0f}' for x in rps)}), CPU {cpu:.0f} us/request")
     finally:
         for gw in gateways:

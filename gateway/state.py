@@ -1,4 +1,4 @@
-"""The gateway's long-lived parts, built once per worker process from config."""
+"""The composition root: every long-lived part of a worker, built once from config and wired together."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from gateway.config import Policy
 from gateway.errors import GatewayError, invalid_request
 from gateway.limits.keys import GatewayKey
 from gateway.limits.limiter import Admission, Refused
-from gateway.pipeline.attempts import Attempts, complete
+from gateway.pipeline.attempts import Attempts, Completion, complete
 from gateway.pipeline.services import Services
 from gateway.pipeline.stream import DONE, KEEPALIVE, LastPiece, StreamRelay, sse
 from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
@@ -105,32 +105,17 @@ async def chat_completions(gw: Services, authorization: str | None, raw: bytes) 
     relay: StreamRelay | None = None
     attempts: Attempts | None = None
     try:
-        key = gw.keys.authenticate(authorization)
-        trace.key = key.name
+        key = _authenticate(gw, trace, authorization)
         chat, models = _decode(gw, trace, key, raw)
         admitted = await _admit(gw, trace, key, chat, models)
         attempts = _attempts(gw, trace, chat, admitted)
         screen = gw.moderation.completion_filter(admitted.policy)
-        if chat.stream:
+        if chat.stream:  # call and respond as the stream goes; it accounts when it ends
             include_usage = chat.stream_options is not msgspec.UNSET and chat.stream_options.include_usage
             relay = StreamRelay(attempts, screen, admitted.prompt_filter, include_usage)
             return await _stream(gw, trace, relay, admitted)
         done = await complete(attempts, screen)
-        trace.served, trace.usage, trace.finish_reason = attempts.served, done.usage, done.choices[0].finish_reason
-        admitted.annotate_prompt(gw.moderation)  # done already, unless the call never waited
-        cand = done_candidate(attempts)
-        body = ChatCompletionOut(
-            id=trace.id,
-            object="chat.completion",
-            created=done.answer.created or int(time.time()),
-            model=cand.model.id,
-            provider=cand.endpoint.provider.name,
-            choices=done.choices,
-            usage=done.usage,
-            prompt_filter_results=admitted.prompt_filter,
-            system_fingerprint=done.answer.system_fingerprint or None,
-        )
-        return Reply(_headers(admitted.admission, attempts), body=msgspec.json.encode(body))
+        return _respond(gw, trace, admitted, attempts, done)
     except GatewayError as exc:
         trace.status, trace.error = exc.status, exc.message
         if isinstance(exc, Refused):
@@ -145,13 +130,13 @@ async def chat_completions(gw: Services, authorization: str | None, raw: bytes) 
             _account(gw, trace, attempts)
 
 
-def done_candidate(attempts: Attempts) -> Candidate:
-    served = attempts.served
-    assert served is not None  # set by every successful attempt
-    return served
-
-
 # --- phases ----------------------------------------------------------------------
+
+
+def _authenticate(gw: Services, trace: Trace, authorization: str | None) -> GatewayKey:
+    key = gw.keys.authenticate(authorization)
+    trace.key = key.name
+    return key
 
 
 def _decode(gw: Services, trace: Trace, key: GatewayKey, raw: bytes) -> tuple[ChatRequest, list[tuple[str, Model]]]:
@@ -234,6 +219,26 @@ def _attempts(gw: Services, trace: Trace, chat: ChatRequest, admitted: Admitted)
         quota=gw.limiter.upstream_quota(trace.id, admitted.estimate),
         records=trace.attempts,
     )
+
+
+def _respond(gw: Services, trace: Trace, admitted: Admitted, attempts: Attempts, done: Completion) -> Reply:
+    """A plain answer: the completion under the gateway's id, with its usage and filter results."""
+    cand = attempts.served
+    assert cand is not None  # set by the attempt that answered
+    trace.served, trace.usage, trace.finish_reason = cand, done.usage, done.choices[0].finish_reason
+    admitted.annotate_prompt(gw.moderation)  # done already, unless the call never waited
+    body = ChatCompletionOut(
+        id=trace.id,
+        object="chat.completion",
+        created=done.answer.created or int(time.time()),
+        model=cand.model.id,
+        provider=cand.endpoint.provider.name,
+        choices=done.choices,
+        usage=done.usage,
+        prompt_filter_results=admitted.prompt_filter,
+        system_fingerprint=done.answer.system_fingerprint or None,
+    )
+    return Reply(_headers(admitted.admission, attempts), body=msgspec.json.encode(body))
 
 
 def _headers(admission: Admission, attempts: Attempts) -> dict[str, str]:
