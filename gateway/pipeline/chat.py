@@ -164,8 +164,8 @@ async def _admit(
     request must not cost one. In annotate mode the prompt's results cannot
     stop the request, so they are computed later, while the first upstream
     attempt is in flight. An error found while the admission was under way
-    is raised once the admission is known, so a refused request reads as
-    refused.
+    is raised once the admission is known: the limiter's check is always
+    finished, and a refused request reads as refused.
     """
     policy = key.safety or models[0][1].safety or gw.moderation.policy
     estimate = reservation(chat.messages, chat.max_tokens or None)
@@ -173,14 +173,14 @@ async def _admit(
     prompt_text = "\n".join(m.text() for m in chat.messages)
     late = gw.moderation.may_screen_late(policy)
     early: tuple[ContentFilterResults | None, list[Candidate]] | None = None
-    problem: GatewayError | None = None
+    problem: Exception | None = None
     try:
         if late:
             early = None, gw.router.plan(chat, models)
         else:
             ours = gw.moderation.classify_now(prompt_text)
             early = None if ours is None else _screen_and_plan(gw, chat, models, policy, ours)
-    except GatewayError as exc:
+    except Exception as exc:  # noqa: BLE001 - the check must be finished first, whatever went wrong
         problem = exc
     admission = trace.admission = await gw.limiter.finish_key(check)
     if problem is not None:
@@ -225,7 +225,7 @@ def _respond(gw: Services, trace: Trace, admitted: Admitted, attempts: Attempts,
     """A plain answer: the completion under the gateway's id, with its usage and filter results."""
     cand = attempts.served
     assert cand is not None  # set by the attempt that answered
-    trace.served, trace.usage, trace.finish_reason = cand, done.usage, done.choices[0].finish_reason
+    trace.usage, trace.finish_reason = done.usage, done.choices[0].finish_reason
     admitted.annotate_prompt(gw.moderation)  # done already, unless the call never waited
     body = ChatCompletionOut(
         id=trace.id,
@@ -271,22 +271,21 @@ async def _stream(gw: Services, trace: Trace, relay: StreamRelay, admitted: Admi
     await asyncio.wait({opening}, timeout=keepalive_s)
     if opening.done():
         opening.result()  # raises the GatewayError to answer with
-        trace.served = relay.served
         body = relay.chunks()
     else:
-        body = _after_keepalives(trace, relay, opening, keepalive_s)
+        body = _after_keepalives(relay, opening, keepalive_s)
     return Reply(_headers(admitted.admission, relay.attempts), stream=_timed(gw, trace, relay, body))
 
 
 async def _after_keepalives(
-    trace: Trace, relay: StreamRelay, opening: asyncio.Future[Candidate], every_s: float
+    relay: StreamRelay, opening: asyncio.Future[Candidate], every_s: float
 ) -> AsyncIterator[bytes]:
     try:
         while not opening.done():
             yield KEEPALIVE
             await asyncio.wait({opening}, timeout=every_s)
         try:
-            trace.served = opening.result()
+            opening.result()
         except GatewayError as exc:
             yield LastPiece(sse(relay.error_chunk(exc.message)) + DONE)
             return
@@ -332,7 +331,7 @@ def _account(gw: Services, trace: Trace, attempts: Attempts | None) -> None:
     """The one exit of every request, answered or not: hand back the served
     attempt's upstream quota share with the real tokens, then account for
     the request behind its response."""
-    served = trace.served
+    served = trace.served = attempts.served if attempts is not None else None
     if attempts is not None and served is not None and served.endpoint.quotas:
         tokens = trace.usage.total_tokens if trace.usage else 0
         gw.spawn(_release_then_account(gw, trace, attempts, served, tokens))
