@@ -103,6 +103,9 @@ class ServerConfig(_Section):
     port: Port = 8000
     workers: PositiveInt = 1
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    #: On SIGTERM: readiness turns 503 at once, and requests in flight (streams
+    #: included) get this long to finish before the process exits.
+    drain_s: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class KeyConfig(_Section):
@@ -150,6 +153,15 @@ class ProviderConfig(_Section):
     rpm: PositiveInt | UnsetType | None = UNSET
     tpm: PositiveInt | UnsetType | None = UNSET
     max_concurrent: PositiveInt | UnsetType | None = UNSET
+    #: Proxy URL for this provider (``http://[user:pass@]host:port``); ``""``
+    #: means no proxy. Unset: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` and
+    #: ``NO_PROXY`` from the environment decide, as curl and httpx do.
+    proxy: str | UnsetType | None = UNSET
+    #: PEM file of the CAs to trust for this provider instead of the system's.
+    ca_file: str | UnsetType | None = UNSET
+    #: Client certificate (PEM, may hold the key too) and its key, for mutual TLS.
+    client_cert: str | UnsetType | None = UNSET
+    client_key: str | UnsetType | None = UNSET
 
 
 class EndpointConfig(_Section):

@@ -136,7 +136,8 @@ class Attempts:
         body = request_body(self.request, spec, endpoint.upstream_model, cand.dropped, stream_usage=stream_usage)
         timeout_s = max(0.001, min(endpoint.provider.timeout_s, self.remaining_s))
         try:
-            response = await self.client.post(endpoint.provider.chat_url, _headers(endpoint), body, timeout_s)
+            provider = endpoint.provider
+            response = await self.client.post(provider.chat_url, _headers(endpoint), body, timeout_s, provider.connect)
         except UpstreamTimeout:
             raise AttemptFailed("timeout", "timed out") from None
         except UpstreamError as exc:

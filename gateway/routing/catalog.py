@@ -16,6 +16,7 @@ from msgspec import UNSET, UnsetType
 import providers
 from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, Policy, ProviderConfig, Quota
 from gateway.protocol import SAMPLING_PARAMETERS
+from gateway.upstream.base import DIRECT, ConnectOptions
 
 log = logging.getLogger("gateway.catalog")
 
@@ -39,6 +40,8 @@ class ProviderRuntime:
     quota: Quota = field(default_factory=Quota)
     #: False while a provider we started ourselves (the local backend) is loading.
     ready: bool = True
+    #: Proxy and TLS settings for reaching it.
+    connect: ConnectOptions = DIRECT
 
     @property
     def chat_url(self) -> str:
@@ -147,6 +150,12 @@ def _provider(name: str, pc: ProviderConfig, env: dict[str, str]) -> ProviderRun
         spec=providers.get(name),
         disabled_reason=reason,
         quota=Quota(rpm=_opt(pc.rpm), tpm=_opt(pc.tpm), max_concurrent=_opt(pc.max_concurrent)),
+        connect=ConnectOptions(
+            proxy=_opt(pc.proxy),
+            ca_file=_opt(pc.ca_file),
+            client_cert=_opt(pc.client_cert),
+            client_key=_opt(pc.client_key),
+        ),
     )
 
 

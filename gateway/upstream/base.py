@@ -9,9 +9,27 @@ family below, so callers catch one base class.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 BODY_LIMIT = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """How to reach one upstream: its proxy and TLS settings (``[providers.NAME]``)."""
+
+    #: None: from the environment (``HTTPS_PROXY``, ``NO_PROXY``, ...); "": none.
+    proxy: str | None = None
+    #: PEM file of CAs to trust instead of the system store.
+    ca_file: str | None = None
+    #: Client certificate and key (PEM) for mutual TLS.
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+#: The default: the environment's proxy settings and the system's trust store.
+DIRECT = ConnectOptions()
 
 
 class UpstreamError(Exception):
@@ -44,11 +62,14 @@ class UpstreamResponse(Protocol):
 
 
 class UpstreamClient(Protocol):
-    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> UpstreamResponse:
+    async def post(
+        self, url: str, headers: dict[str, str], body: bytes, timeout_s: float, connect: ConnectOptions = DIRECT
+    ) -> UpstreamResponse:
         """Send a request; return once the response headers are in.
 
         ``timeout_s`` bounds connecting and each read, so a hung upstream is
         noticed; the caller bounds the whole attempt with its deadline.
+        ``connect`` says how to reach the upstream (proxy, TLS).
         """
         ...
 

@@ -28,7 +28,14 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from gateway.upstream.base import BODY_LIMIT, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
+from gateway.upstream.base import (
+    BODY_LIMIT,
+    DIRECT,
+    ConnectOptions,
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 #: A pool: one per (scheme, host, port).
 _PoolKey = tuple[str, str, int]
@@ -363,7 +370,9 @@ class H1Client:
             return H1Response(self, target.key, conn, timeout_s)
         raise UpstreamBroken("the server closed the connection")
 
-    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> H1Response:
+    async def post(
+        self, url: str, headers: dict[str, str], body: bytes, timeout_s: float, connect: ConnectOptions = DIRECT
+    ) -> H1Response:
         return await self.request("POST", url, headers, body, timeout_s)
 
     async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:

@@ -6,7 +6,15 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from gateway.upstream.base import BODY_LIMIT, UpstreamBroken, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.upstream.base import (
+    BODY_LIMIT,
+    DIRECT,
+    ConnectOptions,
+    UpstreamBroken,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 
 class _HttpxResponse:
@@ -54,7 +62,10 @@ class HttpxClient:
             trust_env=False,
         )
 
-    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> UpstreamResponse:
+    async def post(
+        self, url: str, headers: dict[str, str], body: bytes, timeout_s: float, connect: ConnectOptions = DIRECT
+    ) -> UpstreamResponse:
+        """``connect`` is not applied: this client serves tests that inject a transport."""
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
         request = self._client.build_request("POST", url, headers=headers, content=body, timeout=timeout)
         try:
