@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -21,6 +22,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _load(path: str | None) -> config_mod.Config:
@@ -121,6 +126,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[LOCAL_URL_ENV] = local.url
     if args.config:
         os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    # With one worker, uvicorn raises SIGTERM again after its shutdown: exit
+    # cleanly then, through the ``finally`` below (the local backend stops).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
             "gateway.server.routes:create_app_from_env",
@@ -132,7 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=None,  # keep our JSON handler
             proxy_headers=False,  # client addresses are not used; put a proxy's trust config in front instead
             access_log=False,
-            timeout_graceful_shutdown=10,
+            # Requests had [server] drain_s to finish before this applies (Gateway.drain_on_sigterm).
+            timeout_graceful_shutdown=2,
         )
     finally:
         if local is not None:

@@ -6,7 +6,10 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Coroutine
+import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -92,6 +95,8 @@ class Gateway:
         )
         self.accountant = Accountant(self.limiter, self.generations)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set on SIGTERM: not ready, finishing what is in flight.
+        self.draining = False
         self._local_watch: asyncio.Task[None] | None = None
 
     def refresh_gauges(self) -> None:
@@ -175,6 +180,45 @@ class Gateway:
         return body if status == 200 else b""
 
     def ready(self) -> tuple[bool, list[str]]:
-        """Ready when at least one enabled provider can take traffic."""
+        """Ready when at least one enabled provider can take traffic, and not draining."""
         usable = [p.name for p in self.catalog.providers.values() if p.enabled and p.ready]
-        return bool(usable), usable
+        return bool(usable) and not self.draining, usable
+
+    def drain_on_sigterm(self) -> None:
+        """On SIGTERM: readiness turns 503 at once, requests in flight (streams
+        included) get up to ``[server] drain_s`` to finish, and then the
+        server's own SIGTERM handling stops it. The server keeps accepting
+        meanwhile, as a load balancer may still send requests until it has
+        seen the readiness change. A second SIGTERM stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (tests run apps elsewhere)
+        server_handler = signal.getsignal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if callable(server_handler):
+                server_handler(signal.SIGTERM, None)
+            else:
+                raise SystemExit(0)
+
+        def on_sigterm() -> None:
+            if self.draining:
+                stop()
+                return
+            self.draining = True
+            log.info(
+                "SIGTERM: not ready; draining %d requests for up to %.0f s",
+                self.accountant.in_flight,
+                self.config.server.drain_s,
+            )
+            self.spawn(self._drain(stop))
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+    async def _drain(self, stop: Callable[[], None]) -> None:
+        deadline = time.monotonic() + self.config.server.drain_s
+        while self.accountant.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.accountant.in_flight:
+            log.warning("drain time over: stopping with %d requests in flight", self.accountant.in_flight)
+        stop()

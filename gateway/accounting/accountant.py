@@ -114,11 +114,14 @@ class Accountant:
         self.generations = generations
         self.interval_s = interval_s
         self._queue: list[Trace] = []
+        #: Requests of this worker begun and not yet accounted for (streams until they end).
+        self.in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def begin(self) -> Trace:
         """A new request's trace; it is in flight until ``add``."""
         IN_FLIGHT.inc()
+        self.in_flight += 1
         return Trace(id="gen-" + secrets.token_hex(12))
 
     def add_after_response(self, trace: Trace) -> None:
@@ -133,6 +136,7 @@ class Accountant:
         and queue its metrics and log line."""
         trace.ended = time.perf_counter()  # its durations, whenever its batch is observed
         IN_FLIGHT.dec()
+        self.in_flight -= 1
         usage = trace.usage
         if trace.admission is not None:
             self.limiter.settle_key_soon(

@@ -108,8 +108,10 @@ async def live() -> HTTPResponse:
 
 @get("/health/ready", summary="At least one provider can take traffic")
 async def ready(request: HTTPRequest) -> HTTPResponse:
-    ok, usable = _gateway(request).ready()
-    return _json({"status": "ready" if ok else "not_ready", "providers": usable}, 200 if ok else 503)
+    gw = _gateway(request)
+    ok, usable = gw.ready()
+    status = "ready" if ok else "draining" if gw.draining else "not_ready"
+    return _json({"status": status, "providers": usable}, 200 if ok else 503)
 
 
 def _gateway_error(_: HTTPRequest, exc: GatewayError) -> HTTPResponse:
@@ -131,9 +133,11 @@ def _internal_error(request: HTTPRequest, exc: Exception) -> HTTPResponse:
     return _gateway_error(request, error)
 
 
-def create_app(gw: Gateway) -> App:
+def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
     async def startup() -> None:
         await gw.startup()
+        if drain_on_sigterm:
+            gw.drain_on_sigterm()
 
     async def shutdown() -> None:
         await gw.shutdown()
@@ -156,4 +160,4 @@ def create_app(gw: Gateway) -> App:
 def create_app_from_env() -> App:
     """The uvicorn factory for ``gateway serve`` workers."""
     path = os.environ.get(CONFIG_ENV) or None
-    return create_app(Gateway(config_mod.load(path)))
+    return create_app(Gateway(config_mod.load(path)), drain_on_sigterm=True)
