@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -252,6 +253,115 @@ def _describe(exc: msgspec.ValidationError, prefix: str) -> str:
     return f"{path.lstrip('.') or '(top level)'}: {text}"
 
 
+# What reaches an HTTP head is checked here, at load: a value that cannot be
+# sent (or that would split the head) must stop the start, not fail requests.
+#: RFC 7230 ``token``: a header name.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: A header value: visible ASCII, spaces and tabs; no CR, LF, NUL or other control character.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")
+#: A model id or alias, or a provider's name: visible ASCII, no whitespace (they go in headers).
+_NAME = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def _check_name(value: str, path: str, errors: list[str]) -> None:
+    if not _NAME.match(value):
+        errors.append(f"{path}: {value!r} must be ASCII without whitespace or control characters")
+
+
+def _check_url(value: str, path: str, errors: list[str]) -> None:
+    """An ``http://`` or ``https://`` URL with a host, in visible ASCII."""
+    if not _NAME.match(value):
+        errors.append(f"{path}: {value!r} must be ASCII without whitespace or control characters")
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        errors.append(f"{path}: {value!r} is not a valid URL ({exc})")
+        return
+    if parts.scheme not in ("http", "https"):
+        errors.append(f"{path}: {value!r} must be an http:// or https:// URL")
+    elif not parts.hostname:
+        errors.append(f"{path}: {value!r} has no host")
+
+
+#: The query options of ``redis://``, ``rediss://`` and ``unix://`` URLs that the
+#: gateway's own RESP client (``gateway/storage/resp.py``) implements.
+REDIS_URL_OPTIONS = {
+    "db": "database number (unix:// URLs, or instead of the path)",
+    "ssl_cert_reqs": "none | required (rediss:// only)",
+    "ssl_ca_certs": "PEM file of the CAs to trust (rediss:// only)",
+}
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+
+
+def redis_url_problems(url: str) -> list[str]:
+    """What is wrong with a Redis URL: an unknown scheme, or for the RESP
+    client's schemes an option it does not implement (which would otherwise
+    be dropped without a word) or an option value it cannot use."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return [f"not a valid URL ({exc})"]
+    if parts.scheme not in _REDIS_SCHEMES:
+        return [f"unsupported scheme {parts.scheme!r}; use one of {', '.join(s + '://' for s in _REDIS_SCHEMES)}"]
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return []  # redis-py reads these URLs itself
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        return [f"not a valid URL ({exc})"]
+    problems = []
+    options = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(options) - set(REDIS_URL_OPTIONS))
+    if unknown:
+        supported = "; ".join(f"{k}: {v}" for k, v in REDIS_URL_OPTIONS.items())
+        problems.append(f"unsupported option(s) {', '.join(unknown)} (supported: {supported})")
+    for name, values in options.items():
+        if len(values) > 1:
+            problems.append(f"option {name} given more than once")
+    if parts.scheme != "rediss":
+        problems.extend(f"option {name} needs a rediss:// URL" for name in options if name.startswith("ssl_"))
+    cert_reqs = options.get("ssl_cert_reqs", ["required"])[0]
+    if cert_reqs not in ("none", "required"):
+        problems.append(f"ssl_cert_reqs must be none or required, not {cert_reqs!r}")
+    if "ssl_ca_certs" in options and not options["ssl_ca_certs"][0]:
+        problems.append("ssl_ca_certs needs a file")
+    db_path = "" if parts.scheme == "unix" else parts.path.strip("/")
+    db_query = options.get("db", [""])[0]
+    if db_path and "db" in options:
+        problems.append("give the database in the path or as db=, not both")
+    db = db_path or db_query
+    if (db or "db" in options) and not (db.isascii() and db.isdigit()):
+        problems.append(f"the database must be a number, not {db!r}")
+    return problems
+
+
+def _check_provider(name: str, pc: ProviderConfig, errors: list[str]) -> None:
+    path = f"providers.{name}"
+    _check_name(name, path, errors)
+    if isinstance(pc.base_url, str):
+        _check_url(pc.base_url, f"{path}.base_url", errors)
+    if isinstance(pc.proxy, str) and pc.proxy:
+        _check_url(pc.proxy, f"{path}.proxy", errors)
+    if isinstance(pc.headers, dict):
+        for header, value in pc.headers.items():
+            if _TOKEN.match(header):
+                where = f"{path}.headers.{header}"
+            else:
+                where = f"{path}.headers.{header!r}"
+                errors.append(f"{where}: not a valid header name (RFC 7230 token characters only)")
+            if not _FIELD_VALUE.match(value):
+                errors.append(f"{where}: the value must be ASCII text without CR, LF, NUL or other control characters")
+
+
+def _check_model(index: int, mc: ModelConfig, errors: list[str]) -> None:
+    _check_name(mc.id, f"models[{index}].id", errors)
+    if isinstance(mc.aliases, list):
+        for j, alias in enumerate(mc.aliases):
+            _check_name(alias, f"models[{index}].aliases[{j}]", errors)
+
+
 def parse(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a decoded TOML document, collecting one error per broken part.
 
@@ -274,6 +384,8 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
                     items.append(msgspec.convert(item, ModelConfig))
                 except msgspec.ValidationError as exc:
                     errors.append(_describe(exc, f"models[{i}]"))
+                else:
+                    _check_model(i, items[-1], errors)
             out[name] = items
             continue
         if name == "providers" and isinstance(value, dict):
@@ -283,12 +395,20 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
                     providers[pname] = msgspec.convert(item, ProviderConfig)
                 except msgspec.ValidationError as exc:
                     errors.append(_describe(exc, f"providers.{pname}"))
+                else:
+                    _check_provider(pname, providers[pname], errors)
             out[name] = providers
             continue
         try:
             out[name] = msgspec.convert({name: value}, Config).__getattribute__(name)
         except msgspec.ValidationError as exc:
             errors.append(_describe(exc, ""))
+    redis = out.get("redis")
+    if redis is not None and redis.url:
+        errors.extend(f"redis.url: {problem}" for problem in redis_url_problems(redis.url))
+    local = out.get("local")
+    if local is not None:
+        _check_name(local.model_id, "local.model_id", errors)
     auth = out.get("auth")
     if auth is not None:
         for i, key in enumerate(auth.keys):

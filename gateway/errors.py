@@ -7,6 +7,8 @@ status, so clients written against OpenAI handle it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 
@@ -71,3 +73,50 @@ def invalid_request(message: str, *, param: str | None = None, code: str | None 
 
 def no_provider(message: str, retry_after_s: int = 5) -> GatewayError:
     return GatewayError(503, message, code="no_provider_available", headers={"retry-after": str(retry_after_s)})
+
+
+#: The shortest run of a secret that is redacted when it appears on its own.
+MIN_FRAGMENT = 8
+
+
+class Redactor:
+    """Removes secrets from text bound for callers and logs.
+
+    A key is redacted whole, and so is any run of eight or more of its
+    characters: an upstream that echoes a key may truncate it, and its
+    message is no less a leak for that. Other secrets (configured header
+    values) are redacted whole, when at least eight characters long: shorter
+    values are names rather than secrets, and redacting them would mangle
+    ordinary words. The work is one pass over the text.
+    """
+
+    __slots__ = ("_grams", "_whole")
+
+    def __init__(self, keys: Iterable[str], values: Iterable[str] = ()) -> None:
+        keys = [k for k in keys if k]
+        whole = set(keys) | {v for v in values if len(v) >= MIN_FRAGMENT}
+        self._whole = sorted(whole, key=len, reverse=True)
+        self._grams = frozenset(k[i : i + MIN_FRAGMENT] for k in keys for i in range(len(k) - MIN_FRAGMENT + 1))
+
+    def __call__(self, text: str) -> str:
+        for secret in self._whole:
+            if secret in text:
+                text = text.replace(secret, "***")
+        grams = self._grams
+        n = MIN_FRAGMENT
+        if not grams or len(text) < n:
+            return text
+        out: list[str] = []
+        start = 0  # of the text not yet copied to out
+        end = -1  # of the secret run being redacted
+        for i in range(len(text) - n + 1):
+            if text[i : i + n] in grams:
+                if i > end:  # a new run
+                    out.append(text[start:i])
+                    out.append("***")
+                end = i + n
+                start = end
+        if not out:
+            return text
+        out.append(text[start:])
+        return "".join(out)

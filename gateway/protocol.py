@@ -8,6 +8,7 @@ they pass through byte for byte.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -26,14 +27,90 @@ StopList = Annotated[list[str], Meta(max_length=16)]
 USDPerMTok = Annotated[float, Meta(ge=0)]
 
 
-class TextPart(Struct, kw_only=True):
-    """Just enough of a content part to count its text."""
-
-    type: str
-    text: str = ""
+class TextPart(Struct, tag_field="type", tag="text"):
+    text: str
 
 
-class Message(Struct, kw_only=True, omit_defaults=True):
+class ImageURL(Struct):
+    url: str
+
+
+class ImagePart(Struct, tag_field="type", tag="image_url"):
+    image_url: ImageURL
+
+
+class InputAudio(Struct):
+    data: str
+    format: str
+
+
+class AudioPart(Struct, tag_field="type", tag="input_audio"):
+    input_audio: InputAudio
+
+
+class FileRef(Struct, kw_only=True):
+    file_data: str | UnsetType = UNSET
+    file_id: str | UnsetType = UNSET
+    filename: str | UnsetType = UNSET
+
+
+class FilePart(Struct, tag_field="type", tag="file"):
+    file: FileRef
+
+
+class RefusalPart(Struct, tag_field="type", tag="refusal"):
+    refusal: str
+
+
+#: The content part types OpenAI's chat API takes; any other type is refused,
+#: as OpenAI refuses it. Fields the gateway does not read are ignored here and
+#: still forwarded, since the parts themselves stay ``Raw``.
+ContentPart = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
+PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
+_part_decoder = msgspec.json.Decoder(ContentPart)
+
+
+class ContentPartError(ValueError):
+    """A content part of the wrong shape: which one (its index) and why."""
+
+    def __init__(self, index: int, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+        #: Where in the part, as ``.image_url.url``; empty for the part itself.
+        self.path = path
+
+
+_PART_AT = re.compile(r"\s+- at `\$(?P<path>[^`]*)`$")
+
+
+def content_text(parts: list[Raw]) -> str:
+    """The text parts' text, joined; raises :class:`ContentPartError` for a part
+    that is not one of ``PART_TYPES`` with its fields of the right types, so
+    nothing after the decoder meets a part of an unexpected shape."""
+    texts = []
+    for j, raw in enumerate(parts):
+        try:
+            part = _part_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            match = _PART_AT.search(text)
+            path = match.group("path") if match else ""
+            message = text[: match.start()] if match else text
+            if path == ".type" and message.startswith("Invalid value"):
+                path, message = "", f"unknown content part type; expected one of {', '.join(PART_TYPES)}"
+            raise ContentPartError(j, message, path) from None
+        except (msgspec.DecodeError, RecursionError):
+            raise ContentPartError(j, "unreadable content part") from None
+        if type(part) is TextPart:
+            texts.append(part.text)
+    return "\n".join(texts)
+
+
+class Message(Struct, kw_only=True, omit_defaults=True, dict=True):
+    """One chat message. ``dict=True`` gives each a ``__dict__``, where the text
+    of list content is kept once computed (it is never encoded)."""
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[Raw] | None = None
     name: str | UnsetType = UNSET
@@ -42,13 +119,17 @@ class Message(Struct, kw_only=True, omit_defaults=True):
     function_call: Raw | UnsetType = UNSET
 
     def text(self) -> str:
-        """The message's text, for token counting and content filtering."""
-        if isinstance(self.content, str):
-            return self.content
-        if not self.content:
+        """The message's text, for token counting and content filtering;
+        raises :class:`ContentPartError` for a malformed content part."""
+        content = self.content
+        if isinstance(content, str):
+            return content
+        if not content:
             return ""
-        parts = (msgspec.json.decode(raw, type=TextPart) for raw in self.content)
-        return "\n".join(p.text for p in parts if p.type == "text")
+        text: str | None = self.__dict__.get("_text")
+        if text is None:
+            text = self.__dict__["_text"] = content_text(content)
+        return text
 
 
 class StreamOptions(Struct, kw_only=True, omit_defaults=True):

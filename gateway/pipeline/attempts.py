@@ -13,7 +13,11 @@ reached through two narrow hooks, :class:`UpstreamQuota` and
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
+import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,7 +27,7 @@ from msgspec import UNSET
 
 from gateway.accounting.trace import AttemptRecord
 from gateway.accounting.usage import usage_for
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Redactor
 from gateway.limits.limiter import UpstreamQuota
 from gateway.protocol import ChatCompletion, ChatRequest, ChoiceOut, Usage
 from gateway.routing.catalog import Endpoint
@@ -75,12 +79,43 @@ def _headers(endpoint: Endpoint) -> dict[str, str]:
     return headers
 
 
-def _scrub(text: str, endpoint: Endpoint) -> str:
-    """Upstream messages go back to callers: never with our upstream key in them."""
-    key = endpoint.provider.api_key
-    if key:
-        text = text.replace(key, "***")
-    return text[:500]
+@functools.lru_cache(maxsize=256)
+def _redactor(api_key: str | None, header_values: tuple[str, ...]) -> Redactor:
+    return Redactor([api_key] if api_key else [], header_values)
+
+
+def scrub(text: str, endpoint: Endpoint, limit: int | None = None) -> str:
+    """Text about an upstream goes back to callers and into logs and records:
+    never with the provider's key (or a run of eight or more of its
+    characters) or a configured header value in it. Cut to ``limit`` characters first."""
+    provider = endpoint.provider
+    return _redactor(provider.api_key, tuple(provider.headers.values()))(text[:limit])
+
+
+#: An upstream's Retry-After, as passed on to callers, in seconds.
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 60
+
+
+def retry_after(value: str | None) -> str | None:
+    """An upstream's ``Retry-After`` as whole seconds within [1, 60]: integer
+    seconds, or an HTTP-date counted from now; ``"1"`` for anything else.
+    Passed on verbatim, a huge or malformed value would hold off the caller's
+    retries as the upstream chose, or break its parsing."""
+    if value is None:
+        return None
+    text = value.strip()
+    seconds: float
+    if text.isdigit() and text.isascii():
+        seconds = int(text) if len(text) <= 9 else RETRY_AFTER_MAX_S  # int() refuses very long digit strings
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return str(RETRY_AFTER_MIN_S)
+        if when.tzinfo is None:  # HTTP-dates are GMT
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = math.ceil((when - datetime.datetime.now(datetime.UTC)).total_seconds())
+    return str(int(min(max(seconds, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)))
 
 
 async def _error_message(response: UpstreamResponse, endpoint: Endpoint) -> str:
@@ -141,17 +176,17 @@ class Attempts:
         except UpstreamTimeout:
             raise AttemptFailed("timeout", "timed out") from None
         except UpstreamError as exc:
-            raise AttemptFailed("connect", f"connection failed ({exc})") from None
+            raise AttemptFailed("connect", scrub(f"connection failed ({exc})", endpoint)) from None
         if 200 <= response.status < 300:
             return response
         try:
-            message = _scrub(await _error_message(response, endpoint), endpoint)
+            message = scrub(await _error_message(response, endpoint), endpoint, 500)
         finally:
             await response.close()
         if response.status in CALLER_FAULT:
             raise GatewayError(response.status, message, code="upstream_rejected_request", type="invalid_request_error")
-        retry_after = response.headers.get("retry-after")
-        raise AttemptFailed("status", f"HTTP {response.status}: {message}", response.status, retry_after)
+        after = retry_after(response.headers.get("retry-after"))
+        raise AttemptFailed("status", f"HTTP {response.status}: {message}", response.status, after)
 
     def succeeded(self, cand: Candidate, record: AttemptRecord, latency_s: float) -> None:
         record.outcome, record.status, record.latency_s = "ok", 200, latency_s
@@ -167,6 +202,7 @@ class Attempts:
         await self.give_back(cand, 0)
 
     async def failed(self, cand: Candidate, record: AttemptRecord, exc: AttemptFailed) -> None:
+        exc.detail = scrub(exc.detail, cand.endpoint)  # it may quote the upstream's client or answer
         record.outcome, record.kind, record.status, record.error = "failed", exc.kind, exc.status, exc.detail
         record.ended = time.monotonic()
         self.failures.append(exc)

@@ -27,10 +27,16 @@ from gateway.limits.limiter import Admission, Refused
 from gateway.pipeline.attempts import Attempts, Completion, complete
 from gateway.pipeline.services import Services
 from gateway.pipeline.stream import DONE, KEEPALIVE, LastPiece, StreamRelay, sse
-from gateway.protocol import ChatCompletionOut, ChatRequest, ContentFilterResults, PromptFilterResult
+from gateway.protocol import (
+    ChatCompletionOut,
+    ChatRequest,
+    ContentFilterResults,
+    ContentPartError,
+    PromptFilterResult,
+)
 from gateway.routing.catalog import Model
 from gateway.routing.router import Candidate, requested_models
-from gateway.routing.tokens import reservation
+from gateway.routing.tokens import ExactCountNeeded, reservation
 from gateway.safety.moderation import Moderation
 
 _AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
@@ -67,9 +73,21 @@ class Admitted:
 
 
 def decode_request(body: bytes) -> ChatRequest:
-    """Decode and validate the body; errors name the offending parameter."""
+    """Decode and validate the body; errors name the offending parameter.
+
+    Whatever the body holds, the answer is the request or a 400: the whole
+    body must be UTF-8 (msgspec checks only the strings it decodes, not the
+    ``Raw`` fields it forwards or the unknown fields it skips), nesting too
+    deep for msgspec's recursion bound is refused, and every content part must
+    have one of the shapes in ``protocol.PART_TYPES``.
+    """
     if not body:
         raise invalid_request("the request body is empty; send a JSON chat request")
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError as exc:
+            raise invalid_request(f"the body is not valid UTF-8 (byte {exc.start})", code="invalid_json") from None
     try:
         request = msgspec.json.decode(body, type=ChatRequest)
     except msgspec.ValidationError as exc:
@@ -80,6 +98,15 @@ def decode_request(body: bytes) -> ChatRequest:
         raise invalid_request(f"invalid parameter `{param}`: {message}" if param else message, param=param) from None
     except msgspec.DecodeError as exc:
         raise invalid_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise invalid_request("the body is nested too deeply", code="invalid_json") from None
+    for i, m in enumerate(request.messages):
+        if type(m.content) is list:
+            try:
+                m.text()  # validates the parts, and keeps their text for later
+            except ContentPartError as exc:
+                param = f"messages[{i}].content[{exc.index}]{exc.path}"
+                raise invalid_request(f"invalid content part `{param}`: {exc.message}", param=param) from None
     if request.max_tokens is msgspec.UNSET and request.max_completion_tokens is not msgspec.UNSET:
         request.max_tokens = request.max_completion_tokens
     if request.logit_bias is not msgspec.UNSET and not all(k.lstrip("-").isdigit() for k in request.logit_bias):
@@ -99,13 +126,35 @@ def check_allowed(key: GatewayKey, name: str, model: Model) -> None:
         )
 
 
-async def chat_completions(gw: Services, authorization: str | None, raw: bytes) -> Reply:
-    """Answer one chat request; raises the GatewayError to send instead."""
+def authenticate(gw: Services, authorization: str | None) -> GatewayKey:
+    """The authenticate phase on its own, for the HTTP layer to run before it
+    reads the body: a client without a valid key is refused without the
+    gateway reading (and holding) what it sends. A refused key is traced and
+    accounted for here, as it is inside :func:`chat_completions`."""
+    try:
+        return gw.keys.authenticate(authorization)
+    except GatewayError as exc:
+        trace = gw.accountant.begin()
+        trace.status, trace.error = exc.status, exc.message
+        exc.headers.setdefault("x-request-id", trace.id)
+        _account(gw, trace, None)
+        raise
+
+
+async def chat_completions(gw: Services, authorization: GatewayKey | str | None, raw: bytes) -> Reply:
+    """Answer one chat request; raises the GatewayError to send instead.
+
+    ``authorization`` is the ``Authorization`` header, or the key that
+    :func:`authenticate` has already found for it."""
     trace = gw.accountant.begin()
     relay: StreamRelay | None = None
     attempts: Attempts | None = None
     try:
-        key = _authenticate(gw, trace, authorization)
+        if isinstance(authorization, GatewayKey):
+            key = authorization
+            trace.key = key.name
+        else:
+            key = _authenticate(gw, trace, authorization)
         chat, models = _decode(gw, trace, key, raw)
         admitted = await _admit(gw, trace, key, chat, models)
         attempts = _attempts(gw, trace, chat, admitted)
@@ -165,7 +214,9 @@ async def _admit(
     stop the request, so they are computed later, while the first upstream
     attempt is in flight. An error found while the admission was under way
     is raised once the admission is known: the limiter's check is always
-    finished, and a refused request reads as refused.
+    finished, and a refused request reads as refused. A prompt whose size
+    the cheap bound cannot settle against a context window is planned after
+    the admission too, so a refused request never pays for tokenizing it.
     """
     policy = key.safety or models[0][1].safety or gw.moderation.policy
     estimate = reservation(chat.messages, chat.max_tokens or None)
@@ -173,20 +224,27 @@ async def _admit(
     prompt_text = "\n".join(m.text() for m in chat.messages)
     late = gw.moderation.may_screen_late(policy)
     early: tuple[ContentFilterResults | None, list[Candidate]] | None = None
+    ours: ContentFilterResults | None = None
     problem: Exception | None = None
     try:
         if late:
-            early = None, gw.router.plan(chat, models)
+            early = None, gw.router.plan(chat, models, exact=False)
         else:
             ours = gw.moderation.classify_now(prompt_text)
-            early = None if ours is None else _screen_and_plan(gw, chat, models, policy, ours)
+            early = None if ours is None else _screen_and_plan(gw, chat, models, policy, ours, exact=False)
+    except ExactCountNeeded:
+        early = None  # planned below, once admitted
     except Exception as exc:  # noqa: BLE001 - the check must be finished first, whatever went wrong
         problem = exc
     admission = trace.admission = await gw.limiter.finish_key(check)
     if problem is not None:
         raise problem
-    if early is None:
-        early = _screen_and_plan(gw, chat, models, policy, await gw.moderation.classify(prompt_text))
+    if early is None and late:
+        early = None, gw.router.plan(chat, models)
+    elif early is None:
+        if ours is None:
+            ours = await gw.moderation.classify(prompt_text)
+        early = _screen_and_plan(gw, chat, models, policy, ours)
     prompt_results, candidates = early
     if prompt_results is None:  # late: run at the request's first wait on the upstream
         admitted = Admitted(admission, candidates, [], policy, estimate, prompt_text)
@@ -196,7 +254,13 @@ async def _admit(
 
 
 def _screen_and_plan(
-    gw: Services, chat: ChatRequest, models: list[tuple[str, Model]], policy: Policy, ours: ContentFilterResults
+    gw: Services,
+    chat: ChatRequest,
+    models: list[tuple[str, Model]],
+    policy: Policy,
+    ours: ContentFilterResults,
+    *,
+    exact: bool = True,
 ) -> tuple[ContentFilterResults, list[Candidate]]:
     """The prompt's content-filter results, and the ordered candidates; raises
     the error to answer when the prompt is filtered or no endpoint can serve."""
@@ -205,7 +269,7 @@ def _screen_and_plan(
         raise GatewayError(
             400, "the prompt was filtered by the content policy", code="content_filter", param="messages"
         )
-    return prompt_results, gw.router.plan(chat, models)
+    return prompt_results, gw.router.plan(chat, models, exact=exact)
 
 
 def _attempts(gw: Services, trace: Trace, chat: ChatRequest, admitted: Admitted) -> Attempts:

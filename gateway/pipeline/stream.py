@@ -20,7 +20,7 @@ from msgspec import UNSET
 
 from gateway.accounting.usage import usage_for
 from gateway.errors import GatewayError
-from gateway.pipeline.attempts import FAILURES, AttemptFailed, Attempts, as_failure
+from gateway.pipeline.attempts import FAILURES, AttemptFailed, Attempts, as_failure, scrub
 from gateway.protocol import (
     ChatChunk,
     ChatChunkOut,
@@ -186,7 +186,7 @@ class StreamRelay:
                     out_buf.append(sse(out))
             yield LastPiece(b"".join(out_buf + self._ending(cand)))
         except (AttemptFailed, UpstreamError) as exc:
-            detail = exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({exc})"
+            detail = scrub(exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({exc})", cand.endpoint)
             log.info("stream failed after first chunk: %s %s", cand.endpoint.key, detail)
             self.attempts.health.failure(cand.endpoint.key, "stream")
             record.outcome, record.kind, record.error = "failed_mid_stream", "stream", detail

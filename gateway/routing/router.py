@@ -118,9 +118,13 @@ class Router:
             raise GatewayError(404, f"model {name!r} is not in the catalog", code="model_not_found", param="model")
         return model
 
-    def plan(self, request: ChatRequest, models: list[tuple[str, Model]] | None = None) -> list[Candidate]:
+    def plan(
+        self, request: ChatRequest, models: list[tuple[str, Model]] | None = None, *, exact: bool = True
+    ) -> list[Candidate]:
         """The candidates, in order; ``models`` are the requested names, resolved
-        already. Raises the error to answer when there are none."""
+        already. Raises the error to answer when there are none. With
+        ``exact=False`` it raises ``ExactCountNeeded`` rather than tokenize
+        the prompt (see :class:`PromptTokens`)."""
         prefs = request.provider if request.provider is not UNSET else None
         max_tokens = request.max_tokens if request.max_tokens is not UNSET else 0
         if models is None:
@@ -130,7 +134,7 @@ class Router:
         reasons: set[str] = set()
         for name, model in models:
             sort = (prefs.sort if prefs else None) or split_suffix(name)[1]
-            prompt = PromptTokens(request.messages, model.tokenizer)
+            prompt = PromptTokens(request.messages, model.tokenizer, exact_allowed=exact)
             eligible = []
             for e in model.endpoints:
                 reason = self._exclude(e, request, prefs, prompt, max_tokens, model)
@@ -204,7 +208,10 @@ class Router:
         ]
 
     def _no_candidates(self, reasons: set[str], name: str) -> GatewayError:
-        if reasons == {"context"}:
+        """The error for no candidates. A prompt too long for every enabled
+        endpoint is the caller's to fix (400), whatever disabled endpoints
+        there are; unhealthy ones are checked for context before health."""
+        if reasons - {"disabled"} == {"context"}:
             return invalid_request(
                 f"the prompt plus max_tokens exceeds the context window of every endpoint of {name!r}",
                 param="messages",

@@ -105,16 +105,26 @@ def count_prompt(messages: list[Message], version: str) -> int:
     return 1 + sum(_message_counts.count(m.text(), version) + per for m in messages)
 
 
+class ExactCountNeeded(Exception):
+    """The bound did not settle a context check, and counting exactly is not allowed yet."""
+
+
 class PromptTokens:
-    """One request's prompt size: the bound at once, the exact count on demand."""
+    """One request's prompt size: the bound at once, the exact count on demand.
 
-    __slots__ = ("_exact", "messages", "upper_bound", "version")
+    With ``exact_allowed=False`` a check the bound cannot settle raises
+    :class:`ExactCountNeeded` instead of tokenizing: routing runs while the
+    key's admission is in flight, and a request that will be refused must not
+    pay for a tokenizer pass over its prompt."""
 
-    def __init__(self, messages: list[Message], version: str) -> None:
+    __slots__ = ("_exact", "exact_allowed", "messages", "upper_bound", "version")
+
+    def __init__(self, messages: list[Message], version: str, *, exact_allowed: bool = True) -> None:
         self.messages = messages
         self.version = version
         self.upper_bound = prompt_upper_bound(messages, version)
         self._exact: int | None = None
+        self.exact_allowed = exact_allowed
 
     @property
     def exact(self) -> int:
@@ -126,6 +136,8 @@ class PromptTokens:
         """Does the prompt fit in ``budget`` tokens? Tokenizes only near the limit."""
         if self.upper_bound <= budget:
             return True
+        if self._exact is None and not self.exact_allowed:
+            raise ExactCountNeeded
         return self.exact <= budget
 
 

@@ -3,7 +3,7 @@
 ``POST /v1/chat/completions`` is nearly all of a gateway's traffic, so it is
 answered here from the raw ASGI messages, without a framework's routing,
 middleware and response classes (``bench/NOTES.md`` has the measurements):
-read the body (with the size limit), call
+check the key from the headers, read the body (with the size limit), call
 :func:`gateway.pipeline.chat.chat_completions`, write the reply. Every other
 route, and the lifespan, go to the litestar app unchanged.
 """
@@ -44,8 +44,8 @@ def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refused (413) past ``limit`` bytes, before reading it when the length says so."""
+def _check_length(scope: Scope, limit: int) -> None:
+    """Refuse (413) a body whose declared length is past ``limit``, before reading any of it."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
@@ -54,6 +54,10 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             except ValueError:
                 pass
             break
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, refused (413) past ``limit`` bytes."""
     message = await receive()
     if message["type"] != "http.request":
         raise _Disconnected
@@ -133,13 +137,16 @@ async def send_stream(
 async def serve_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     """One chat request, from its ASGI messages to its reply."""
     try:
-        body = await _read_body(scope, receive, gw.config.server.max_body_bytes)
+        limit = gw.config.server.max_body_bytes
+        _check_length(scope, limit)
         authorization = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
-        reply = await chat.chat_completions(gw, authorization, body)
+        key = chat.authenticate(gw, authorization)  # before the body: a 401 does not wait for it
+        body = await _read_body(receive, limit)
+        reply = await chat.chat_completions(gw, key, body)
     except GatewayError as exc:
         await send_error(send, exc)
         return

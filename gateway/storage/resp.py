@@ -33,6 +33,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.config import ConfigError, redis_url_problems
+
 #: A command argument: each is sent as a bulk string.
 RedisValue = str | bytes | int | float
 Command = tuple[RedisValue, ...]
@@ -164,18 +166,42 @@ class RespPipeline:
         return results
 
 
+def _tls_context(ca_certs: str | None, cert_reqs: str) -> ssl.SSLContext:
+    """The TLS settings of a ``rediss://`` URL: the system's CAs or ``ssl_ca_certs``,
+    and no verification at all with ``ssl_cert_reqs=none``."""
+    try:
+        context = ssl.create_default_context(cafile=ca_certs)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("config", [f"redis.url: cannot read ssl_ca_certs {ca_certs!r} ({exc})"]) from None
+    if cert_reqs == "none":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class RespClient:
-    """``redis://[user:password@]host[:port][/db]``, ``rediss://…`` (TLS) or ``unix:///path[?db=N]``."""
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://…`` (TLS) or ``unix:///path[?db=N]``.
+
+    Query options: ``db``, and for ``rediss://`` ``ssl_cert_reqs=none|required``
+    and ``ssl_ca_certs=PEM``; any other option is a :class:`ConfigError`, as
+    are options that cannot be used, rather than being ignored.
+    """
 
     def __init__(self, url: str, timeout_s: float) -> None:
+        problems = redis_url_problems(url)
+        if problems:
+            raise ConfigError("config", [f"redis.url: {p}" for p in problems])
         parts = urlsplit(url)
+        options = {name: values[0] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
         self.timeout_s = timeout_s
         self._unix = parts.scheme == "unix"
         self._host = parts.hostname or "localhost"
         self._port = parts.port or 6379
         self._path = unquote(parts.path) if self._unix else ""
-        self._ssl = parts.scheme == "rediss"
-        db = parse_qs(parts.query).get("db", [None])[0] if self._unix else parts.path.strip("/") or None
+        self._ssl: ssl.SSLContext | None = None
+        if parts.scheme == "rediss":
+            self._ssl = _tls_context(options.get("ssl_ca_certs"), options.get("ssl_cert_reqs", "required"))
+        db = options.get("db") if self._unix else parts.path.strip("/") or options.get("db")
         self._setup: list[Command] = []
         if parts.password is not None:
             user = unquote(parts.username) if parts.username else None
@@ -193,8 +219,7 @@ class RespClient:
                 if self._unix:
                     _, conn = await loop.create_unix_connection(_Connection, self._path)
                 else:
-                    context = ssl.create_default_context() if self._ssl else None
-                    _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=context)
+                    _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
                 if self._setup:
                     try:
                         results = await self._send(conn, self._setup)
