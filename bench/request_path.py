@@ -54,7 +54,7 @@ class _Answer:
 class StubUpstream:
     """Answers at once, after one event-loop turn (as a socket read would)."""
 
-    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> _Answer:
+    async def post(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float, connect: object = None) -> _Answer:
         await asyncio.sleep(0)
         return _Answer()
 
