@@ -29,7 +29,7 @@ from gateway.safety.moderation import Moderation
 from gateway.storage.autopipeline import AutoPipeline
 from gateway.storage.connect import backstop_s, redis_client
 from gateway.upstream import make_client
-from gateway.upstream.base import UpstreamError
+from gateway.upstream.base import ConnectOptions, UpstreamError
 
 log = logging.getLogger("gateway")
 
@@ -57,6 +57,8 @@ class Gateway:
         if local is not None and local.enabled:
             if local_url:
                 local.base_url = local_url.rstrip("/")
+                if config.local.url is None:  # our own child on loopback: never through a proxy
+                    local.connect = ConnectOptions(proxy="")
                 # A backend we started may still be loading its model.
                 self._watch_local = config.local.url is None
                 local.ready = not self._watch_local
@@ -159,7 +161,7 @@ class Gateway:
         url = local.base_url.removesuffix("/v1") + "/health"
         while True:
             try:
-                if (await self.client.get(url, 2.0))[0] == 200:
+                if (await self.client.get(url, 2.0, local.connect))[0] == 200:
                     local.ready = True
                     log.info("local backend ready at %s", local.base_url)
                     return
@@ -174,7 +176,7 @@ class Gateway:
         if not self._watch_local or local is None or not local.ready:
             return b""
         try:
-            status, body = await self.client.get(local.base_url.removesuffix("/v1") + "/metrics", 1.0)
+            status, body = await self.client.get(local.base_url.removesuffix("/v1") + "/metrics", 1.0, local.connect)
         except UpstreamError:
             return b""
         return body if status == 200 else b""

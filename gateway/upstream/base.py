@@ -73,7 +73,7 @@ class UpstreamClient(Protocol):
         """
         ...
 
-    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+    async def get(self, url: str, timeout_s: float, connect: ConnectOptions = DIRECT) -> tuple[int, bytes]:
         """Status and body of a GET, for backends we started (readiness, metrics)."""
         ...
 

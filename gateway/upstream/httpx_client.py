@@ -78,7 +78,7 @@ class HttpxClient:
             raise UpstreamBroken(type(exc).__name__) from None
         return _HttpxResponse(response)
 
-    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+    async def get(self, url: str, timeout_s: float, connect: ConnectOptions = DIRECT) -> tuple[int, bytes]:
         try:
             response = await self._client.get(url, timeout=timeout_s)
         except httpx.TimeoutException:

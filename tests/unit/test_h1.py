@@ -275,8 +275,12 @@ async def test_server_closing_right_after_response_next_request_uses_fresh_conne
     assert len(srv.requests) == 2
 
 
-async def test_request_dropped_on_reused_connection_is_sent_again(client):
-    """The idle connection looks alive, but the server closes it when the next request arrives."""
+async def test_request_dropped_on_reused_connection_is_not_sent_again(client):
+    """The idle connection looks alive, but the server closes it after reading the next request.
+
+    The request was written whole, so the server may have acted on it (and
+    billed it): it fails instead of going out a second time.
+    """
 
     async def handler(server, reader, writer, conn):
         await server.next_request(reader, conn)
@@ -286,9 +290,10 @@ async def test_request_dropped_on_reused_connection_is_sent_again(client):
 
     async with Server(handler) as srv:
         assert await fetch(client, srv.url) == (200, b"c1")
-        assert await fetch(client, srv.url, b"second") == (200, b"c2")
-    assert srv.connections == 2
-    assert [(r.conn, r.body) for r in srv.requests] == [(1, b"{}"), (1, b"second"), (2, b"second")]
+        with pytest.raises(UpstreamBroken):
+            await fetch(client, srv.url, b"second")
+    assert srv.connections == 1
+    assert [(r.conn, r.body) for r in srv.requests] == [(1, b"{}"), (1, b"second")]
 
 
 async def test_server_closing_idle_connection_later_is_noticed(client):
@@ -306,27 +311,26 @@ async def test_server_closing_idle_connection_later_is_noticed(client):
     assert len(srv.requests) == 2
 
 
-async def test_retry_after_stale_pooled_connection_uses_a_fresh_connection(client):
-    """A request on a dead pooled connection is sent again on a *fresh* one, not on the next pooled one.
-
-    With two idle connections that the server has both dropped (an upstream
-    restarting, or closing its idle connections at once), retrying on the
-    second stale connection would fail although the server is up.
-    """
+async def test_stale_pooled_connections_are_skipped_for_a_fresh_one(client):
+    """Two idle connections that the server has both closed (an upstream
+    restarting, or closing its idle connections at once) are both noticed
+    before use: the request goes out once, on a fresh connection."""
 
     async def handler(server, reader, writer, conn):
         await server.next_request(reader, conn)
         await asyncio.sleep(0.05)  # keep both first requests in flight at once: two connections
         writer.write(response(f"c{conn}".encode()))
         await writer.drain()
-        await server.next_request(reader, conn)  # any later request on this connection: dropped
+        writer.close()  # then the server drops each connection while it is idle
 
     async with Server(handler) as srv:
         first = await asyncio.gather(fetch(client, srv.url), fetch(client, srv.url))
         assert sorted(first) == [(200, b"c1"), (200, b"c2")]
         assert srv.connections == 2
+        await asyncio.sleep(0.1)
         assert await fetch(client, srv.url, b"third") == (200, b"c3")
     assert srv.connections == 3
+    assert [r.body for r in srv.requests].count(b"third") == 1
 
 
 async def test_connection_close_response_is_not_reused(client):
@@ -847,3 +851,22 @@ async def test_many_concurrent_requests_get_their_own_bodies(client):
                 assert body == f"/item/{i}|".encode() + str(i).encode() * (i + 1)
     assert len(srv.requests) == 100
     assert srv.connections == 50  # 50 in flight at once, then all 50 reused by the second round
+
+
+# --- 15. default request headers ---------------------------------------------------------------------
+
+
+async def test_accept_encoding_and_user_agent_are_sent_unless_set(client):
+    from gateway.upstream.h1 import USER_AGENT
+
+    async with Server(keep_alive(lambda r: response(b"ok"))) as srv:
+        assert await fetch(client, srv.url) == (200, b"ok")
+        assert await fetch(client, srv.url, headers={"User-Agent": "mine/1", "ACCEPT-ENCODING": "identity"}) \
+            == (200, b"ok")
+    first, second = srv.requests
+    assert first.headers["accept-encoding"] == "gzip, deflate"
+    assert first.headers["user-agent"] == USER_AGENT and USER_AGENT.startswith("llm-gateway/")
+    assert second.headers["user-agent"] == "mine/1"
+    assert second.headers["accept-encoding"] == "identity"
+    assert [n.lower() for n in second.names].count("user-agent") == 1
+    assert [n.lower() for n in second.names].count("accept-encoding") == 1
