@@ -163,6 +163,11 @@ class ProviderConfig(_Section):
     #: Client certificate (PEM, may hold the key too) and its key, for mutual TLS.
     client_cert: str | UnsetType | None = UNSET
     client_key: str | UnsetType | None = UNSET
+    #: What the provider does with prompts and completions, for OpenRouter's
+    #: ``provider.data_collection`` and ``zdr``: ``retains`` (may store or train
+    #: on them), ``no_training`` (may keep them a while, never trains on them),
+    #: ``no_retention`` (zero data retention). Unset: unknown, treated as ``retains``.
+    data_policy: Literal["retains", "no_training", "no_retention"] | UnsetType | None = UNSET
 
 
 class EndpointConfig(_Section):

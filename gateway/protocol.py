@@ -137,22 +137,61 @@ class StreamOptions(Struct, kw_only=True, omit_defaults=True):
 
 
 class MaxPrice(Struct, kw_only=True, forbid_unknown_fields=True):
-    """OpenRouter's max_price, in USD per million tokens."""
+    """OpenRouter's max_price, in USD per million tokens (``request``: USD per
+    request, honoured only where the catalog has a per-request price)."""
 
     prompt: USDPerMTok | None = None
     completion: USDPerMTok | None = None
+    request: Annotated[float, Meta(ge=0)] | None = None
+
+
+SortBy = Literal["price", "latency", "throughput"]
+
+
+class SortSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenRouter's object form of ``sort``: ``by`` as the string form;
+    ``partition`` ``model`` (the default: each model's endpoints sorted on
+    their own, the models in the order asked) or ``none`` (one sort across them)."""
+
+    by: SortBy
+    partition: Literal["model", "none"] | None = None
+
+
+class Percentiles(Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenRouter's percentile cut-offs for ``preferred_*``."""
+
+    p50: Annotated[float, Meta(ge=0)] | None = None
+    p75: Annotated[float, Meta(ge=0)] | None = None
+    p90: Annotated[float, Meta(ge=0)] | None = None
+    p99: Annotated[float, Meta(ge=0)] | None = None
 
 
 class ProviderPreferences(Struct, kw_only=True, forbid_unknown_fields=True):
-    """OpenRouter's ``provider`` routing object."""
+    """OpenRouter's ``provider`` routing object. What the router cannot honour
+    is accepted and named in the ``x-gateway-ignored`` response header."""
 
     order: list[str] | None = None
     only: list[str] | None = None
     ignore: list[str] | None = None
     allow_fallbacks: bool = True
     require_parameters: bool = False
-    sort: Literal["price", "latency", "throughput"] | None = None
+    #: ``deny``: only providers whose catalog ``data_policy`` is ``no_retention``.
+    data_collection: Literal["allow", "deny"] = "allow"
+    #: Only providers whose ``data_policy`` is zero data retention.
+    zdr: bool | None = None
+    #: Only endpoints whose catalog ``quantization`` is one of these (any case).
+    quantizations: list[str] | None = None
+    sort: SortBy | SortSpec | None = None
     max_price: MaxPrice | None = None
+    #: Tokens per second, or percentile cut-offs (only p50 is known: the health EWMA).
+    preferred_min_throughput: Annotated[float, Meta(ge=0)] | Percentiles | None = None
+    #: Seconds to first token, or percentile cut-offs (only p50 is known).
+    preferred_max_latency: Annotated[float, Meta(ge=0)] | Percentiles | None = None
+
+    @property
+    def sort_by(self) -> str | None:
+        sort = self.sort
+        return sort.by if isinstance(sort, SortSpec) else sort
 
 
 class ChatRequest(Struct, kw_only=True, omit_defaults=True):
@@ -195,6 +234,25 @@ SAMPLING_PARAMETERS: tuple[str, ...] = tuple(
     for f in msgspec.structs.fields(ChatRequest)
     if f.name not in {"messages", "model", "models", "provider", "stream", "stream_options", "max_completion_tokens"}
 )
+
+#: Parameters that change what the answer *is* (a tool call, JSON, several
+#: choices, log-probabilities, where it stops): never dropped. An endpoint that
+#: cannot take one as given is not a candidate. Every other parameter is a
+#: pure sampling knob (temperature, top_p, top_k, min_p, penalties, seed,
+#: logit_bias) or a hint (max_tokens, user) and is dropped where an endpoint
+#: lacks it, named in ``x-gateway-dropped-params``; ``provider.require_parameters``
+#: makes every parameter strict.
+STRICT_PARAMETERS: frozenset[str] = frozenset(
+    {"tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs", "n", "stop"}
+)
+
+#: Values of strict parameters that ask for nothing (OpenAI's defaults):
+#: dropping them changes nothing, so they are not strict.
+NEUTRAL_VALUES: dict[str, tuple[object, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "stop": (None, [], ""),
+}
 
 
 # --- responses -------------------------------------------------------------

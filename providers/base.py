@@ -31,7 +31,8 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     #: parameter the gateway knows.
     supported_parameters: frozenset[str] | None = None
     #: Narrower ranges than the gateway's own (a value outside one makes the
-    #: parameter unsupported on this provider, e.g. DeepInfra's n <= 2).
+    #: parameter unsupported on this provider, e.g. DeepInfra's n <= 2); for a
+    #: list value (stop) the range bounds its length.
     ranges: dict[str, Range] = {}
     #: Gateway parameter name -> the name this provider expects.
     renames: dict[str, str] = {}

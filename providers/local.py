@@ -1,6 +1,8 @@
 """The bundled local backend (``local_backend/``), or any OpenAI-compatible
-engine put in its slot (vLLM, ...). Plain OpenAI over HTTP and nothing private."""
+engine put in its slot (vLLM, ...). Plain OpenAI over HTTP and nothing private.
 
-from providers.base import Provider
+The bundled backend takes n = 1 only and at most 4 stop strings."""
 
-PROVIDER = Provider(name="local", bearer_auth=False)
+from providers.base import Provider, Range
+
+PROVIDER = Provider(name="local", bearer_auth=False, ranges={"n": Range(1, 1), "stop": Range(max=4)})

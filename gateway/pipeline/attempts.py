@@ -34,7 +34,7 @@ from gateway.routing.catalog import Endpoint
 from gateway.routing.health import HealthTracker
 from gateway.routing.router import Candidate
 from gateway.safety.moderation import CompletionFilter
-from gateway.upstream.adapter import clean_content, error_message, request_body
+from gateway.upstream.adapter import clean_content, error_message, request_body, whole_tool_calls
 from gateway.upstream.base import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.relay")
@@ -315,6 +315,8 @@ async def _finish_completion(
             content, finish_reason = None, "content_filter"  # Azure's way: no filtered text
         if content is not message.content:
             message = msgspec.structs.replace(message, content=content)
+        if message.tool_calls is not UNSET:
+            message = msgspec.structs.replace(message, tool_calls=whole_tool_calls(message.tool_calls))
         choices.append(
             ChoiceOut(
                 index=choice.index,

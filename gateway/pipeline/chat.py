@@ -35,7 +35,7 @@ from gateway.protocol import (
     PromptFilterResult,
 )
 from gateway.routing.catalog import Model
-from gateway.routing.router import Candidate, requested_models
+from gateway.routing.router import Candidate, ignored_preferences, requested_models
 from gateway.routing.tokens import ExactCountNeeded, reservation
 from gateway.safety.moderation import Moderation
 
@@ -320,6 +320,11 @@ def _headers(admission: Admission, attempts: Attempts) -> dict[str, str]:
         warning = price_warning(cand.endpoint)
         if warning:
             headers["x-gateway-warning"] = warning
+    request = attempts.request
+    if request.provider is not msgspec.UNSET:
+        ignored = ignored_preferences(request.provider)
+        if ignored:
+            headers["x-gateway-ignored"] = ",".join(ignored)
     return headers
 
 

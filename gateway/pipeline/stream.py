@@ -32,7 +32,7 @@ from gateway.protocol import (
 )
 from gateway.routing.router import Candidate
 from gateway.safety.moderation import ChoiceScreen, CompletionFilter
-from gateway.upstream.adapter import clean_delta
+from gateway.upstream.adapter import ToolCallDeltas, clean_delta
 from gateway.upstream.base import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("gateway.relay")
@@ -63,6 +63,8 @@ class _ChoiceState:
     text: list[str] = field(default_factory=list)
     role_sent: bool = False
     finished: ChunkChoiceOut | None = None
+    #: Made on this choice's first tool_calls delta.
+    tools: ToolCallDeltas | None = None
 
 
 class StreamRelay:
@@ -209,6 +211,10 @@ class StreamRelay:
             if state.finished is not None:
                 continue  # this choice was cut by the content policy
             delta = clean_delta(spec, c.delta, first=not state.role_sent)
+            if delta is not None and delta.tool_calls is not UNSET:
+                if state.tools is None:
+                    state.tools = ToolCallDeltas()
+                delta = msgspec.structs.replace(delta, tool_calls=state.tools.normalize(delta.tool_calls))
             if delta is not None and delta.role is UNSET and not state.role_sent:
                 delta = msgspec.structs.replace(delta, role="assistant")
             if delta is not None and isinstance(delta.content, str):

@@ -42,6 +42,9 @@ class ProviderRuntime:
     ready: bool = True
     #: Proxy and TLS settings for reaching it.
     connect: ConnectOptions = DIRECT
+    #: ``retains``, ``no_training`` or ``no_retention``; None when the catalog
+    #: does not say (treated as retaining).
+    data_policy: str | None = None
 
     @property
     def chat_url(self) -> str:
@@ -156,6 +159,7 @@ def _provider(name: str, pc: ProviderConfig, env: dict[str, str]) -> ProviderRun
             client_cert=_opt(pc.client_cert),
             client_key=_opt(pc.client_key),
         ),
+        data_policy=_opt(pc.data_policy),
     )
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from msgspec import UNSET
 
 from gateway.errors import GatewayError, invalid_request, no_provider
-from gateway.protocol import ChatRequest, ProviderPreferences
+from gateway.protocol import ChatRequest, Percentiles, ProviderPreferences, SortSpec
 from gateway.routing.catalog import Catalog, Endpoint, Model
 from gateway.routing.health import HealthTracker
 from gateway.routing.tokens import PromptTokens
-from gateway.upstream.adapter import unsupported_parameters
+from gateway.upstream.adapter import Parameters, missing_parameters, request_parameters, strict_parameters
 
 _SUFFIX_SORT = {"floor": "price", "nitro": "throughput"}
 
@@ -92,6 +92,69 @@ def _apply_order(endpoints: list[Endpoint], prefs: ProviderPreferences | None) -
     return listed + [e for e in endpoints if e.provider.name.lower() not in rank]
 
 
+def _p50(value: float | Percentiles | None) -> float | None:
+    """The cut-off the health tracker can answer: a number, or an object's
+    p50 (the tracker keeps one running figure per endpoint, not percentiles)."""
+    return value.p50 if isinstance(value, Percentiles) else value
+
+
+def _apply_preferred(
+    endpoints: list[Endpoint], prefs: ProviderPreferences | None, health: HealthTracker
+) -> list[Endpoint]:
+    """``preferred_min_throughput`` / ``preferred_max_latency``: endpoints known
+    to miss them move after the others (order kept otherwise); endpoints with
+    no figure yet are not penalised. They never exclude an endpoint."""
+    if prefs is None:
+        return endpoints
+    min_tps, max_latency = _p50(prefs.preferred_min_throughput), _p50(prefs.preferred_max_latency)
+    if min_tps is None and max_latency is None:
+        return endpoints
+
+    def misses(e: Endpoint) -> bool:
+        h = health.get(e.key)
+        slow = min_tps is not None and h.throughput_tps is not None and h.throughput_tps < min_tps
+        late = max_latency is not None and h.latency_s is not None and h.latency_s > max_latency
+        return slow or late
+
+    return sorted(endpoints, key=misses)
+
+
+#: Data policies that satisfy ``data_collection: "deny"`` and ``zdr: true``.
+_NO_COLLECTION = frozenset({"no_training", "no_retention"})
+_ZERO_RETENTION = frozenset({"no_retention"})
+
+
+def _policy_reason(e: Endpoint, prefs: ProviderPreferences) -> str | None:
+    """Data policy and quantization filters, which the local fallback obeys too.
+    A provider whose data policy the catalog does not state counts as retaining."""
+    policy = e.provider.data_policy
+    if prefs.data_collection == "deny" and policy not in _NO_COLLECTION:
+        return "data_policy"
+    if prefs.zdr and policy not in _ZERO_RETENTION:
+        return "data_policy"
+    if prefs.quantizations is not None:
+        quant = (e.quantization or "").lower()
+        if quant not in {q.lower() for q in prefs.quantizations}:
+            return "quantization"
+    return None
+
+
+def ignored_preferences(prefs: ProviderPreferences | None) -> list[str]:
+    """The ``provider`` fields accepted but not honoured, for ``x-gateway-ignored``."""
+    if prefs is None:
+        return []
+    out = []
+    if isinstance(prefs.sort, SortSpec) and prefs.sort.partition == "none":
+        out.append("sort.partition")
+    if prefs.max_price is not None and prefs.max_price.request is not None:
+        out.append("max_price.request")  # the catalog has no per-request prices
+    for name in ("preferred_min_throughput", "preferred_max_latency"):
+        value = getattr(prefs, name)
+        if isinstance(value, Percentiles):
+            out.extend(f"{name}.{p}" for p in ("p75", "p90", "p99") if getattr(value, p) is not None)
+    return out
+
+
 class Router:
     """Turns a request into the ordered candidates to attempt."""
 
@@ -130,38 +193,48 @@ class Router:
         if models is None:
             models = [(n, self.resolve(n)) for n in requested_models(request)]
         names = [name for name, _ in models]
+        params = request_parameters(request)
+        strict = strict_parameters(params, prefs is not None and prefs.require_parameters)
+        sort_by = prefs.sort_by if prefs is not None else None
         out: list[Candidate] = []
         reasons: set[str] = set()
+        #: Strict parameters that kept some endpoint out, in the order met.
+        lacking: dict[str, None] = {}
         for name, model in models:
-            sort = (prefs.sort if prefs else None) or split_suffix(name)[1]
+            sort = sort_by or split_suffix(name)[1]
             prompt = PromptTokens(request.messages, model.tokenizer, exact_allowed=exact)
-            eligible = []
+            eligible: dict[Endpoint, list[str]] = {}
             for e in model.endpoints:
-                reason = self._exclude(e, request, prefs, prompt, max_tokens, model)
+                missing = missing_parameters(params, e.provider.spec, e.supported_parameters) if params else []
+                reason = self._exclude(e, prefs, prompt, max_tokens, model, missing, strict, lacking)
                 if reason:
                     reasons.add(reason)
                 else:
-                    eligible.append(e)
-            ordered = _apply_order(_order(eligible, sort, self.health, self.rng), prefs)
-            for e in ordered:
-                dropped = unsupported_parameters(request, e.provider.spec, e.supported_parameters)
-                out.append(Candidate(model, e, dropped, prompt))
+                    eligible[e] = missing
+            ordered = _apply_order(
+                _apply_preferred(_order(list(eligible), sort, self.health, self.rng), prefs, self.health), prefs
+            )
+            if len(ordered) < len(eligible):
+                reasons.add("filtered")  # `order` without fallbacks left some out: a 404, not a 503
+            out.extend(Candidate(model, e, eligible[e], prompt) for e in ordered)
             if prefs is not None and not prefs.allow_fallbacks:
                 break
         out = out[: self.max_attempts]
-        out.extend(self._local_fallback(request, prefs, out))
+        out.extend(self._local_fallback(request, prefs, out, params, strict, lacking))
         if not out:
-            raise self._no_candidates(reasons, names[0])
+            raise self._no_candidates(reasons, names[0], lacking)
         return out
 
     def _exclude(
         self,
         e: Endpoint,
-        request: ChatRequest,
         prefs: ProviderPreferences | None,
         prompt: PromptTokens,
         max_tokens: int,
         model: Model,
+        missing: list[str],
+        strict: frozenset[str],
+        lacking: dict[str, None],
     ) -> str | None:
         """Why an endpoint is not a candidate, or None if it is one."""
         provider = e.provider.name.lower()
@@ -181,8 +254,11 @@ class Router:
                     return "price"
                 if mp.completion is not None and completion_price > mp.completion:
                     return "price"
-            if prefs.require_parameters and unsupported_parameters(request, e.provider.spec, e.supported_parameters):
-                return "parameters"
+            policy = _policy_reason(e, prefs)
+            if policy:
+                return policy
+        if _lacks_strict(missing, strict, lacking):
+            return "parameters"
         if model.tokenizer != "none" and not prompt.fits(e.context_length - max_tokens):
             return "context"
         if not e.provider.ready or not self.health.available(e.key):
@@ -190,7 +266,13 @@ class Router:
         return None
 
     def _local_fallback(
-        self, request: ChatRequest, prefs: ProviderPreferences | None, planned: list[Candidate]
+        self,
+        request: ChatRequest,
+        prefs: ProviderPreferences | None,
+        planned: list[Candidate],
+        params: Parameters,
+        strict: frozenset[str],
+        lacking: dict[str, None],
     ) -> list[Candidate]:
         if not self.local_fallback or self.local_model_id is None:
             return []
@@ -201,23 +283,41 @@ class Router:
             return []
         seen = {c.endpoint for c in planned}
         prompt = PromptTokens(request.messages, model.tokenizer)
-        return [
-            Candidate(model, e, unsupported_parameters(request, e.provider.spec, e.supported_parameters), prompt)
-            for e in model.endpoints
-            if e not in seen and e.provider.enabled and e.provider.ready and self.health.available(e.key)
-        ]
+        out = []
+        for e in model.endpoints:
+            if e in seen or not e.provider.enabled or not e.provider.ready or not self.health.available(e.key):
+                continue
+            if prefs is not None and _policy_reason(e, prefs):
+                continue
+            missing = missing_parameters(params, e.provider.spec, e.supported_parameters) if params else []
+            if _lacks_strict(missing, strict, lacking):
+                continue
+            out.append(Candidate(model, e, missing, prompt))
+        return out
 
-    def _no_candidates(self, reasons: set[str], name: str) -> GatewayError:
+    def _no_candidates(self, reasons: set[str], name: str, lacking: dict[str, None]) -> GatewayError:
         """The error for no candidates. A prompt too long for every enabled
         endpoint is the caller's to fix (400), whatever disabled endpoints
-        there are; unhealthy ones are checked for context before health."""
+        there are; unhealthy ones are checked for context before health. A
+        strict parameter no endpoint takes is a 400 ``unsupported_parameter``,
+        unless an endpoint is only down for now."""
         if reasons - {"disabled"} == {"context"}:
             return invalid_request(
                 f"the prompt plus max_tokens exceeds the context window of every endpoint of {name!r}",
                 param="messages",
                 code="context_length_exceeded",
             )
-        if reasons and reasons <= {"filtered", "price", "parameters", "context"}:
+        if lacking and "unhealthy" not in reasons:
+            params = list(lacking)
+            listed = ", ".join(repr(p) for p in params)
+            return invalid_request(
+                f"no endpoint of {name!r} that the request may use supports {listed} as given; "
+                "the gateway never drops it (tools, tool_choice, parallel_tool_calls, response_format, "
+                "logprobs, top_logprobs, n > 1, stop; every parameter with provider.require_parameters)",
+                param=params[0],
+                code="unsupported_parameter",
+            )
+        if reasons and reasons <= {"filtered", "price", "parameters", "context", "data_policy", "quantization"}:
             detail = ", ".join(sorted(reasons))
             return GatewayError(
                 404,
@@ -226,3 +326,15 @@ class Router:
                 param="provider",
             )
         return no_provider(f"no provider is available for {name!r} right now; try again shortly")
+
+
+def _lacks_strict(missing: list[str], strict: frozenset[str], lacking: dict[str, None]) -> bool:
+    """Whether the endpoint lacks a strict parameter; notes which in ``lacking``."""
+    if not missing or not strict:
+        return False
+    found = False
+    for name in missing:
+        if name in strict:
+            lacking[name] = None
+            found = True
+    return found

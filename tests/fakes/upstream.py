@@ -108,6 +108,18 @@ to the content, streamed or not (as its seed does). ``usage``:
 ``completion_tokens`` = whitespace words of the content, summed over choices,
 ``total_tokens`` = both.
 
+Tool calls
+----------
+When the request has ``tools``, the flavor takes ``tools`` and the last user
+message contains ``[[tool_call]]``, the answer is one call of the first
+tool's function (``tool_call_for``): ``arguments`` =
+``{"query": <the user text without markers>}`` as a JSON string, content
+null, finish_reason ``tool_calls``; completion_tokens = its whitespace words.
+Streamed, openai/openrouter send the call's ``index``, ``id``, ``type`` and
+name first and then the arguments in 8-character pieces with only ``index``;
+deepinfra repeats ``role``, the call's ``id`` and ``type`` on every piece and
+sends no ``index``, a shape the gateway normalizes.
+
 Stream shapes (each chunk is ``data: {json}``; all end with ``data: [DONE]``)
 ----------------------------------------------------------------------------
 The content is split in pieces of one word each with its leading whitespace
@@ -381,6 +393,24 @@ def last_user_text(messages: list) -> str:
         if isinstance(m, dict) and m.get("role") == "user":
             return content_text(m.get("content"))
     return ""
+
+
+TOOL_MARKER = "[[tool_call]]"
+
+
+def tool_call_for(flavor: str, body: dict) -> dict | None:
+    """The tool call the fake answers with, or None (see "Tool calls")."""
+    tools = body.get("tools")
+    if not tools or "tools" not in FLAVORS[flavor]["params"]:
+        return None
+    text = last_user_text(body["messages"])
+    if TOOL_MARKER not in text:
+        return None
+    first = tools[0] if isinstance(tools[0], dict) else {}
+    name = (first.get("function") or {}).get("name") or "tool"
+    query = strip_fault_markers(text).replace(TOOL_MARKER, "").strip()
+    return {"id": "call_" + _alnum(24), "type": "function",
+            "function": {"name": name, "arguments": json.dumps({"query": query})}}
 
 
 def answer_text(label: str, messages: list) -> str:
@@ -671,6 +701,11 @@ class Answer:
             self.usage["completion_tokens_details"] = None
         elif flavor == "deepinfra":
             self.usage["estimated_cost"] = round((pt + ct) * FLAVORS["deepinfra"]["usd_per_mtok"] / 1e6, 12)
+        self.tool_call = tool_call_for(flavor, body)
+        if self.tool_call is not None:
+            self.finish_reason, self.natural_end = "tool_calls", False
+            ct = count_words(self.tool_call["function"]["arguments"]) * self.n
+            self.usage.update(completion_tokens=ct, total_tokens=pt + ct)
         self.id = make_id(flavor, self.stream)
         self.created = int(time.time())
 
@@ -679,7 +714,11 @@ class Answer:
         f = self.flavor
         choices = []
         for i in range(self.n):
-            if f == "novita":
+            if self.tool_call is not None:
+                choices.append({"index": i, "message": {"role": "assistant", "content": None,
+                                                        "tool_calls": [self.tool_call]},
+                                "finish_reason": self.finish_reason})
+            elif f == "novita":
                 choices.append({"index": i, "message": {"role": "assistant", "content": self.content},
                                 "finish_reason": self.finish_reason,
                                 "content_filter_results": content_filter_results()})
@@ -732,7 +771,24 @@ class Answer:
         f = self.flavor
         pieces = split_pieces(self.text)
         events: list[dict | str] = []
-        if f == "deepinfra":
+        if self.tool_call is not None:
+            call, args = self.tool_call, self.tool_call["function"]["arguments"]
+            parts = [args[k:k + 8] for k in range(0, len(args), 8)]
+            for i in range(self.n):
+                if f == "deepinfra":  # role, id and type on every piece; no index
+                    for p in parts:
+                        events.append(self._chunk([self._choice(i, {"role": "assistant", "tool_calls": [
+                            {"id": call["id"], "type": "function",
+                             "function": {"name": call["function"]["name"], "arguments": p}}]})]))
+                else:
+                    events.append(self._chunk([self._choice(i, {"role": "assistant", "content": None, "tool_calls": [
+                        {"index": 0, "id": call["id"], "type": "function",
+                         "function": {"name": call["function"]["name"], "arguments": ""}}]})]))
+                    for p in parts:
+                        events.append(self._chunk([self._choice(i, {"tool_calls": [
+                            {"index": 0, "function": {"arguments": p}}]})]))
+                events.append(self._chunk([self._choice(i, {}, self.finish_reason)]))
+        elif f == "deepinfra":
             role = {"role": "assistant"}
             seq = [" "] + pieces + [""] + (["</s>"] if self.natural_end else [])
             for p in seq:

@@ -14,7 +14,7 @@ import json
 
 import httpx
 import respx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
@@ -24,7 +24,9 @@ from gateway.server.asgi import CHAT_PATH, App
 from tests.unit.conftest import DEEPINFRA, NOVITA, OPENROUTER, V02, completion, make_gateway
 from tests.unit.test_providers import chunk, sse
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run, so CI stays repeatable; a failure found
+# once is kept below as an explicit example.
+SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = (
     st.none()
@@ -181,6 +183,13 @@ def test_the_chat_path_answers_200_or_a_4xx():
 
     @SETTINGS
     @given(body=bodies)
+    # Found by a randomized run: an `order` that names no endpoint of the model,
+    # with fallbacks off, was a 503 (no provider available) instead of a 404.
+    @example(
+        body=b'{"model": "mistralai/mistral-7b-instruct-v0.1", "messages": [{"role": "system", "content": ""}], '
+        b'"provider": {"order": ["deepinfra"], "max_price": {}, "sort": "price", "require_parameters": false, '
+        b'"allow_fallbacks": false}}'
+    )
     def check(body: bytes) -> None:
         status, out = loop.run_until_complete(_status(app, body))
         assert status == 200 or 400 <= status < 500, (status, out[:300])

@@ -54,18 +54,23 @@ def test_deepinfra_stream_role_once_and_no_eos_literal(client_for):
 
 
 @respx.mock
-def test_deepinfra_drops_unsupported_params_and_n_over_two(client_for):
+def test_deepinfra_drops_unsupported_params_and_refuses_n_over_two(client_for):
     client = client_for(make_gateway())
     route = respx.post(DEEPINFRA).mock(return_value=httpx.Response(200, json=completion()))
+    # n is never dropped (issue 13): n=3 is past DeepInfra's n <= 2, so no endpoint is left.
     r = client.post("/v1/chat/completions", json=chat(top_k=5, min_p=0.1, n=3, temperature=0.5,
+                                                      provider={"only": ["deepinfra"]}))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
+    assert r.json()["error"]["param"] == "n" and not route.calls
+    r = client.post("/v1/chat/completions", json=chat(top_k=5, min_p=0.1, n=2, temperature=0.5,
                                                       provider={"only": ["deepinfra"]}))
     assert r.status_code == 200
     sent = json.loads(route.calls[0].request.content)
-    assert "top_k" not in sent and "min_p" not in sent and "n" not in sent
+    assert "top_k" not in sent and "min_p" not in sent and sent["n"] == 2
     assert sent["temperature"] == 0.5
     assert sent["model"] == "mistralai/Mistral-7B-Instruct-v0.2"
     assert "provider" not in sent
-    assert r.headers["x-gateway-dropped-params"] == "top_k,min_p,n"
+    assert r.headers["x-gateway-dropped-params"] == "top_k,min_p"
     assert route.calls[0].request.headers["authorization"] == "Bearer di-secret"
 
 
