@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from gateway.errors import GatewayError
 from gateway.pipeline.chat import decode_request
 from gateway.routing.tokens import prompt_upper_bound, reservation
-from gateway.server.asgi import CHAT_PATH, App
+from gateway.server.asgi import App
 from tests.unit.conftest import DEEPINFRA, NOVITA, OPENROUTER, V02, completion, make_gateway
+from tests.unit.test_inbound import post_raw
 from tests.unit.test_providers import chunk, sse
 
 # derandomize: the same examples on every run, so CI stays repeatable; a failure found
@@ -159,21 +160,8 @@ def _upstream(request: httpx.Request) -> httpx.Response:
 
 
 async def _status(app: App, body: bytes) -> tuple[int, bytes]:
-    incoming = [{"type": "http.request", "body": body}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        if incoming:
-            return incoming.pop(0)
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": CHAT_PATH, "headers": []}
-    await asyncio.wait_for(app(scope, receive, send), 30)
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    status, out, _ = await post_raw(app, body)
+    return status, out
 
 
 def test_the_chat_path_answers_200_or_a_4xx():

@@ -28,8 +28,10 @@ KEYED = f'[[auth.keys]]\nname = "team-a"\nsha256 = "{hashlib.sha256(KEY.encode()
 AUTH = [(b"authorization", f"Bearer {KEY}".encode())]
 
 
-async def call(app: App, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict, dict]:
-    """One POST to the chat path: (status, JSON body, headers)."""
+async def post_raw(
+    app: App, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    """One POST to the chat path over raw ASGI: (status, whole body, headers)."""
     incoming = [{"type": "http.request", "body": body}]
     sent: list[dict] = []
 
@@ -44,8 +46,15 @@ async def call(app: App, body: bytes, headers: list[tuple[bytes, bytes]] | None 
 
     scope = {"type": "http", "method": "POST", "path": CHAT_PATH, "headers": headers or []}
     await asyncio.wait_for(app(scope, receive, send), 30)
-    start, out = sent[0], sent[1]
-    return start["status"], json.loads(out["body"]), {k.decode(): v.decode() for k, v in start["headers"]}
+    start = sent[0]
+    out = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], out, {k.decode(): v.decode() for k, v in start["headers"]}
+
+
+async def call(app: App, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict, dict]:
+    """One POST to the chat path: (status, JSON body, headers)."""
+    status, out, sent_headers = await post_raw(app, body, headers)
+    return status, json.loads(out), sent_headers
 
 
 def error_of(status: int, body: dict) -> dict:
