@@ -130,31 +130,24 @@ def authenticate(gw: Services, authorization: str | None) -> GatewayKey:
     """The authenticate phase on its own, for the HTTP layer to run before it
     reads the body: a client without a valid key is refused without the
     gateway reading (and holding) what it sends. A refused key is traced and
-    accounted for here, as it is inside :func:`chat_completions`."""
+    accounted for here."""
     try:
         return gw.keys.authenticate(authorization)
     except GatewayError as exc:
         trace = gw.accountant.begin()
-        trace.status, trace.error = exc.status, exc.message
-        exc.headers.setdefault("x-request-id", trace.id)
+        _answered_with(trace, exc)
         _account(gw, trace, None)
         raise
 
 
-async def chat_completions(gw: Services, authorization: GatewayKey | str | None, raw: bytes) -> Reply:
-    """Answer one chat request; raises the GatewayError to send instead.
-
-    ``authorization`` is the ``Authorization`` header, or the key that
-    :func:`authenticate` has already found for it."""
+async def chat_completions(gw: Services, key: GatewayKey, raw: bytes) -> Reply:
+    """Answer one chat request of a key :func:`authenticate` has found;
+    raises the GatewayError to send instead."""
     trace = gw.accountant.begin()
+    trace.key = key.name
     relay: StreamRelay | None = None
     attempts: Attempts | None = None
     try:
-        if isinstance(authorization, GatewayKey):
-            key = authorization
-            trace.key = key.name
-        else:
-            key = _authenticate(gw, trace, authorization)
         chat, models = _decode(gw, trace, key, raw)
         admitted = await _admit(gw, trace, key, chat, models)
         attempts = _attempts(gw, trace, chat, admitted)
@@ -166,10 +159,7 @@ async def chat_completions(gw: Services, authorization: GatewayKey | str | None,
         done = await complete(attempts, screen)
         return _respond(gw, trace, admitted, attempts, done)
     except GatewayError as exc:
-        trace.status, trace.error = exc.status, exc.message
-        if isinstance(exc, Refused):
-            trace.refusal = exc.reason
-        exc.headers.setdefault("x-request-id", trace.id)
+        _answered_with(trace, exc)
         raise
     except BaseException as exc:
         trace.status, trace.error = 500, type(exc).__name__
@@ -179,13 +169,15 @@ async def chat_completions(gw: Services, authorization: GatewayKey | str | None,
             _account(gw, trace, attempts)
 
 
+def _answered_with(trace: Trace, exc: GatewayError) -> None:
+    """Record the error a request is answered with; it carries the request's id."""
+    trace.status, trace.error = exc.status, exc.message
+    if isinstance(exc, Refused):
+        trace.refusal = exc.reason
+    exc.headers.setdefault("x-request-id", trace.id)
+
+
 # --- phases ----------------------------------------------------------------------
-
-
-def _authenticate(gw: Services, trace: Trace, authorization: str | None) -> GatewayKey:
-    key = gw.keys.authenticate(authorization)
-    trace.key = key.name
-    return key
 
 
 def _decode(gw: Services, trace: Trace, key: GatewayKey, raw: bytes) -> tuple[ChatRequest, list[tuple[str, Model]]]:

@@ -57,11 +57,6 @@ def missing_parameters(params: Parameters, provider: Provider, supported: Iterab
     return [name for name, value in params if name not in accepted or not _value_admitted(provider, name, value)]
 
 
-def unsupported_parameters(request: ChatRequest, provider: Provider, supported: Iterable[str] | None) -> list[str]:
-    """Names of the request's parameters this endpoint cannot take as given."""
-    return missing_parameters(request_parameters(request), provider, supported)
-
-
 def _call_id() -> str:
     return "call_" + secrets.token_hex(12)
 

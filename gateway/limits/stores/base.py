@@ -102,7 +102,11 @@ class LimitStore(Protocol):
         lease_ttl_ms: int,
         periods: Periods,
         window_ms: int = WINDOW_MS,
-    ) -> Verdict: ...
+        ask: BlockAsk | None = None,
+    ) -> Verdict:
+        """Check and count one request; a block too when ``ask`` says so."""
+        pending = self.admit_soon(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms, ask)
+        return await pending.verdict()
 
     def admit_soon(
         self,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import Quota
-from gateway.limits.stores.base import WINDOW_MS, BlockAsk, Decided, Periods, Verdict
+from gateway.limits.stores.base import WINDOW_MS, BlockAsk, Decided, LimitStore, Periods, Verdict
 
 
 @dataclass(slots=True)
@@ -39,7 +39,7 @@ class _Entity:
             del self.leases[key]
 
 
-class MemoryStore:
+class MemoryStore(LimitStore):
     """The same limits kept in this process: exact for one replica only.
 
     Checks never await, so on one event loop each is atomic; expiry is
@@ -55,19 +55,6 @@ class MemoryStore:
 
     def _now(self) -> int:
         return int(self._clock() * 1000)
-
-    async def admit(
-        self,
-        entity: str,
-        quota: Quota,
-        request_id: str,
-        tokens: int,
-        lease_ttl_ms: int,
-        periods: Periods,
-        window_ms: int = WINDOW_MS,
-        ask: BlockAsk | None = None,
-    ) -> Verdict:
-        return self._admit(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms)
 
     def admit_soon(
         self,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError
 
 from gateway.config import Quota
-from gateway.limits.stores.base import WINDOW_MS, BlockAsk, Periods, Verdict
+from gateway.limits.stores.base import WINDOW_MS, BlockAsk, LimitStore, Periods, Verdict
 from gateway.storage.autopipeline import AutoPipeline
 from gateway.storage.connect import RedisClient
 
@@ -92,7 +92,7 @@ class _RedisVerdict:
         return _verdict(raw)
 
 
-class RedisStore:
+class RedisStore(LimitStore):
     """Limits shared by every replica through one Redis (or Cluster, or Sentinel).
 
     Admissions and settlements both go through the batcher: every check
@@ -112,19 +112,6 @@ class RedisStore:
     @property
     def connected(self) -> bool:
         return bool(getattr(self.client, "connected", False))
-
-    async def admit(
-        self,
-        entity: str,
-        quota: Quota,
-        request_id: str,
-        tokens: int,
-        lease_ttl_ms: int,
-        periods: Periods,
-        window_ms: int = WINDOW_MS,
-        ask: BlockAsk | None = None,
-    ) -> Verdict:
-        return await self.admit_soon(entity, quota, request_id, tokens, lease_ttl_ms, periods, window_ms, ask).verdict()
 
     def admit_soon(
         self,
