@@ -193,8 +193,12 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        """Sequences in the running decode batch (not counting one being prefilled)."""
-        return len(self._running)
+        """Unfinished sequences in the running decode batch (not counting one being prefilled).
+
+        A sequence is marked finished before its last piece reaches the client and released
+        after, so counting only unfinished ones keeps this gauge at 0 once a client has its answer.
+        """
+        return sum(1 for r in list(self._running) if not r.finished)
 
     def _retry_after(self) -> int:
         # Rough: one queue's worth of requests drains in a few seconds on this model size.
