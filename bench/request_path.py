@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.gateway_bench as gb  # noqa: E402
 import gateway.accounting.accountant as accountant  # noqa: E402
+import gateway.pipeline.api as api  # noqa: E402
 import gateway.pipeline.chat as chat  # noqa: E402
 import gateway.pipeline.attempts as attempts  # noqa: E402
 from bench.upstream_nginx import COMPLETION  # noqa: E402
@@ -101,7 +102,8 @@ async def run(requests: int) -> None:
         for _ in range(2000):  # warm: blocks granted, costs known, caches filled
             await chat.chat_completions(gw, key, raw)
             await asyncio.sleep(0)
-        for name in ("decode_request", "check_allowed", "reservation", "_headers", "complete"):
+        timed(api, "decode_request")
+        for name in ("check_allowed", "reservation", "_headers", "complete"):
             timed(chat, name)
         timed(chat.Admitted, "annotate_prompt", "classify prompt")
         timed(attempts.Attempts, "send", "send to upstream (stub)")

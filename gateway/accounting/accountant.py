@@ -55,8 +55,8 @@ def observe(batch: list[Trace]) -> None:
     for trace in batch:
         model, provider = trace.labels()
         duration, overhead = trace.durations()
-        requests[(model, provider, trace.key, str(trace.status))] += 1
-        DURATION.labels(model, provider).observe(duration)
+        requests[(trace.api, model, provider, trace.key, str(trace.status))] += 1
+        DURATION.labels(trace.api, model, provider).observe(duration)
         OVERHEAD.observe(overhead)
         if trace.ttft_s is not None:
             TTFT.labels(model, provider).observe(trace.ttft_s)

@@ -29,6 +29,8 @@ class Generation(msgspec.Struct, kw_only=True):
     id: str
     key: str
     created_at: float
+    #: The API the request came in on (chat, responses, messages, embeddings).
+    api: str = "chat"
     model: str | None
     provider: str | None
     requested_model: str | None

@@ -28,9 +28,16 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
-REQUESTS = Counter("gateway_requests", "Chat requests answered", ["model", "provider", "key", "status"])
+REQUESTS = Counter(
+    "gateway_requests",
+    "Requests answered, per API (chat, responses, messages, embeddings)",
+    ["api", "model", "provider", "key", "status"],
+)
 DURATION = Histogram(
-    "gateway_request_duration_seconds", "Chat request time, start to last byte", ["model", "provider"], buckets=_LATENCY
+    "gateway_request_duration_seconds",
+    "Request time, start to last byte",
+    ["api", "model", "provider"],
+    buckets=_LATENCY,
 )
 OVERHEAD = Histogram(
     "gateway_overhead_seconds", "Gateway time: request time minus time spent in upstream attempts", buckets=_FAST
@@ -62,7 +69,7 @@ AVAILABLE = Gauge(
 )
 LIMIT_REJECTIONS = Counter("gateway_limit_rejections", "Requests refused by a key's limits", ["key", "reason"])
 LIMIT_STORE_ERRORS = Counter("gateway_limit_store_errors", "Rate-limit store (Redis) calls that failed or timed out")
-IN_FLIGHT = Gauge("gateway_requests_in_flight", "Chat requests being served", multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 BUDGET = Gauge("gateway_budget_usd", "Configured budget per key", ["key", "period"], multiprocess_mode="livemax")
 
 

@@ -46,6 +46,8 @@ class AttemptRecord:
 class Trace:
     id: str
     key: str = ""
+    #: Which API the request came in on: chat, responses, messages, embeddings.
+    api: str = "chat"
     requested_model: str | None = None
     streamed: bool = False
     started: float = field(default_factory=time.perf_counter)
@@ -86,6 +88,7 @@ class Trace:
         usage = self.usage
         return {
             "id": self.id,
+            "api": self.api,
             "key": self.key,
             "model": model,
             "provider": provider,
@@ -108,6 +111,7 @@ class Trace:
         return Generation(
             id=self.id,
             key=self.key,
+            api=self.api,
             created_at=self.created_at,
             model=model or None,
             provider=provider or None,

@@ -10,9 +10,8 @@ around it. Plain and streamed answers leave through one accounting exit,
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -21,25 +20,23 @@ import msgspec
 from gateway.accounting.trace import Trace
 from gateway.accounting.usage import price_warning
 from gateway.config import Policy
-from gateway.errors import GatewayError, invalid_request
+from gateway.errors import GatewayError
 from gateway.limits.keys import GatewayKey
 from gateway.limits.limiter import Admission, Refused
+from gateway.pipeline.api import CHAT, Api
 from gateway.pipeline.attempts import Attempts, Completion, complete
 from gateway.pipeline.services import Services
-from gateway.pipeline.stream import DONE, KEEPALIVE, LastPiece, StreamRelay, sse
+from gateway.pipeline.stream import LastPiece, StreamRelay
 from gateway.protocol import (
     ChatCompletionOut,
     ChatRequest,
     ContentFilterResults,
-    ContentPartError,
     PromptFilterResult,
 )
 from gateway.routing.catalog import Model
 from gateway.routing.router import Candidate, ignored_preferences, requested_models
 from gateway.routing.tokens import ExactCountNeeded, reservation
 from gateway.safety.moderation import Moderation
-
-_AT = re.compile(r"\s+- at `\$\.?(?P<path>[^`]*)`$")
 
 
 @dataclass(slots=True)
@@ -72,48 +69,6 @@ class Admitted:
             self.prompt_filter.append(PromptFilterResult(0, moderation.default.classify(self.prompt_text)))
 
 
-def decode_request(body: bytes) -> ChatRequest:
-    """Decode and validate the body; errors name the offending parameter.
-
-    Whatever the body holds, the answer is the request or a 400: the whole
-    body must be UTF-8 (msgspec checks only the strings it decodes, not the
-    ``Raw`` fields it forwards or the unknown fields it skips), nesting too
-    deep for msgspec's recursion bound is refused, and every content part must
-    have one of the shapes in ``protocol.PART_TYPES``.
-    """
-    if not body:
-        raise invalid_request("the request body is empty; send a JSON chat request")
-    if not body.isascii():
-        try:
-            body.decode()
-        except UnicodeDecodeError as exc:
-            raise invalid_request(f"the body is not valid UTF-8 (byte {exc.start})", code="invalid_json") from None
-    try:
-        request = msgspec.json.decode(body, type=ChatRequest)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _AT.search(text)
-        param = match.group("path").replace("[...]", "") if match else None  # dict values
-        message = text[: match.start()] if match else text
-        raise invalid_request(f"invalid parameter `{param}`: {message}" if param else message, param=param) from None
-    except msgspec.DecodeError as exc:
-        raise invalid_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise invalid_request("the body is nested too deeply", code="invalid_json") from None
-    for i, m in enumerate(request.messages):
-        if type(m.content) is list:
-            try:
-                m.text()  # validates the parts, and keeps their text for later
-            except ContentPartError as exc:
-                param = f"messages[{i}].content[{exc.index}]{exc.path}"
-                raise invalid_request(f"invalid content part `{param}`: {exc.message}", param=param) from None
-    if request.max_tokens is msgspec.UNSET and request.max_completion_tokens is not msgspec.UNSET:
-        request.max_tokens = request.max_completion_tokens
-    if request.logit_bias is not msgspec.UNSET and not all(k.lstrip("-").isdigit() for k in request.logit_bias):
-        raise invalid_request("logit_bias keys must be token ids", param="logit_bias")
-    return request
-
-
 def check_allowed(key: GatewayKey, name: str, model: Model) -> None:
     """403 when the key's allow-list does not include a requested model."""
     if key.models is not None and model.id.lower() not in key.models and name.lower() not in key.models:
@@ -140,24 +95,26 @@ def authenticate(gw: Services, authorization: str | None) -> GatewayKey:
         raise
 
 
-async def chat_completions(gw: Services, key: GatewayKey, raw: bytes) -> Reply:
-    """Answer one chat request of a key :func:`authenticate` has found;
-    raises the GatewayError to send instead."""
+async def chat_completions(gw: Services, key: GatewayKey, raw: bytes, api: Api = CHAT) -> Reply:
+    """Answer one request of a key :func:`authenticate` has found, in ``api``'s
+    format (chat completions unless told); raises the GatewayError to send instead."""
     trace = gw.accountant.begin()
-    trace.key = key.name
+    trace.key, trace.api = key.name, api.name
     relay: StreamRelay | None = None
     attempts: Attempts | None = None
     try:
-        chat, models = _decode(gw, trace, key, raw)
+        exchange = await api.exchange(gw, key, raw, trace.id)
+        chat = exchange.request
+        models = _resolve(gw, trace, key, chat)
         admitted = await _admit(gw, trace, key, chat, models)
         attempts = _attempts(gw, trace, chat, admitted)
         screen = gw.moderation.completion_filter(admitted.policy)
         if chat.stream:  # call and respond as the stream goes; it accounts when it ends
             include_usage = chat.stream_options is not msgspec.UNSET and chat.stream_options.include_usage
-            relay = StreamRelay(attempts, screen, admitted.prompt_filter, include_usage)
+            relay = StreamRelay(attempts, screen, admitted.prompt_filter, include_usage, exchange.events())
             return await _stream(gw, trace, relay, admitted)
         done = await complete(attempts, screen)
-        return _respond(gw, trace, admitted, attempts, done)
+        return _respond(gw, trace, admitted, attempts, done, exchange.answer)
     except GatewayError as exc:
         _answered_with(trace, exc)
         raise
@@ -180,10 +137,8 @@ def _answered_with(trace: Trace, exc: GatewayError) -> None:
 # --- phases ----------------------------------------------------------------------
 
 
-def _decode(gw: Services, trace: Trace, key: GatewayKey, raw: bytes) -> tuple[ChatRequest, list[tuple[str, Model]]]:
-    """The request, decoded at the edge (the HTTP layer has already refused
-    bodies over ``max_body_bytes``), and its models, resolved once."""
-    chat = decode_request(raw)
+def _resolve(gw: Services, trace: Trace, key: GatewayKey, chat: ChatRequest) -> list[tuple[str, Model]]:
+    """The request's models, resolved once and checked against the key's allow-list."""
     trace.requested_model = chat.model if chat.model is not msgspec.UNSET else None
     trace.streamed = chat.stream
     models = []
@@ -191,7 +146,7 @@ def _decode(gw: Services, trace: Trace, key: GatewayKey, raw: bytes) -> tuple[Ch
         model = gw.router.resolve(name)
         check_allowed(key, name, model)
         models.append((name, model))
-    return chat, models
+    return models
 
 
 async def _admit(
@@ -277,7 +232,14 @@ def _attempts(gw: Services, trace: Trace, chat: ChatRequest, admitted: Admitted)
     )
 
 
-def _respond(gw: Services, trace: Trace, admitted: Admitted, attempts: Attempts, done: Completion) -> Reply:
+def _respond(
+    gw: Services,
+    trace: Trace,
+    admitted: Admitted,
+    attempts: Attempts,
+    done: Completion,
+    write: Callable[[ChatCompletionOut], bytes],
+) -> Reply:
     """A plain answer: the completion under the gateway's id, with its usage and filter results."""
     cand = attempts.served
     assert cand is not None  # set by the attempt that answered
@@ -294,7 +256,7 @@ def _respond(gw: Services, trace: Trace, admitted: Admitted, attempts: Attempts,
         prompt_filter_results=admitted.prompt_filter,
         system_fingerprint=done.answer.system_fingerprint or None,
     )
-    return Reply(_headers(admitted.admission, attempts), body=msgspec.json.encode(body))
+    return Reply(_headers(admitted.admission, attempts), body=write(body))
 
 
 def _headers(admission: Admission, attempts: Attempts) -> dict[str, str]:
@@ -341,14 +303,15 @@ async def _stream(gw: Services, trace: Trace, relay: StreamRelay, admitted: Admi
 async def _after_keepalives(
     relay: StreamRelay, opening: asyncio.Future[Candidate], every_s: float
 ) -> AsyncIterator[bytes]:
+    events = relay.events
     try:
         while not opening.done():
-            yield KEEPALIVE
+            yield events.keepalive
             await asyncio.wait({opening}, timeout=every_s)
         try:
             opening.result()
         except GatewayError as exc:
-            yield LastPiece(sse(relay.error_chunk(exc.message)) + DONE)
+            yield LastPiece(events.failed(relay.error_chunk(exc.message), exc.message))
             return
         async for piece in relay.chunks():
             yield piece
@@ -366,9 +329,10 @@ async def _timed(
     used, even when the client went away mid-stream (the stream is cancelled
     then, so accounting runs as its own task)."""
     last = None
+    keepalive = relay.events.keepalive
     try:
         async for piece in body:
-            if piece.startswith(b"data: {"):
+            if piece != keepalive:
                 now = time.perf_counter()
                 if last is None:
                     trace.ttft_s = now - trace.started

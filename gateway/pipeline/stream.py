@@ -20,6 +20,7 @@ from msgspec import UNSET
 
 from gateway.accounting.usage import usage_for
 from gateway.errors import GatewayError
+from gateway.pipeline.api import Events
 from gateway.pipeline.attempts import FAILURES, AttemptFailed, Attempts, as_failure, scrub
 from gateway.protocol import (
     ChatChunk,
@@ -37,17 +38,10 @@ from gateway.upstream.base import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("gateway.relay")
 
-KEEPALIVE = b": keep-alive\n\n"
-DONE = b"data: [DONE]\n\n"
-
 
 class LastPiece(bytes):
-    """A stream's final bytes (they end with ``[DONE]``): the HTTP layer sends
+    """A stream's final bytes (its last events): the HTTP layer sends
     them with the end of the response, in one write instead of two."""
-
-
-def sse(chunk: ChatChunkOut) -> bytes:
-    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
 
 
 class _StreamCut(AttemptFailed):
@@ -76,11 +70,14 @@ class StreamRelay:
         screen: CompletionFilter,
         prompt_filter: list[PromptFilterResult],
         include_usage: bool,
+        events: Events,
     ) -> None:
         self.attempts = attempts
         self.screen = screen
         self.prompt_filter = prompt_filter
         self.include_usage = include_usage
+        #: Writes the chunks in the API's own format.
+        self.events = events
         self.created = int(time.time())
         self._response: UpstreamResponse | None = None
         self._batches: AsyncIterator[list[str]] | None = None
@@ -166,10 +163,11 @@ class StreamRelay:
         assert self._batches is not None and self._first is not None and cand is not None
         record = self.attempts.records[-1]
         out_buf: list[bytes] = []
+        write = self.events.chunk
         try:
             out = self._relay(self._first, cand, first=True)
             if out is not None:
-                out_buf.append(sse(out))
+                out_buf.append(write(out))
             # Read until [DONE], or until the content policy has cut every choice.
             while not (self.blocked and all(s.finished for s in self._choices.values())):
                 if out_buf and not self._pending:
@@ -185,7 +183,7 @@ class StreamRelay:
                     break
                 out = self._relay(chunk, cand, first=False)
                 if out is not None:
-                    out_buf.append(sse(out))
+                    out_buf.append(write(out))
             yield LastPiece(b"".join(out_buf + self._ending(cand)))
         except (AttemptFailed, UpstreamError) as exc:
             detail = scrub(exc.detail if isinstance(exc, AttemptFailed) else f"stream broke ({exc})", cand.endpoint)
@@ -193,7 +191,8 @@ class StreamRelay:
             self.attempts.health.failure(cand.endpoint.key, "stream")
             record.outcome, record.kind, record.error = "failed_mid_stream", "stream", detail
             self.finish_reason = "error"
-            yield LastPiece(b"".join([*out_buf, sse(self.error_chunk(f"upstream stream failed: {detail}")), DONE]))
+            message = f"upstream stream failed: {detail}"
+            yield LastPiece(b"".join([*out_buf, self.events.failed(self.error_chunk(message), message)]))
         finally:
             record.ended = time.monotonic()
             with anyio.CancelScope(shield=True):
@@ -276,15 +275,16 @@ class StreamRelay:
         finished = [s.finished for _, s in sorted(self._choices.items()) if s.finished is not None]
         if finished:
             self.finish_reason = finished[0].finish_reason
+        write = self.events.chunk
         pieces = []
         for i, choice in enumerate(finished):
             out = self._chunk([choice])
             if i == len(finished) - 1 and not self.include_usage:
                 out.usage = usage
-            pieces.append(sse(out))
+            pieces.append(write(out))
         if self.include_usage or not finished:
-            pieces.append(sse(msgspec.structs.replace(self._chunk([]), usage=usage)))
-        pieces.append(DONE)
+            pieces.append(write(msgspec.structs.replace(self._chunk([]), usage=usage)))
+        pieces.append(self.events.done())
         self.final_usage = usage
         return pieces
 

@@ -1,11 +1,13 @@
-"""The ASGI entry point: chat completions straight over ASGI, the rest through litestar.
+"""The ASGI entry point: the generating APIs straight over ASGI, the rest through litestar.
 
-``POST /v1/chat/completions`` is nearly all of a gateway's traffic, so it is
+``POST /v1/chat/completions`` is nearly all of a gateway's traffic, and
+``/v1/responses`` and ``/v1/messages`` run the same pipeline, so they are
 answered here from the raw ASGI messages, without a framework's routing,
 middleware and response classes (``bench/NOTES.md`` has the measurements):
 check the key from the headers, read the body (with the size limit), call
-:func:`gateway.pipeline.chat.chat_completions`, write the reply. Every other
-route, and the lifespan, go to the litestar app unchanged.
+:func:`gateway.pipeline.chat.chat_completions` with the path's
+:class:`~gateway.pipeline.api.Api`, write the reply. Every other route, and
+the lifespan, go to the litestar app unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.pipeline import chat
+from gateway.pipeline.api import CHAT, Api
 from gateway.pipeline.stream import LastPiece
 from gateway.state import Gateway
 
@@ -92,8 +95,28 @@ async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, exc: GatewayError) -> None:
-    await send_json(send, exc.status, exc.to_json(), exc.headers)
+async def send_error(send: Send, exc: GatewayError, api: Api = CHAT) -> None:
+    await send_json(send, exc.status, api.error_body(exc), exc.headers)
+
+
+def credentials(scope: Scope, api: Api) -> str | None:
+    """The gateway key as an ``Authorization`` value, from the first of the
+    API's key headers present (``x-api-key`` carries the bare key)."""
+    names = api.key_headers
+    best: tuple[bytes, bytes] | None = None
+    rank = len(names)
+    for name, value in scope["headers"]:
+        if name in names:
+            i = names.index(name)
+            if i < rank:
+                best, rank = (name, value), i
+                if i == 0:
+                    break
+    if best is not None:
+        name, value = best
+        text = value.decode("latin-1")
+        return text if name == b"authorization" else f"Bearer {text.strip()}"
+    return None
 
 
 async def send_stream(
@@ -134,31 +157,26 @@ async def send_stream(
         await stream.aclose()
 
 
-async def serve_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
-    """One chat request, from its ASGI messages to its reply."""
+async def serve(gw: Gateway, api: Api, scope: Scope, receive: Receive, send: Send) -> None:
+    """One request of a generating API, from its ASGI messages to its reply."""
     try:
         limit = gw.config.server.max_body_bytes
         _check_length(scope, limit)
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        key = chat.authenticate(gw, authorization)  # before the body: a 401 does not wait for it
+        key = chat.authenticate(gw, credentials(scope, api))  # before the body: a 401 does not wait for it
         body = await _read_body(receive, limit)
-        reply = await chat.chat_completions(gw, key, body)
+        reply = await chat.chat_completions(gw, key, body, api)
     except GatewayError as exc:
-        await send_error(send, exc)
+        await send_error(send, exc, api)
         return
     except _TooLarge:
-        await send_error(send, GatewayError(413, "request body too large", code="request_too_large"))
+        await send_error(send, GatewayError(413, "request body too large", code="request_too_large"), api)
         return
     except _Disconnected:
         return
     except Exception:
         # Never a traceback to the caller; the log has it, without request bodies.
-        log.exception("unhandled error on POST %s", CHAT_PATH)
-        await send_error(send, GatewayError(500, "internal error", code="internal_error"))
+        log.exception("unhandled error on POST %s", scope["path"])
+        await send_error(send, GatewayError(500, "internal error", code="internal_error"), api)
         return
     if reply.stream is not None:
         await send_stream(receive, send, reply.status, reply.headers, reply.stream)
@@ -166,15 +184,20 @@ async def serve_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
         await send_json(send, reply.status, reply.body or b"", reply.headers)
 
 
+#: The paths answered here, with the API each speaks.
+APIS: dict[str, Api] = {CHAT_PATH: CHAT}
+
+
 class App:
-    """The ASGI application ``gateway serve`` runs: the chat fast path, then litestar."""
+    """The ASGI application ``gateway serve`` runs: the fast paths, then litestar."""
 
     def __init__(self, gw: Gateway, fallback: ASGIApp) -> None:
         self.gateway = gw
         self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            await serve_chat(self.gateway, scope, receive, send)
+        api = APIS.get(scope["path"]) if scope["type"] == "http" else None
+        if api is not None and scope["method"] == "POST":
+            await serve(self.gateway, api, scope, receive, send)
         else:
             await self.fallback(scope, receive, send)

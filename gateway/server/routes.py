@@ -21,7 +21,8 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from gateway import config as config_mod
 from gateway.accounting import metrics
 from gateway.errors import GatewayError
-from gateway.server.asgi import CHAT_PATH, App, ASGIApp, Receive, Scope, Send, send_error, serve_chat
+from gateway.pipeline.api import CHAT
+from gateway.server.asgi import CHAT_PATH, App, ASGIApp, Receive, Scope, Send, send_error, serve
 from gateway.server.models_api import EndpointList, ModelEndpoints, ModelList, endpoint_entry, model_entry
 from gateway.state import Gateway
 
@@ -52,7 +53,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
             send, GatewayError(405, "method not allowed", code="method_not_allowed", headers={"allow": "POST"})
         )
         return
-    await serve_chat(cast(Gateway, scope["app"].state.gateway), scope, receive, send)
+    await serve(cast(Gateway, scope["app"].state.gateway), CHAT, scope, receive, send)
 
 
 @get("/v1/models", summary="List the catalog (OpenRouter-style entries)")

@@ -70,7 +70,7 @@ async def test_gateway_errors_keep_their_status_and_headers():
 
 
 async def test_a_bug_is_a_500_without_its_traceback(monkeypatch, caplog):
-    async def broken(gw, authorization, raw):
+    async def broken(gw, key, raw, api):
         raise RuntimeError("internal detail that must not leak")
 
     monkeypatch.setattr(chat, "chat_completions", broken)

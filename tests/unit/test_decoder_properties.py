@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
-from gateway.pipeline.chat import decode_request
+from gateway.pipeline.decode import decode_request
 from gateway.routing.tokens import prompt_upper_bound, reservation
 from gateway.server.asgi import App
 from tests.unit.conftest import DEEPINFRA, NOVITA, OPENROUTER, V02, completion, make_gateway
