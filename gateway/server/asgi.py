@@ -185,7 +185,9 @@ async def serve(gw: Gateway, api: Api, scope: Scope, receive: Receive, send: Sen
 
 
 #: The paths answered here, with the API each speaks.
-APIS: dict[str, Api] = {CHAT_PATH: CHAT}
+APIS: dict[str, Api] = {
+    CHAT_PATH: CHAT,
+}
 
 
 class App:
