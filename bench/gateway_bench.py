@@ -21,6 +21,10 @@ Then measures with wrk: throughput at 64 connections, latency at 1 connection
 second and time to first token, RSS per worker before and after a soak of
 ``--soak`` requests, and the added latency as the catalog, the key list and
 the prompt (near a context window, where it is tokenized exactly) grow.
+It also compares the other generating APIs with chat completions on the same
+gateway: ``/v1/responses`` and ``/v1/messages`` run the same pipeline behind
+a translation, and their added latency is given as a ratio of chat's
+(``--apis-only`` runs just that part).
 Prints one markdown report; gateway rows are medians of ``--repeats`` runs.
 """
 
@@ -64,14 +68,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def api_body(api: str, model: str, prompt: str, stream: bool) -> dict:
+    """The same request in each API's own shape."""
+    streamed = {"stream": True} if stream else {}
+    if api == "responses":
+        return {"model": model, "input": prompt, "max_output_tokens": 64, **streamed}
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 64, **streamed}
+
+
+API_PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
+
+
 def wrk_script(path: Path, model: str, stream: bool, auth: bool = True, prompt: str = PROMPT,
-               unique: bool = False) -> Path:
-    """A wrk script POSTing one chat request; ``unique`` puts a new number in
+               unique: bool = False, api: str = "chat") -> Path:
+    """A wrk script POSTing one request of ``api``; ``unique`` puts a new number in
     front of the prompt of every request (nothing about it was seen before)."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": ("__N__ " if unique else "") + prompt}],
-                       "max_tokens": 64, **({"stream": True} if stream else {})})
+    body = json.dumps(api_body(api, model, ("__N__ " if unique else "") + prompt, stream))
     lines = ['wrk.method = "POST"', f"wrk.body = '{body}'", 'wrk.headers["Content-Type"] = "application/json"']
-    if auth:
+    if auth and api == "messages":  # the header Anthropic's SDK sends
+        lines.append(f'wrk.headers["x-api-key"] = "{KEY}"')
+    elif auth:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {KEY}"')
     if unique:
         lines += ["local n = 0", "request = function()", "  n = n + 1",
@@ -261,6 +277,38 @@ def start_competitors(upstream_port: int, workers: int, tmp: Path) -> tuple[list
     return running, targets, failed
 
 
+def compare_apis(gw: Gateway, tmp: Path, direct: str, direct_script: Path, args: argparse.Namespace) -> list[str]:
+    """Chat completions, Responses and Messages on one gateway, interleaved:
+    rps at 64 connections and the p50 each adds at 1 connection, plain and
+    streamed, with each API's added p50 as a ratio of chat's."""
+    base = gw.url.removesuffix(API_PATHS["chat"])
+    direct_t = Target("direct", direct, direct_script)
+    direct_sse = Target("direct-sse", direct.replace("/json/", "/sse/"), direct_script,
+                        wrk_script(tmp / "direct-sse.lua", "bench/sse", stream=True))
+    by_api = {api: Target(api, base + path, wrk_script(tmp / f"{api}.lua", "bench/json", stream=False, api=api),
+                          wrk_script(tmp / f"{api}-sse.lua", "bench/sse", stream=True, api=api))
+              for api, path in API_PATHS.items()}
+    rounds(list(by_api.values()), [("json64", 64, False), ("json1", 1, False), ("sse1", 1, True)], args.repeats,
+           args.duration)
+    rounds([direct_t], [("json1", 1, False)], args.repeats, args.duration)
+    rounds([direct_sse], [("sse1", 1, True)], args.repeats, args.duration)
+    d_json, d_sse = direct_t.median("json1")["p50_ms"], direct_sse.median("sse1")["p50_ms"]
+    chat = by_api["chat"]
+    chat_json = chat.median("json1")["p50_ms"] - d_json
+    chat_sse = chat.median("sse1")["p50_ms"] - d_sse
+    lines = [f"## The APIs side by side ({args.workers} workers, wrk, {args.duration}s runs, medians of "
+             f"{args.repeats} interleaved rounds)\n",
+             "| API | rps at 64 connections | added p50 ms at 1 connection | x chat | streamed: added p50 ms | x chat "
+             "| non-2xx |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for api, t in by_api.items():
+        added = t.median("json1")["p50_ms"] - d_json
+        added_sse = t.median("sse1")["p50_ms"] - d_sse
+        errors = sum(r["non_2xx"] for kind in ("json64", "json1", "sse1") for r in t.runs[kind])
+        lines.append(f"| {API_PATHS[api]} | {fmt(t.median('json64')['rps'], 0)} | {fmt(added, 3)} | "
+                     f"{added / chat_json:.2f} | {fmt(added_sse, 3)} | {added_sse / chat_sse:.2f} | {errors} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=8)
@@ -270,6 +318,7 @@ def main() -> None:
     ap.add_argument("--catalog-sizes", default="4,1000")
     ap.add_argument("--key-counts", default="10,100000")
     ap.add_argument("--no-competitors", action="store_true", help="skip LiteLLM and Portkey even if installed")
+    ap.add_argument("--apis-only", action="store_true", help="only compare /v1/responses and /v1/messages with chat")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -293,6 +342,9 @@ def main() -> None:
         stoppable.append(bare)
         gw = Gateway(config_toml(upstream_port, redis.url), args.workers).start()
         stoppable.append(gw)
+        if args.apis_only:
+            report.extend(compare_apis(gw, tmp, direct, json_script, args))
+            return
         rss_start = gw.worker_rss_mb()
         ours = Target(f"this gateway, every feature on ({args.workers} workers)", gw.url, json_script, sse_script)
         direct_t = Target("direct to upstream (nginx static)", direct, json_script)
@@ -400,14 +452,15 @@ def main() -> None:
             r = t.median("json1")
             report.append(f"| {models:,} | {nkeys:,} | {label} | {fmt(r['p50_ms'], 3)} | "
                           f"{fmt(r['p50_ms'] - direct_p50, 3)} |")
+        report.extend(compare_apis(gw, tmp, direct, json_script, args))
     finally:
         for thing in stoppable:
             thing.stop()
         upstream.stop()
         floor.stop()
         redis.cleanup()
-    report.append(f"\n(whole run: {time.monotonic() - started:,.0f}s)")
-    print("\n".join(report))
+        report.append(f"\n(whole run: {time.monotonic() - started:,.0f}s)")
+        print("\n".join(report))
 
 
 if __name__ == "__main__":

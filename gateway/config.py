@@ -183,10 +183,17 @@ class EndpointConfig(_Section):
     max_concurrent: PositiveInt | UnsetType | None = UNSET
 
 
+#: What a model does: ``chat`` models answer ``/v1/chat/completions``,
+#: ``embedding`` models ``/v1/embeddings``.
+ModelKind = Literal["chat", "embedding"]
+
+
 class ModelConfig(_Section):
     id: str
     name: str | UnsetType = UNSET
     aliases: list[str] | UnsetType = UNSET
+    #: ``chat`` when unset.
+    kind: ModelKind | UnsetType = UNSET
     tokenizer: Literal["v1", "v3", "tekken", "none"] | UnsetType = UNSET
     #: Content policy for this model (overrides [safety]'s).
     safety: Policy | UnsetType | None = UNSET
@@ -213,6 +220,8 @@ class LocalConfig(_Section):
     device: str = "cpu"
     dtype: str = "float32"
     startup_timeout_s: PositiveFloat = 600.0
+    #: max_tokens of a request that sets none (the backend's --default-max-tokens).
+    default_max_tokens: Annotated[int, Meta(ge=1, le=1024)] = 256
 
 
 class GenerationsConfig(_Section):
@@ -365,6 +374,13 @@ def _check_model(index: int, mc: ModelConfig, errors: list[str]) -> None:
     if isinstance(mc.aliases, list):
         for j, alias in enumerate(mc.aliases):
             _check_name(alias, f"models[{index}].aliases[{j}]", errors)
+    if mc.kind == "embedding":
+        for j, ec in enumerate(mc.endpoints):
+            if isinstance(ec.output_usd_per_mtok, float) and ec.output_usd_per_mtok > 0:
+                errors.append(
+                    f"models[{index}].endpoints[{j}].output_usd_per_mtok: an embedding model is priced by "
+                    "input tokens only; leave it out or 0"
+                )
 
 
 def parse(raw: dict[str, Any], source: str = "config") -> Config:

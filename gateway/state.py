@@ -17,6 +17,7 @@ import httpx
 from gateway.accounting.accountant import Accountant
 from gateway.accounting.generations import GenerationStore, MemoryGenerations, RedisGenerations
 from gateway.accounting.metrics import AVAILABLE, BUDGET, CIRCUIT, LIMIT_STORE_ERRORS
+from gateway.accounting.stored_responses import MemoryStoredResponses, RedisStoredResponses, ResponseStore
 from gateway.config import Config
 from gateway.limits.keys import KeyRing
 from gateway.limits.limiter import Limiter
@@ -78,15 +79,18 @@ class Gateway:
         self.moderation = Moderation(config.safety, env)
         self.client = make_client(transport)
         self.generations: GenerationStore
+        self.responses: ResponseStore
         self.batcher: AutoPipeline | None = None
         if config.redis.url:
             redis = redis_client(config.redis.url, config.redis.timeout_s)
             self.batcher = batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
             store: LimitStore = RedisStore(redis, config.redis.prefix, batcher)
             self.generations = RedisGenerations(config.redis.prefix, config.generations.ttl_s, batcher)
+            self.responses = RedisStoredResponses(config.redis.prefix, config.generations.ttl_s, batcher)
         else:
             store = MemoryStore()  # exact for this process only: one replica
             self.generations = MemoryGenerations(config.generations.capacity)
+            self.responses = MemoryStoredResponses(config.generations.capacity, config.generations.ttl_s)
         self.limiter = Limiter(
             store,
             on_error=config.redis.on_error,

@@ -9,7 +9,16 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes.servers import FakeUpstream, expected_content, fault_marker, prompt_tokens, start_many
+from tests.fakes.servers import (
+    EMBEDDING_DIMENSIONS,
+    FakeUpstream,
+    embedding_base64,
+    embedding_vector,
+    expected_content,
+    fault_marker,
+    prompt_tokens,
+    start_many,
+)
 
 KEY = "test-key"
 FLAVORS = ("novita", "deepinfra", "openrouter", "openai")
@@ -231,3 +240,72 @@ def test_stream_faults(up):
     # garbage in a stream.
     r = raw_post(up, {**body, "messages": [{"role": "user", "content": "x [[fault:garbage,after=1]]"}]})
     assert sse_data(r.text)[1] == "{not json"
+
+
+# --- embeddings ----------------------------------------------------------------------
+
+
+def emb_post(fake: FakeUpstream, body: dict, timeout: float = 5.0, **headers) -> httpx.Response:
+    return httpx.post(fake.embeddings_url, json=body, headers={"Authorization": f"Bearer {KEY}", **headers},
+                      timeout=timeout)
+
+
+@pytest.mark.parametrize("up", FLAVORS, indirect=True)
+def test_embeddings(up):
+    texts = ["the quick brown fox", "jumps"]
+    r = client(up).embeddings.create(model="emb/model", input=texts, encoding_format="float")
+    assert [d.index for d in r.data] == [0, 1]
+    assert [d.embedding for d in r.data] == [embedding_vector(t) for t in texts]
+    assert len(r.data[0].embedding) == EMBEDDING_DIMENSIONS == 8
+    assert r.data[0].embedding != r.data[1].embedding and all(-1 <= x < 1 for x in r.data[0].embedding)
+    assert r.model == "emb/model" and r.usage.prompt_tokens == r.usage.total_tokens == 5
+    # The SDK asks for base64 by default and decodes it: the same floats, exactly (float32 values).
+    r = client(up).embeddings.create(model="emb/model", input="the quick brown fox", dimensions=3)
+    assert up.requests()[-1]["body"]["encoding_format"] == "base64"
+    assert r.data[0].embedding == embedding_vector("the quick brown fox", 3)
+    raw = emb_post(up, {"model": "m", "input": [[1, 2, 3], [4]], "encoding_format": "base64", "user": "u"}).json()
+    assert [d["embedding"] for d in raw["data"]] == [embedding_base64(embedding_vector([1, 2, 3])),
+                                                     embedding_base64(embedding_vector([4]))]
+    assert raw["usage"]["prompt_tokens"] == 4
+    one = emb_post(up, {"model": "m", "input": [5, 6]}).json()  # one input, in token ids
+    assert len(one["data"]) == 1 and one["data"][0]["embedding"] == embedding_vector([5, 6])
+    if up.flavor == "deepinfra":
+        assert raw["usage"]["estimated_cost"] == pytest.approx(4 * 0.07e-6)
+    elif up.flavor == "openrouter":
+        assert raw["provider"] == "FakeProvider"
+    req = up.requests()[0]
+    assert req["path"].endswith("/embeddings") and req["auth"] == "matched" and req["body"]["input"] == texts
+
+
+@pytest.mark.parametrize("up", ["openai"], indirect=True)
+def test_embeddings_validation_and_faults(up):
+    for bad in ({"input": ""}, {"input": []}, {"input": ["a", ""]}, {"input": ["a", 1]}, {"input": [[1], []]},
+                {"input": [-1]}, {"input": "a", "dimensions": 0}, {"input": "a", "encoding_format": "hex"},
+                {"input": "a", "weird": 1}, {"input": "a", "model": ""}):
+        r = emb_post(up, {"model": "m", **bad})
+        assert r.status_code == 400, bad
+        assert r.json()["error"]["message"]
+    assert emb_post(up, {"model": "m", "input": "x " + fault_marker("status", status=503)}).status_code == 503
+    assert emb_post(up, {"model": "m", "input": "x"}, **{"X-Fake-Mode": "status=429"}).status_code == 429
+    up.plan({"mode": "status", "status": 500, "count": 1}, {"mode": "garbage", "count": 1},
+            {"mode": "empty", "count": 1})
+    assert emb_post(up, {"model": "m", "input": "x"}).status_code == 500
+    assert emb_post(up, {"model": "m", "input": "x"}).content.startswith(b"<html>")
+    assert emb_post(up, {"model": "m", "input": "x"}).content == b""
+    # The marker does not change the vector; plain requests are unaffected.
+    r = emb_post(up, {"model": "m", "input": "x [[fault:delay=0.01]]"})
+    assert r.json()["data"][0]["embedding"] == embedding_vector("x")
+    up.control("hang", count=1)
+    with pytest.raises(httpx.ReadTimeout):
+        emb_post(up, {"model": "m", "input": "x"}, timeout=0.3)
+    assert up.wait_cancelled(timeout=3)["path"].endswith("/embeddings")
+    assert httpx.post(up.embeddings_url, json={"model": "m", "input": "x"}).status_code == 401
+
+
+def test_embeddings_unknown_model():
+    with FakeUpstream("deepinfra", api_key=KEY, models=["known/emb"]) as up, \
+            FakeUpstream("openrouter", api_key=KEY, models=["known/emb"]) as orr:
+        assert emb_post(up, {"model": "known/emb", "input": "x"}).status_code == 200
+        r = emb_post(up, {"model": "other", "input": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert emb_post(orr, {"model": "other", "input": "x"}).status_code == 400

@@ -66,8 +66,9 @@ class Exchange(Protocol):
         ...
 
 
-class Api(Protocol):
-    """An API served on the chat pipeline."""
+class Edge(Protocol):
+    """What the HTTP layer needs to know of an API: its name, where its key
+    is, and the shape of its errors."""
 
     #: The ``api`` label on metrics, logs and generation records.
     name: str
@@ -75,12 +76,16 @@ class Api(Protocol):
     #: ``x-api-key`` holds the bare key, ``authorization`` ``Bearer KEY``.
     key_headers: tuple[bytes, ...]
 
-    async def exchange(self, gw: Services, key: GatewayKey, raw: bytes, request_id: str) -> Exchange:
-        """Decode a body; raises the GatewayError (a 400) that names what is wrong."""
-        ...
-
     def error_body(self, exc: GatewayError) -> bytes:
         """An error in this API's own shape."""
+        ...
+
+
+class Api(Edge, Protocol):
+    """An API served on the chat pipeline."""
+
+    async def exchange(self, gw: Services, key: GatewayKey, raw: bytes, request_id: str) -> Exchange:
+        """Decode a body; raises the GatewayError (a 400) that names what is wrong."""
         ...
 
 
@@ -116,17 +121,23 @@ class ChatExchange:
         return _CHAT_EVENTS
 
 
-class ChatApi:
-    """``POST /v1/chat/completions``: the pipeline's own format."""
+class OpenAIEdge:
+    """An OpenAI API's edge: ``Authorization: Bearer KEY``, OpenAI-shaped errors."""
 
-    name = "chat"
     key_headers: tuple[bytes, ...] = (b"authorization",)
 
-    async def exchange(self, gw: Services, key: GatewayKey, raw: bytes, request_id: str) -> Exchange:
-        return ChatExchange(decode_request(raw))
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def error_body(self, exc: GatewayError) -> bytes:
         return exc.to_json()
 
 
-CHAT: Api = ChatApi()
+class ChatApi(OpenAIEdge):
+    """``POST /v1/chat/completions``: the pipeline's own format."""
+
+    async def exchange(self, gw: Services, key: GatewayKey, raw: bytes, request_id: str) -> Exchange:
+        return ChatExchange(decode_request(raw))
+
+
+CHAT: Api = ChatApi("chat")

@@ -8,6 +8,11 @@ with the upstream's own message, read where its provider declares it.
 Each attempt is recorded in the request's trace; limits and safety are
 reached through two narrow hooks, :class:`UpstreamQuota` and
 :class:`CompletionFilter`.
+
+:class:`Failover` is the loop whatever the API; :class:`Attempts` is the chat
+API's, which builds each attempt's body from the chat request, and
+:func:`call_json` runs the loop for an API answered with one JSON body
+(embeddings).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 from msgspec import UNSET
@@ -127,11 +133,11 @@ async def _error_message(response: UpstreamResponse, endpoint: Endpoint) -> str:
     return error_message(endpoint.provider.spec, raw) or f"HTTP {response.status}"
 
 
-@dataclass(slots=True)
-class Attempts:
-    """One request's tries at its candidates, in order, within its deadline."""
+@dataclass(slots=True, kw_only=True)
+class Failover:
+    """One request's tries at its candidates, in order, within its deadline,
+    whatever the API: each attempt posts a JSON body to its endpoint."""
 
-    request: ChatRequest
     request_id: str
     candidates: list[Candidate]
     deadline: float
@@ -164,15 +170,13 @@ class Attempts:
             self.health.begin(endpoint.key)
             yield cand, record
 
-    async def send(self, cand: Candidate, stream_usage: bool) -> UpstreamResponse:
-        """Send one attempt and check its status; raises AttemptFailed or GatewayError."""
+    async def post(self, cand: Candidate, url: str, body: bytes) -> UpstreamResponse:
+        """Send one attempt's body to ``url`` and check the answer's status;
+        raises AttemptFailed or GatewayError."""
         endpoint = cand.endpoint
-        spec = endpoint.provider.spec
-        body = request_body(self.request, spec, endpoint.upstream_model, cand.dropped, stream_usage=stream_usage)
         timeout_s = max(0.001, min(endpoint.provider.timeout_s, self.remaining_s))
         try:
-            provider = endpoint.provider
-            response = await self.client.post(provider.chat_url, _headers(endpoint), body, timeout_s, provider.connect)
+            response = await self.client.post(url, _headers(endpoint), body, timeout_s, endpoint.provider.connect)
         except UpstreamTimeout:
             raise AttemptFailed("timeout", "timed out") from None
         except UpstreamError as exc:
@@ -251,6 +255,56 @@ class Attempts:
                 headers={"retry-after": "5"},
             )
         return GatewayError(502, f"upstream error ({summary})", code="upstream_error")
+
+
+@dataclass(slots=True, kw_only=True)
+class Attempts(Failover):
+    """The chat API's tries: each attempt sends the chat request as its endpoint takes it."""
+
+    request: ChatRequest
+
+    async def send(self, cand: Candidate, stream_usage: bool) -> UpstreamResponse:
+        """Send one attempt and check its status; raises AttemptFailed or GatewayError."""
+        endpoint = cand.endpoint
+        spec = endpoint.provider.spec
+        body = request_body(self.request, spec, endpoint.upstream_model, cand.dropped, stream_usage=stream_usage)
+        return await self.post(cand, endpoint.provider.chat_url, body)
+
+
+# --- one JSON answer, any API ----------------------------------------------------
+
+_T = TypeVar("_T")
+
+#: One attempt's URL and JSON body, for its candidate.
+Outbound = Callable[[Candidate], tuple[str, bytes]]
+
+
+async def call_json(failover: Failover, outbound: Outbound, decode: Callable[[bytes], _T]) -> _T:
+    """Try candidates in order until one answers with a body ``decode`` reads
+    (it raises AttemptFailed for one it cannot); raises the GatewayError to
+    send. The served attempt's quota share is handed back when the request is
+    accounted for."""
+    async for cand, record in failover.tries():
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, failover.remaining_s)):
+                url, body = outbound(cand)
+                response = await failover.post(cand, url, body)
+                try:
+                    raw = await response.read()
+                finally:
+                    await response.close()
+            answer = decode(raw)
+        except FAILURES as exc:
+            await failover.failed(cand, record, as_failure(exc))
+            continue
+        except GatewayError as exc:
+            await failover.rejected(cand, record, exc)
+            raise
+        record.ended = time.monotonic()
+        failover.succeeded(cand, record, record.ended - started)
+        return answer
+    raise failover.final_error()
 
 
 # --- non-streamed answers ------------------------------------------------------

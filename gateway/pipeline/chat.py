@@ -1,10 +1,11 @@
 """``POST /v1/chat/completions`` as named phases:
 authenticate → decode → admit → call → respond, then account.
 
-Free of any web framework: it takes the ``Authorization`` header and the raw
-body and returns a :class:`Reply`; ``gateway/server/asgi.py`` speaks HTTP
-around it. Plain and streamed answers leave through one accounting exit,
-:func:`_account`.
+Free of any web framework: it takes the key the HTTP layer found
+(:func:`gateway.pipeline.outcome.authenticate`) and the raw body, and returns
+a :class:`Reply`; ``gateway/server/asgi.py`` speaks HTTP around it. Every API
+on the chat path (``pipeline/api.py``) runs these phases. Plain and streamed
+answers leave through one accounting exit, :func:`outcome.account`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import anyio
 import msgspec
 
 from gateway.accounting.trace import Trace
-from gateway.accounting.usage import price_warning
 from gateway.config import Policy
 from gateway.errors import GatewayError
 from gateway.limits.keys import GatewayKey
 from gateway.limits.limiter import Admission, Refused
 from gateway.pipeline.api import CHAT, Api
 from gateway.pipeline.attempts import Attempts, Completion, complete
+from gateway.pipeline.outcome import Reply, account, answered_with, reply_headers
 from gateway.pipeline.services import Services
 from gateway.pipeline.stream import LastPiece, StreamRelay
 from gateway.protocol import (
@@ -32,21 +33,12 @@ from gateway.protocol import (
     ChatRequest,
     ContentFilterResults,
     PromptFilterResult,
+    ProviderPreferences,
 )
 from gateway.routing.catalog import Model
-from gateway.routing.router import Candidate, ignored_preferences, requested_models
+from gateway.routing.router import Candidate, requested_models
 from gateway.routing.tokens import ExactCountNeeded, reservation
 from gateway.safety.moderation import Moderation
-
-
-@dataclass(slots=True)
-class Reply:
-    """A successful answer: a JSON body, or an SSE stream that accounts for itself."""
-
-    headers: dict[str, str]
-    body: bytes | None = None
-    stream: AsyncGenerator[bytes, None] | None = None
-    status: int = 200
 
 
 @dataclass(slots=True)
@@ -69,6 +61,10 @@ class Admitted:
             self.prompt_filter.append(PromptFilterResult(0, moderation.default.classify(self.prompt_text)))
 
 
+def _prefs(chat: ChatRequest) -> ProviderPreferences | None:
+    return chat.provider if chat.provider is not msgspec.UNSET else None
+
+
 def check_allowed(key: GatewayKey, name: str, model: Model) -> None:
     """403 when the key's allow-list does not include a requested model."""
     if key.models is not None and model.id.lower() not in key.models and name.lower() not in key.models:
@@ -81,22 +77,8 @@ def check_allowed(key: GatewayKey, name: str, model: Model) -> None:
         )
 
 
-def authenticate(gw: Services, authorization: str | None) -> GatewayKey:
-    """The authenticate phase on its own, for the HTTP layer to run before it
-    reads the body: a client without a valid key is refused without the
-    gateway reading (and holding) what it sends. A refused key is traced and
-    accounted for here."""
-    try:
-        return gw.keys.authenticate(authorization)
-    except GatewayError as exc:
-        trace = gw.accountant.begin()
-        _answered_with(trace, exc)
-        _account(gw, trace, None)
-        raise
-
-
 async def chat_completions(gw: Services, key: GatewayKey, raw: bytes, api: Api = CHAT) -> Reply:
-    """Answer one request of a key :func:`authenticate` has found, in ``api``'s
+    """Answer one request of a key :func:`outcome.authenticate` has found, in ``api``'s
     format (chat completions unless told); raises the GatewayError to send instead."""
     trace = gw.accountant.begin()
     trace.key, trace.api = key.name, api.name
@@ -116,22 +98,14 @@ async def chat_completions(gw: Services, key: GatewayKey, raw: bytes, api: Api =
         done = await complete(attempts, screen)
         return _respond(gw, trace, admitted, attempts, done, exchange.answer)
     except GatewayError as exc:
-        _answered_with(trace, exc)
+        answered_with(trace, exc)
         raise
     except BaseException as exc:
         trace.status, trace.error = 500, type(exc).__name__
         raise
     finally:
         if relay is None or trace.status != 200:  # a stream that started accounts when it ends
-            _account(gw, trace, attempts)
-
-
-def _answered_with(trace: Trace, exc: GatewayError) -> None:
-    """Record the error a request is answered with; it carries the request's id."""
-    trace.status, trace.error = exc.status, exc.message
-    if isinstance(exc, Refused):
-        trace.refusal = exc.reason
-    exc.headers.setdefault("x-request-id", trace.id)
+            account(gw, trace, attempts)
 
 
 # --- phases ----------------------------------------------------------------------
@@ -256,30 +230,7 @@ def _respond(
         prompt_filter_results=admitted.prompt_filter,
         system_fingerprint=done.answer.system_fingerprint or None,
     )
-    return Reply(_headers(admitted.admission, attempts), body=write(body))
-
-
-def _headers(admission: Admission, attempts: Attempts) -> dict[str, str]:
-    headers = {
-        **admission.headers,
-        "x-request-id": attempts.request_id,
-        "x-gateway-attempts": str(len(attempts.records)),
-    }
-    cand = attempts.served
-    if cand is not None:
-        headers["x-gateway-provider"] = cand.endpoint.provider.name
-        headers["x-gateway-model"] = cand.model.id
-        if cand.dropped:
-            headers["x-gateway-dropped-params"] = ",".join(cand.dropped)
-        warning = price_warning(cand.endpoint)
-        if warning:
-            headers["x-gateway-warning"] = warning
-    request = attempts.request
-    if request.provider is not msgspec.UNSET:
-        ignored = ignored_preferences(request.provider)
-        if ignored:
-            headers["x-gateway-ignored"] = ",".join(ignored)
-    return headers
+    return Reply(reply_headers(admitted.admission, attempts, _prefs(attempts.request)), body=write(body))
 
 
 # --- streams ---------------------------------------------------------------------
@@ -297,7 +248,10 @@ async def _stream(gw: Services, trace: Trace, relay: StreamRelay, admitted: Admi
         body = relay.chunks()
     else:
         body = _after_keepalives(relay, opening, keepalive_s)
-    return Reply(_headers(admitted.admission, relay.attempts), stream=_timed(gw, trace, relay, body))
+    return Reply(
+        reply_headers(admitted.admission, relay.attempts, _prefs(relay.attempts.request)),
+        stream=_timed(gw, trace, relay, body),
+    )
 
 
 async def _after_keepalives(
@@ -346,24 +300,4 @@ async def _timed(
     finally:
         trace.usage = relay.final_usage or (relay.usage() if relay.served is not None else None)
         trace.finish_reason = relay.finish_reason
-        _account(gw, trace, relay.attempts)
-
-
-# --- account ---------------------------------------------------------------------
-
-
-def _account(gw: Services, trace: Trace, attempts: Attempts | None) -> None:
-    """The one exit of every request, answered or not: hand back the served
-    attempt's upstream quota share with the real tokens, then account for
-    the request behind its response."""
-    served = trace.served = attempts.served if attempts is not None else None
-    if attempts is not None and served is not None and served.endpoint.quotas:
-        tokens = trace.usage.total_tokens if trace.usage else 0
-        gw.spawn(_release_then_account(gw, trace, attempts, served, tokens))
-    else:
-        gw.accountant.add_after_response(trace)
-
-
-async def _release_then_account(gw: Services, trace: Trace, attempts: Attempts, served: Candidate, tokens: int) -> None:
-    await attempts.give_back(served, tokens)
-    gw.accountant.add(trace)
+        account(gw, trace, relay.attempts)

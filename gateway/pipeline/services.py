@@ -7,6 +7,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from gateway.accounting.accountant import Accountant
+from gateway.accounting.stored_responses import ResponseStore
 from gateway.config import Config
 from gateway.limits.keys import KeyRing
 from gateway.limits.limiter import Limiter
@@ -25,6 +26,8 @@ class Services(Protocol):
     health: HealthTracker
     client: UpstreamClient
     accountant: Accountant
+    #: Stored responses of the Responses API (``previous_response_id``).
+    responses: ResponseStore
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run work that must finish even if the request that started it is cancelled."""

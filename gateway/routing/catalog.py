@@ -14,8 +14,9 @@ from typing import TypeVar
 from msgspec import UNSET, UnsetType
 
 import providers
-from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, Policy, ProviderConfig, Quota
+from gateway.config import Config, ConfigError, EndpointConfig, ModelConfig, ModelKind, Policy, ProviderConfig, Quota
 from gateway.protocol import SAMPLING_PARAMETERS
+from gateway.protocol.embeddings import EMBEDDING_DEFAULT_SUPPORTED
 from gateway.upstream.base import DIRECT, ConnectOptions
 
 log = logging.getLogger("gateway.catalog")
@@ -49,6 +50,10 @@ class ProviderRuntime:
     @property
     def chat_url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+    @property
+    def embeddings_url(self) -> str:
+        return self.base_url.rstrip("/") + "/embeddings"
 
 
 @dataclass(slots=True, eq=False)
@@ -100,6 +105,8 @@ class Model:
     tokenizer: str
     endpoints: list[Endpoint] = field(default_factory=list)
     safety: Policy | None = None
+    #: ``chat`` or ``embedding``: which API serves it.
+    kind: ModelKind = "chat"
 
     @property
     def context_length(self) -> int:
@@ -173,25 +180,36 @@ def _or(value: _T | UnsetType, default: _U) -> _T | _U:
     return default if value is UNSET else value
 
 
+def _kind(mc: ModelConfig) -> ModelKind:
+    return "chat" if mc.kind is UNSET else mc.kind
+
+
+def _default_supported(kind: ModelKind, provider: ProviderRuntime) -> frozenset[str]:
+    """The parameters an endpoint takes when the catalog lists none for it."""
+    if kind == "embedding":
+        return EMBEDDING_DEFAULT_SUPPORTED
+    if provider.spec.supported_parameters is not None:
+        return provider.spec.supported_parameters
+    return frozenset(SAMPLING_PARAMETERS)
+
+
 def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: ProviderRuntime) -> Endpoint:
     if ec.context_length is UNSET:
         raise ConfigError("config", [f"models[{model.id}].endpoints[{i}].context_length: required"])
+    kind = _kind(model)
     supported = _opt(ec.supported_parameters)
+    output_price = _opt(ec.output_usd_per_mtok)
+    if kind == "embedding" and output_price is None:
+        output_price = 0.0  # embeddings are priced by input tokens alone
     endpoint = Endpoint(
         model_id=model.id,
         provider=provider,
         upstream_model=_or(ec.upstream_model, model.id),
         input_usd_per_mtok=_opt(ec.input_usd_per_mtok),
-        output_usd_per_mtok=_opt(ec.output_usd_per_mtok),
+        output_usd_per_mtok=output_price,
         context_length=ec.context_length,
         quantization=_opt(ec.quantization),
-        supported_parameters=frozenset(supported)
-        if supported is not None
-        else (
-            provider.spec.supported_parameters
-            if provider.spec.supported_parameters is not None
-            else frozenset(SAMPLING_PARAMETERS)
-        ),
+        supported_parameters=frozenset(supported) if supported is not None else _default_supported(kind, provider),
         quota=Quota(rpm=_opt(ec.rpm), tpm=_opt(ec.tpm), max_concurrent=_opt(ec.max_concurrent)),
     )
     if not endpoint.quota.empty:
@@ -217,6 +235,7 @@ def build(config: Config, env: dict[str, str] | None = None) -> Catalog:
             aliases=list(mc.aliases) if mc.aliases is not UNSET else [],
             tokenizer=mc.tokenizer if mc.tokenizer is not UNSET else "none",
             safety=_opt(mc.safety),
+            kind=_kind(mc),
         )
         for i, ec in enumerate(mc.endpoints):
             provider = provider_map.get(ec.provider)

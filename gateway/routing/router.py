@@ -6,22 +6,28 @@ OpenRouter's: weighted random by the inverse square of the price, so the
 cheapest endpoint takes most traffic without starving the rest. ``sort`` (or
 the ``:floor`` / ``:nitro`` suffixes) makes the order deterministic. After the
 model's candidates come those of the ``models`` fallback list, then the local
-backend when ``[routing] local_fallback`` is on.
+backend when ``[routing] local_fallback`` is on. Embeddings requests are
+planned the same way over embedding models (:meth:`Router.plan_embeddings`),
+without the local fallback: the local backend serves no embeddings.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
+from gateway.config import ModelKind
 from gateway.errors import GatewayError, invalid_request, no_provider
 from gateway.protocol import ChatRequest, Percentiles, ProviderPreferences, SortSpec
+from gateway.protocol.embeddings import EMBEDDING_STRICT_PARAMETERS, Inputs
 from gateway.routing.catalog import Catalog, Endpoint, Model
 from gateway.routing.health import HealthTracker
-from gateway.routing.tokens import PromptTokens
+from gateway.routing.tokens import InputTokens, PromptTokens
 from gateway.upstream.adapter import Parameters, missing_parameters, request_parameters, strict_parameters
 
 _SUFFIX_SORT = {"floor": "price", "nitro": "throughput"}
@@ -34,7 +40,8 @@ class Candidate:
     model: Model
     endpoint: Endpoint
     dropped: list[str]
-    prompt: PromptTokens
+    #: The request's input size under the model's tokenizer (``exact``: its prompt tokens).
+    prompt: PromptTokens | InputTokens
 
 
 def split_suffix(name: str) -> tuple[str, str | None]:
@@ -45,7 +52,17 @@ def split_suffix(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def requested_models(request: ChatRequest) -> list[str]:
+class Routed(Protocol):
+    """A request that names its models: ``model``, then the ``models`` fallbacks."""
+
+    @property
+    def model(self) -> str | UnsetType: ...
+
+    @property
+    def models(self) -> list[str] | UnsetType: ...
+
+
+def requested_models(request: Routed) -> list[str]:
     names: list[str] = []
     if request.model is not UNSET:
         names.append(request.model)
@@ -155,6 +172,33 @@ def ignored_preferences(prefs: ProviderPreferences | None) -> list[str]:
     return out
 
 
+#: How an API's answers name a model's kind, and where a model of each kind goes.
+_KINDS: dict[str, str] = {"chat": "a chat model", "embedding": "an embedding model"}
+_APIS: dict[str, str] = {
+    "chat": "send it to POST /v1/chat/completions",
+    "embedding": "send it to POST /v1/embeddings",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Wording:
+    """How an API's no-candidates errors name what the request sent."""
+
+    #: ... the context window of every endpoint.
+    too_long: str
+    too_long_param: str
+    #: The parameters the API never drops.
+    never_dropped: str
+
+
+_CHAT = _Wording(
+    "the prompt plus max_tokens exceeds",
+    "messages",
+    "tools, tool_choice, parallel_tool_calls, response_format, logprobs, top_logprobs, n > 1, stop",
+)
+_EMBEDDINGS = _Wording("an input exceeds", "input", "dimensions")
+
+
 class Router:
     """Turns a request into the ordered candidates to attempt."""
 
@@ -175,10 +219,19 @@ class Router:
         self.local_model_id = local_model_id
         self.rng = rng or random.Random()
 
-    def resolve(self, name: str) -> Model:
+    def resolve(self, name: str, kind: ModelKind = "chat") -> Model:
+        """The catalog's model by that name: 404 when there is none, 400
+        ``invalid_model_kind`` when it is not of ``kind``, the kind the calling
+        API serves (an embedding model asked for on chat, or the reverse)."""
         model = self.catalog.find(split_suffix(name)[0])
         if model is None:
             raise GatewayError(404, f"model {name!r} is not in the catalog", code="model_not_found", param="model")
+        if model.kind != kind:
+            raise invalid_request(
+                f"model {name!r} is {_KINDS[model.kind]}, not {_KINDS[kind]}; {_APIS[model.kind]}",
+                param="model",
+                code="invalid_model_kind",
+            )
         return model
 
     def plan(
@@ -192,17 +245,66 @@ class Router:
         max_tokens = request.max_tokens if request.max_tokens is not UNSET else 0
         if models is None:
             models = [(n, self.resolve(n)) for n in requested_models(request)]
-        names = [name for name, _ in models]
         params = request_parameters(request)
         strict = strict_parameters(params, prefs is not None and prefs.require_parameters)
-        sort_by = prefs.sort_by if prefs is not None else None
-        out: list[Candidate] = []
         reasons: set[str] = set()
         #: Strict parameters that kept some endpoint out, in the order met.
         lacking: dict[str, None] = {}
+
+        def tokens(model: Model) -> PromptTokens:
+            return PromptTokens(request.messages, model.tokenizer, exact_allowed=exact)
+
+        out = self._candidates(models, prefs, params, strict, tokens, max_tokens, reasons, lacking)
+        out.extend(self._local_fallback(request, prefs, out, params, strict, lacking))
+        if not out:
+            raise self._no_candidates(reasons, models[0][0], lacking, _CHAT)
+        return out
+
+    def plan_embeddings(
+        self,
+        models: list[tuple[str, Model]],
+        prefs: ProviderPreferences | None,
+        params: Parameters,
+        inputs: Inputs,
+        *,
+        exact: bool = True,
+    ) -> list[Candidate]:
+        """The candidates for an embeddings request, in order, as :meth:`plan`
+        orders a chat request's: ``models`` are the requested embedding models,
+        resolved already; ``params`` the parameters it set that an endpoint may
+        lack (``dimensions`` is never dropped). Each input must fit the
+        endpoint's context window on its own. There is no local fallback."""
+        strict = strict_parameters(params, prefs is not None and prefs.require_parameters, EMBEDDING_STRICT_PARAMETERS)
+        reasons: set[str] = set()
+        lacking: dict[str, None] = {}
+
+        def tokens(model: Model) -> InputTokens:
+            return InputTokens(inputs, model.tokenizer, exact_allowed=exact)
+
+        out = self._candidates(models, prefs, params, strict, tokens, 0, reasons, lacking)
+        if not out:
+            raise self._no_candidates(reasons, models[0][0], lacking, _EMBEDDINGS)
+        return out
+
+    def _candidates(
+        self,
+        models: list[tuple[str, Model]],
+        prefs: ProviderPreferences | None,
+        params: Parameters,
+        strict: frozenset[str],
+        tokens: Callable[[Model], PromptTokens | InputTokens],
+        max_tokens: int,
+        reasons: set[str],
+        lacking: dict[str, None],
+    ) -> list[Candidate]:
+        """Each model's eligible endpoints, ordered, the models in the order
+        asked (only the first without fallbacks), at most ``max_attempts`` in
+        all; why the others were left out goes in ``reasons`` and ``lacking``."""
+        sort_by = prefs.sort_by if prefs is not None else None
+        out: list[Candidate] = []
         for name, model in models:
             sort = sort_by or split_suffix(name)[1]
-            prompt = PromptTokens(request.messages, model.tokenizer, exact_allowed=exact)
+            prompt = tokens(model)
             eligible: dict[Endpoint, list[str]] = {}
             for e in model.endpoints:
                 missing = missing_parameters(params, e.provider.spec, e.supported_parameters) if params else []
@@ -219,17 +321,13 @@ class Router:
             out.extend(Candidate(model, e, eligible[e], prompt) for e in ordered)
             if prefs is not None and not prefs.allow_fallbacks:
                 break
-        out = out[: self.max_attempts]
-        out.extend(self._local_fallback(request, prefs, out, params, strict, lacking))
-        if not out:
-            raise self._no_candidates(reasons, names[0], lacking)
-        return out
+        return out[: self.max_attempts]
 
     def _exclude(
         self,
         e: Endpoint,
         prefs: ProviderPreferences | None,
-        prompt: PromptTokens,
+        prompt: PromptTokens | InputTokens,
         max_tokens: int,
         model: Model,
         missing: list[str],
@@ -295,7 +393,7 @@ class Router:
             out.append(Candidate(model, e, missing, prompt))
         return out
 
-    def _no_candidates(self, reasons: set[str], name: str, lacking: dict[str, None]) -> GatewayError:
+    def _no_candidates(self, reasons: set[str], name: str, lacking: dict[str, None], api: _Wording) -> GatewayError:
         """The error for no candidates. A prompt too long for every enabled
         endpoint is the caller's to fix (400), whatever disabled endpoints
         there are; unhealthy ones are checked for context before health. A
@@ -303,8 +401,8 @@ class Router:
         unless an endpoint is only down for now."""
         if reasons - {"disabled"} == {"context"}:
             return invalid_request(
-                f"the prompt plus max_tokens exceeds the context window of every endpoint of {name!r}",
-                param="messages",
+                f"{api.too_long} the context window of every endpoint of {name!r}",
+                param=api.too_long_param,
                 code="context_length_exceeded",
             )
         if lacking and "unhealthy" not in reasons:
@@ -312,8 +410,7 @@ class Router:
             listed = ", ".join(repr(p) for p in params)
             return invalid_request(
                 f"no endpoint of {name!r} that the request may use supports {listed} as given; "
-                "the gateway never drops it (tools, tool_choice, parallel_tool_calls, response_format, "
-                "logprobs, top_logprobs, n > 1, stop; every parameter with provider.require_parameters)",
+                f"the gateway never drops it ({api.never_dropped}; every parameter with provider.require_parameters)",
                 param=params[0],
                 code="unsupported_parameter",
             )

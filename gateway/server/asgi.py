@@ -1,13 +1,12 @@
-"""The ASGI entry point: the generating APIs straight over ASGI, the rest through litestar.
+"""The ASGI entry point: the APIs' POST routes straight over ASGI, the rest through litestar.
 
 ``POST /v1/chat/completions`` is nearly all of a gateway's traffic, and
-``/v1/responses`` and ``/v1/messages`` run the same pipeline, so they are
-answered here from the raw ASGI messages, without a framework's routing,
-middleware and response classes (``bench/NOTES.md`` has the measurements):
-check the key from the headers, read the body (with the size limit), call
-:func:`gateway.pipeline.chat.chat_completions` with the path's
-:class:`~gateway.pipeline.api.Api`, write the reply. Every other route, and
-the lifespan, go to the litestar app unchanged.
+``/v1/responses``, ``/v1/messages`` and ``/v1/embeddings`` are its kin, so
+they are answered here from the raw ASGI messages, without a framework's
+routing, middleware and response classes (``bench/NOTES.md`` has the
+measurements): check the key from the headers, read the body (with the size
+limit), run the path's pipeline (``ROUTES``), write the reply. Every other
+route, and the lifespan, go to the litestar app unchanged.
 """
 
 from __future__ import annotations
@@ -18,8 +17,13 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.pipeline import chat
-from gateway.pipeline.api import CHAT, Api
+from gateway.limits.keys import GatewayKey
+from gateway.pipeline import chat, embeddings, outcome
+from gateway.pipeline.api import CHAT, Api, Edge
+from gateway.pipeline.embeddings import EMBEDDINGS
+from gateway.pipeline.messages import MESSAGES, MESSAGES_PATH
+from gateway.pipeline.outcome import Reply
+from gateway.pipeline.responses import RESPONSES, RESPONSES_PATH
 from gateway.pipeline.stream import LastPiece
 from gateway.state import Gateway
 
@@ -31,6 +35,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
@@ -95,11 +100,11 @@ async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, exc: GatewayError, api: Api = CHAT) -> None:
-    await send_json(send, exc.status, api.error_body(exc), exc.headers)
+async def send_error(send: Send, exc: GatewayError, edge: Edge = CHAT) -> None:
+    await send_json(send, exc.status, edge.error_body(exc), exc.headers)
 
 
-def credentials(scope: Scope, api: Api) -> str | None:
+def credentials(scope: Scope, api: Edge) -> str | None:
     """The gateway key as an ``Authorization`` value, from the first of the
     API's key headers present (``x-api-key`` carries the bare key)."""
     names = api.key_headers
@@ -157,26 +162,41 @@ async def send_stream(
         await stream.aclose()
 
 
-async def serve(gw: Gateway, api: Api, scope: Scope, receive: Receive, send: Send) -> None:
-    """One request of a generating API, from its ASGI messages to its reply."""
+#: A pipeline's entry: the key the HTTP layer found, and the raw body.
+Answer = Callable[[Gateway, GatewayKey, bytes], Awaitable[Reply]]
+
+
+def on_chat_path(api: Api) -> Answer:
+    """The chat pipeline, answering in ``api``'s format."""
+
+    async def answer(gw: Gateway, key: GatewayKey, body: bytes) -> Reply:
+        return await chat.chat_completions(gw, key, body, api)
+
+    return answer
+
+
+async def serve(gw: Gateway, edge: Edge, answer: Answer, scope: Scope, receive: Receive, send: Send) -> None:
+    """One POST of an API, from its ASGI messages to its reply: the key is
+    checked from the headers before the body is read (a 401 does not wait
+    for it), then the body is read with its limit and answered."""
     try:
         limit = gw.config.server.max_body_bytes
         _check_length(scope, limit)
-        key = chat.authenticate(gw, credentials(scope, api))  # before the body: a 401 does not wait for it
+        key = outcome.authenticate(gw, credentials(scope, edge), edge.name)
         body = await _read_body(receive, limit)
-        reply = await chat.chat_completions(gw, key, body, api)
+        reply = await answer(gw, key, body)
     except GatewayError as exc:
-        await send_error(send, exc, api)
+        await send_error(send, exc, edge)
         return
     except _TooLarge:
-        await send_error(send, GatewayError(413, "request body too large", code="request_too_large"), api)
+        await send_error(send, GatewayError(413, "request body too large", code="request_too_large"), edge)
         return
     except _Disconnected:
         return
     except Exception:
         # Never a traceback to the caller; the log has it, without request bodies.
         log.exception("unhandled error on POST %s", scope["path"])
-        await send_error(send, GatewayError(500, "internal error", code="internal_error"), api)
+        await send_error(send, GatewayError(500, "internal error", code="internal_error"), edge)
         return
     if reply.stream is not None:
         await send_stream(receive, send, reply.status, reply.headers, reply.stream)
@@ -184,9 +204,12 @@ async def serve(gw: Gateway, api: Api, scope: Scope, receive: Receive, send: Sen
         await send_json(send, reply.status, reply.body or b"", reply.headers)
 
 
-#: The paths answered here, with the API each speaks.
-APIS: dict[str, Api] = {
-    CHAT_PATH: CHAT,
+#: The POST routes answered here: each path's API edge and pipeline.
+ROUTES: dict[str, tuple[Edge, Answer]] = {
+    CHAT_PATH: (CHAT, on_chat_path(CHAT)),
+    RESPONSES_PATH: (RESPONSES, on_chat_path(RESPONSES)),
+    MESSAGES_PATH: (MESSAGES, on_chat_path(MESSAGES)),
+    EMBEDDINGS_PATH: (EMBEDDINGS, embeddings.embeddings),
 }
 
 
@@ -198,8 +221,8 @@ class App:
         self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        api = APIS.get(scope["path"]) if scope["type"] == "http" else None
-        if api is not None and scope["method"] == "POST":
-            await serve(self.gateway, api, scope, receive, send)
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if route is not None and scope["method"] == "POST":
+            await serve(self.gateway, *route, scope, receive, send)
         else:
             await self.fallback(scope, receive, send)

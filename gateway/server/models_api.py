@@ -50,12 +50,30 @@ class EndpointEntry(msgspec.Struct):
     status: EndpointStatus | UnsetType = UNSET
 
 
+class Architecture(msgspec.Struct):
+    """OpenRouter's ``architecture``: what goes in and what comes out."""
+
+    modality: str
+    input_modalities: list[str]
+    output_modalities: list[str]
+
+
+#: Each model kind's architecture.
+ARCHITECTURES: dict[str, Architecture] = {
+    "chat": Architecture("text->text", ["text"], ["text"]),
+    "embedding": Architecture("text->embedding", ["text"], ["embedding"]),
+}
+
+
 class ModelEntry(msgspec.Struct):
     id: str
     object: str
     created: int
     owned_by: str
     name: str
+    #: ``chat`` (``/v1/chat/completions``) or ``embedding`` (``/v1/embeddings``).
+    kind: str
+    architecture: Architecture
     context_length: int
     pricing: Pricing
     supported_parameters: list[str]
@@ -101,6 +119,8 @@ def model_entry(model: Model) -> ModelEntry:
         created=0,
         owned_by=model.id.split("/", 1)[0],
         name=model.name,
+        kind=model.kind,
+        architecture=ARCHITECTURES[model.kind],
         context_length=model.context_length,
         pricing=Pricing(
             per_token(cheapest.input_usd_per_mtok) if cheapest else None,

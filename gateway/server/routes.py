@@ -1,8 +1,8 @@
-"""The HTTP surface beside chat completions: routes, error shapes, start-up and shut-down.
+"""The HTTP surface beside the fast paths: routes, error shapes, start-up and shut-down.
 
-``create_app`` returns :class:`gateway.server.asgi.App`, which answers
-``POST /v1/chat/completions`` itself and hands everything else to the
-litestar app built here.
+``create_app`` returns :class:`gateway.server.asgi.App`, which answers the
+POST routes in ``asgi.ROUTES`` (chat completions, Responses, Messages,
+embeddings) itself and hands everything else to the litestar app built here.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import os
 from typing import Any, cast
 
 import msgspec
-from litestar import Litestar, Request, Response, asgi, get
+from litestar import Litestar, Request, Response, asgi, delete, get, post
 from litestar.exceptions import HTTPException
+from litestar.handlers import ASGIRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -21,9 +22,11 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from gateway import config as config_mod
 from gateway.accounting import metrics
 from gateway.errors import GatewayError
-from gateway.pipeline.api import CHAT
-from gateway.server.asgi import CHAT_PATH, App, ASGIApp, Receive, Scope, Send, send_error, serve
+from gateway.pipeline import responses as responses_api
+from gateway.pipeline.messages import COUNT_TOKENS_PATH, MESSAGES, count_tokens
+from gateway.server.asgi import ROUTES, App, ASGIApp, Receive, Scope, Send, credentials, send_error, serve
 from gateway.server.models_api import EndpointList, ModelEndpoints, ModelList, endpoint_entry, model_entry
+from gateway.server.openapi import document_fast_paths
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -44,16 +47,20 @@ def _gateway(request: HTTPRequest) -> Gateway:
     return cast(Gateway, request.app.state.gateway)
 
 
-@asgi(CHAT_PATH, copy_scope=False)
-async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
-    """The chat path as litestar routes it (a path it normalised, another
-    method): the same handler as the fast path in ``App``."""
-    if scope["method"] != "POST":
-        await send_error(
-            send, GatewayError(405, "method not allowed", code="method_not_allowed", headers={"allow": "POST"})
-        )
-        return
-    await serve(cast(Gateway, scope["app"].state.gateway), CHAT, scope, receive, send)
+def _post_route(path: str) -> ASGIRouteHandler:
+    """A fast path as litestar routes it (a path it normalised, another
+    method): the same handler as in ``App``, and 405 for anything but POST."""
+    edge, answer = ROUTES[path]
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            error = GatewayError(405, "method not allowed", code="method_not_allowed", headers={"allow": "POST"})
+            await send_error(send, error, edge)
+            return
+        await serve(cast(Gateway, scope["app"].state.gateway), edge, answer, scope, receive, send)
+
+    handler.__name__ = handler.__qualname__ = f"post_{path.strip('/').replace('/', '_')}"
+    return asgi(path, copy_scope=False)(handler)
 
 
 @get("/v1/models", summary="List the catalog (OpenRouter-style entries)")
@@ -134,6 +141,65 @@ def _internal_error(request: HTTPRequest, exc: Exception) -> HTTPResponse:
     return _gateway_error(request, error)
 
 
+# --- Anthropic's Messages API: errors in its shape ---------------------------------
+
+
+def _messages_error(_: HTTPRequest, exc: GatewayError) -> HTTPResponse:
+    body = MESSAGES.error_body(exc)
+    return Response(body, status_code=exc.status, media_type="application/json", headers=exc.headers)
+
+
+def _messages_http_error(request: HTTPRequest, exc: HTTPException) -> HTTPResponse:
+    status = exc.status_code
+    message = "request body too large" if status == 413 else exc.detail if status < 500 else "internal error"
+    return _messages_error(request, GatewayError(status, message))
+
+
+def _messages_internal_error(request: HTTPRequest, exc: Exception) -> HTTPResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _messages_error(request, GatewayError(HTTP_500_INTERNAL_SERVER_ERROR, "internal error"))
+
+
+@post(
+    COUNT_TOKENS_PATH,
+    summary="Count a message request's input tokens (Anthropic's count_tokens)",
+    status_code=200,
+    exception_handlers={
+        GatewayError: _messages_error,
+        HTTPException: _messages_http_error,
+        Exception: _messages_internal_error,
+    },
+)
+async def count_message_tokens(request: HTTPRequest) -> HTTPResponse:
+    """``{"input_tokens": N}`` under the model's tokenizer. The key is checked
+    (``x-api-key`` or ``Authorization``) before the body is read."""
+    gw = _gateway(request)
+    key = gw.keys.authenticate(credentials(cast(Scope, request.scope), MESSAGES))
+    body = await request.body()
+    return Response(count_tokens(gw, key, body), media_type="application/json")
+
+
+# --- OpenAI's Responses API ----------------------------------------------------------
+
+
+@get(responses_api.RESPONSES_PATH + "/{response_id:str}", summary="A stored response, by its id (Responses API)")
+async def get_response(request: HTTPRequest, response_id: FromPath[str]) -> HTTPResponse:
+    gw = _gateway(request)
+    key = gw.keys.authenticate(request.headers.get("authorization"))
+    return Response(await responses_api.retrieve(gw, key, response_id), media_type="application/json")
+
+
+@delete(
+    responses_api.RESPONSES_PATH + "/{response_id:str}",
+    summary="Delete a stored response (Responses API)",
+    status_code=200,
+)
+async def delete_response(request: HTTPRequest, response_id: FromPath[str]) -> HTTPResponse:
+    gw = _gateway(request)
+    key = gw.keys.authenticate(request.headers.get("authorization"))
+    return Response(await responses_api.delete(gw, key, response_id), media_type="application/json")
+
+
 def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
     async def startup() -> None:
         await gw.startup()
@@ -144,7 +210,18 @@ def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
         await gw.shutdown()
 
     app = Litestar(
-        route_handlers=[chat_completions, list_models, model_detail, generation, metrics_endpoint, live, ready],
+        route_handlers=[
+            *(_post_route(path) for path in ROUTES),
+            get_response,
+            delete_response,
+            count_message_tokens,
+            list_models,
+            model_detail,
+            generation,
+            metrics_endpoint,
+            live,
+            ready,
+        ],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
         on_startup=[startup],
         on_shutdown=[shutdown],
@@ -154,6 +231,7 @@ def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
         debug=False,
     )
     app.state.gateway = gw
+    document_fast_paths(app)
     # Litestar types its ASGI arguments as TypedDicts; App passes them through untouched.
     return App(gw, cast(ASGIApp, app))
 

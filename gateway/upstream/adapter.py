@@ -16,6 +16,7 @@ import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
 from gateway.protocol import NEUTRAL_VALUES, SAMPLING_PARAMETERS, STRICT_PARAMETERS, ChatRequest, Delta
+from gateway.protocol.embeddings import EMBEDDING_PARAMETERS, EmbeddingRequest
 from providers import Provider
 
 _ALL_PARAMETERS = frozenset(SAMPLING_PARAMETERS)
@@ -40,15 +41,20 @@ def request_parameters(request: ChatRequest) -> Parameters:
     return [(name, value) for name in SAMPLING_PARAMETERS if (value := getattr(request, name)) is not UNSET]
 
 
-def strict_parameters(params: Parameters, require_all: bool) -> frozenset[str]:
-    """Which of the set parameters must not be dropped: those of
-    STRICT_PARAMETERS that ask for something, or all of them with
-    ``provider.require_parameters``."""
+def embedding_parameters(request: EmbeddingRequest) -> Parameters:
+    """The parameters an embeddings request set, of those an endpoint may lack."""
+    return [(name, value) for name in EMBEDDING_PARAMETERS if (value := getattr(request, name)) is not UNSET]
+
+
+def strict_parameters(
+    params: Parameters, require_all: bool, strict: frozenset[str] = STRICT_PARAMETERS
+) -> frozenset[str]:
+    """Which of the set parameters must not be dropped: those of ``strict``
+    (the chat API's STRICT_PARAMETERS by default) that ask for something,
+    or all of them with ``provider.require_parameters``."""
     if require_all:
         return frozenset(name for name, _ in params)
-    return frozenset(
-        name for name, value in params if name in STRICT_PARAMETERS and value not in NEUTRAL_VALUES.get(name, ())
-    )
+    return frozenset(name for name, value in params if name in strict and value not in NEUTRAL_VALUES.get(name, ()))
 
 
 def missing_parameters(params: Parameters, provider: Provider, supported: Iterable[str] | None) -> list[str]:
@@ -166,6 +172,21 @@ def request_body(
         body["stream"] = True
         if stream_usage and provider.stream_usage:
             body["stream_options"] = {"include_usage": True}
+    return msgspec.json.encode(body)
+
+
+def embeddings_body(
+    request: EmbeddingRequest, provider: Provider, upstream_model: str, dropped: Iterable[str]
+) -> bytes:
+    """The JSON body for one embeddings attempt: the input and the parameters
+    the endpoint takes, under the upstream's names."""
+    body: dict[str, object] = {"model": upstream_model, "input": request.input}
+    skip = set(dropped)
+    for name in (*EMBEDDING_PARAMETERS, "encoding_format"):
+        value = getattr(request, name)
+        if value is UNSET or name in skip:
+            continue
+        body[provider.renames.get(name, name)] = value
     return msgspec.json.encode(body)
 
 

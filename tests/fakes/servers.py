@@ -36,19 +36,24 @@ from typing import Any
 import httpx
 
 from tests.fakes.upstream import (  # re-exported for tests' expectations
+    EMBEDDING_DIMENSIONS,
     FLAVORS,
     PREFIXES,
     answer_text,
     apply_limits,
     count_words,
+    embedding_base64,
+    embedding_tokens,
+    embedding_vector,
     expected_content,
     parse_fault_spec,
     prompt_tokens,
 )
 
 __all__ = [
-    "FakeUpstream", "free_port", "start_many", "FLAVORS", "PREFIXES", "answer_text", "apply_limits",
-    "count_words", "expected_content", "fault_marker", "parse_fault_spec", "prompt_tokens",
+    "FakeUpstream", "free_port", "start_many", "EMBEDDING_DIMENSIONS", "FLAVORS", "PREFIXES", "answer_text",
+    "apply_limits", "count_words", "embedding_base64", "embedding_tokens", "embedding_vector", "expected_content",
+    "fault_marker", "parse_fault_spec", "prompt_tokens",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +121,10 @@ class FakeUpstream:
     @property
     def chat_url(self) -> str:
         return self.base_url + "/chat/completions"
+
+    @property
+    def embeddings_url(self) -> str:
+        return self.base_url + "/embeddings"
 
     # -- lifecycle -----------------------------------------------------------------
     def _spawn(self) -> None:

@@ -1,6 +1,6 @@
 """A fake upstream LLM provider: a real HTTP server speaking one provider's
-OpenAI-compatible chat API (wire quirks and faults included), for end-to-end
-tests of the gateway.
+OpenAI-compatible chat and embeddings APIs (wire quirks and faults included),
+for end-to-end tests of the gateway.
 
 Run it as a process::
 
@@ -24,12 +24,18 @@ Endpoints
     ignore the body (``status``, ``hang``, ``empty``, non-stream ``garbage``),
     then validation (400, ``FLAVORS`` below; 404 for a model not in ``--models``),
     then the answer, shaped by the remaining modes.
+``POST {prefix}/embeddings``
+    The embeddings API, every flavor in OpenAI's shape (see "Embeddings"
+    below), with the same order of checks and the same fault modes as a
+    non-stream chat request (``garbage`` and ``empty`` included); a
+    per-request marker goes in any string input.
 ``GET {prefix}/models``
     ``{"object": "list", "data": [...]}`` with the ``--models`` ids.
 ``POST /_control``
     Sets the server-wide fault mode: ``{"mode": M, "count": N, ...params}``.
     Without ``count`` the mode stays until changed; with it, it applies to the
-    next N chat requests (that passed auth and carry no per-request trigger),
+    next N chat or embeddings requests (that passed auth and carry no
+    per-request trigger),
     then the server reverts to ``ok``. ``{"plan": [{...}, {...}]}`` queues
     several steps (each with its own ``count``; a step without one stays).
     Returns the current plan. ``GET /_control`` returns it too.
@@ -120,6 +126,25 @@ name first and then the arguments in 8-character pieces with only ``index``;
 deepinfra repeats ``role``, the call's ``id`` and ``type`` on every piece and
 sends no ``index``, a shape the gateway normalizes.
 
+Embeddings
+----------
+``input`` is a non-empty string, or a non-empty list of non-empty strings, of
+token ids (one input), or of non-empty lists of token ids; anything else is a
+400 (param ``input``). Besides ``model`` and ``input`` every flavor takes
+``encoding_format`` (``float`` or ``base64``), ``dimensions`` (>= 1) and
+``user`` (``EMBEDDING_PARAMS``); an unknown parameter follows the flavor's
+``unknown_params`` rule; a model not in ``--models`` is a 404 (openrouter:
+400). The answer is ``{"object": "list", "data": [{"object": "embedding",
+"index": i, "embedding": ...}], "model": <as sent>, "usage": {...}}``, one
+vector per input in order: ``embedding_vector(item, dimensions)``,
+``dimensions`` values (default ``EMBEDDING_DIMENSIONS`` = 8) seeded from the
+SHA-256 of the input's text with fault markers removed (token ids: joined by
+spaces), each exactly a float32; with ``encoding_format: "base64"`` each is
+the base64 of its little-endian float32s (``embedding_base64``). ``usage``:
+``prompt_tokens`` = ``total_tokens`` = whitespace words of each text, token
+ids counted one each (``embedding_tokens``); deepinfra adds
+``estimated_cost`` and openrouter ``provider``, as for chat.
+
 Stream shapes (each chunk is ``data: {json}``; all end with ``data: [DONE]``)
 ----------------------------------------------------------------------------
 The content is split in pieces of one word each with its leading whitespace
@@ -145,6 +170,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -152,6 +179,7 @@ import random
 import re
 import socket
 import string
+import struct
 import sys
 import threading
 import time
@@ -460,6 +488,68 @@ def expected_content(label: str, messages: list, *, flavor: str | None = None, s
     return (" " + text) if (flavor or label) == "deepinfra" else text
 
 
+# -- embeddings ---------------------------------------------------------------
+
+#: What every flavor's embeddings endpoint takes besides ``model`` and ``input``.
+EMBEDDING_PARAMS: dict[str, dict] = {"encoding_format": ENUM("float", "base64"), "dimensions": INT(1, None),
+                                     "user": STR}
+#: The length of a vector when the request sets no ``dimensions``.
+EMBEDDING_DIMENSIONS = 8
+
+
+def _is_token(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def embedding_inputs(value: Any) -> list | None:
+    """``input``'s items, one per vector (a string, or a list of token ids), or
+    None when it is not one of OpenAI's four forms, non-empty throughout."""
+    if isinstance(value, str):
+        return [value] if value else None
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(x, str) and x for x in value):
+        return list(value)
+    if all(_is_token(x) for x in value):
+        return [list(value)]
+    if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in value):
+        return list(value)
+    return None
+
+
+def embedding_text(item: str | list) -> str:
+    """What a vector is derived from: the text without fault markers, stripped,
+    or the token ids joined by single spaces."""
+    if isinstance(item, list):
+        return " ".join(str(t) for t in item)
+    return strip_fault_markers(item).strip()
+
+
+def embedding_vector(item: str | list, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """The fake's vector for one input: ``dimensions`` values in [-1, 1) drawn
+    from a generator seeded with the SHA-256 of :func:`embedding_text`, each
+    exactly a float32 (so base64 round-trips it)."""
+    rng = random.Random(hashlib.sha256(embedding_text(item).encode()).digest())
+    return [struct.unpack("<f", struct.pack("<f", rng.uniform(-1, 1)))[0] for _ in range(dimensions)]
+
+
+def embedding_base64(vector: list[float]) -> str:
+    """OpenAI's ``encoding_format: "base64"``: little-endian float32s."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def embedding_tokens(items: list) -> int:
+    """``usage.prompt_tokens``: whitespace words of each text, token ids as they are."""
+    return sum(len(x) if isinstance(x, list) else count_words(embedding_text(x)) for x in items)
+
+
+def embedding_marker_text(value: Any) -> str:
+    """The string inputs joined, where a per-request fault marker may be."""
+    if isinstance(value, str):
+        return value
+    return " ".join(x for x in value if isinstance(x, str)) if isinstance(value, list) else ""
+
+
 def parse_fault_spec(spec: str) -> dict:
     """``"status=429,retry_after=3"`` -> ``{"mode": "status", "status": 429, "retry_after": 3}``."""
     params: dict[str, Any] = {}
@@ -626,6 +716,34 @@ def validate(flavor: str, body: Any, *, unknown_params: str, models: list[str] |
     return ignored
 
 
+def validate_embeddings(flavor: str, body: Any, *, unknown_params: str, models: list[str] | None) -> list[str]:
+    """The embeddings counterpart of :func:`validate`."""
+    if not isinstance(body, dict):
+        raise Invalid("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise Invalid("model is required and must be a non-empty string", "model")
+    if embedding_inputs(body.get("input")) is None:
+        raise Invalid("'$.input' is invalid: a non-empty string, or a non-empty array of non-empty strings, "
+                      "of token ids, or of non-empty arrays of token ids", "input")
+    ignored = []
+    for name, value in body.items():
+        if name in ("model", "input"):
+            continue
+        spec = EMBEDDING_PARAMS.get(name)
+        if spec is None:
+            if unknown_params == "reject":
+                raise Invalid(f"Unrecognized request argument supplied: {name}", name, code="unknown_parameter")
+            ignored.append(name)
+            continue
+        if value is not None:
+            check_param(name, value, spec)
+    if models and model not in models:
+        raise Invalid(f"The model `{model}` does not exist", "model",
+                      status=400 if flavor == "openrouter" else 404, code="model_not_found")
+    return ignored
+
+
 # --------------------------------------------------------------------------
 # Response shapes
 # --------------------------------------------------------------------------
@@ -674,6 +792,26 @@ def dumps(flavor: str, obj: Any) -> bytes:
     if flavor == "deepinfra":
         return json.dumps(obj, ensure_ascii=False).encode()  # ", " and ": " as in its seed
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def embeddings_response(flavor: str, body: dict) -> dict:
+    """The answer to a valid embeddings request (see "Embeddings")."""
+    items = embedding_inputs(body["input"]) or []
+    dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for i, item in enumerate(items):
+        vector = embedding_vector(item, dimensions)
+        data.append({"object": "embedding", "index": i,
+                     "embedding": embedding_base64(vector) if as_base64 else vector})
+    tokens = embedding_tokens(items)
+    usage: dict[str, Any] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    if flavor == "deepinfra":
+        usage["estimated_cost"] = round(tokens * FLAVORS["deepinfra"]["usd_per_mtok"] / 1e6, 12)
+    out: dict[str, Any] = {"object": "list", "data": data, "model": body["model"], "usage": usage}
+    if flavor == "openrouter":
+        out["provider"] = FLAVORS["openrouter"]["provider_name"]
+    return out
 
 
 class Answer:
@@ -874,6 +1012,8 @@ class FakeUpstreamApp:
         try:
             if method == "POST" and path == self.prefix + "/chat/completions":
                 await self.handle_chat(scope, receive, send, rec)
+            elif method == "POST" and path == self.prefix + "/embeddings":
+                await self.handle_embeddings(receive, send, rec)
             elif method == "GET" and path == self.prefix + "/models":
                 data = [{"id": m, "object": "model", "created": 0, "owned_by": self.label} for m in self.models]
                 await self.send_json(send, 200, {"object": "list", "data": data}, rec)
@@ -1042,10 +1182,52 @@ class FakeUpstreamApp:
 
         await self.run_watched(rec, receive, respond)
 
+    async def handle_embeddings(self, receive, send, rec):
+        """As :meth:`handle_chat`, for one JSON answer: auth, the fault modes
+        that ignore the body, validation, then the answer with the rest."""
+        flavor = self.flavor
+        if self.api_key is not None and rec["auth"] != "matched":
+            msg = "No auth credentials found" if rec["auth"] == "missing" else "Incorrect API key provided"
+            await self.send_json(send, 401, error_body(flavor, 401, msg, code="invalid_api_key"), rec)
+            return
+        body = rec["body"]
+        fault = normalize_fault(self.request_fault(rec) or self.next_fault())
+        rec["fault"] = fault if fault["mode"] != "ok" else None
+
+        async def respond():
+            mode = fault["mode"]
+            if mode == "status":
+                await self.send_status_fault(send, rec, fault)
+                return
+            if mode == "hang":
+                await asyncio.Event().wait()
+            if mode in ("empty", "garbage"):
+                await self.send_bytes(send, rec, 200, b"" if mode == "empty" else GARBAGE_BODY, "application/json")
+                return
+            if body is None and rec.get("raw_body") is not None:
+                rec["error"] = "request body is not valid JSON"
+                await self.send_json(send, 400, error_body(flavor, 400, rec["error"]), rec)
+                return
+            try:
+                rec["ignored_params"] = validate_embeddings(flavor, body, unknown_params=self.unknown_params,
+                                                            models=self.models)
+            except Invalid as exc:
+                rec["error"] = exc.message
+                await self.send_json(send, exc.status,
+                                     error_body(flavor, exc.status, exc.message, exc.param, exc.code), rec)
+                return
+            await self.send_answer(send, rec, dumps(flavor, embeddings_response(flavor, body)), fault)
+
+        await self.run_watched(rec, receive, respond)
+
     def request_fault(self, rec) -> dict | None:
         body = rec["body"]
         if isinstance(body, dict) and isinstance(body.get("messages"), list):
             m = FAULT_MARKER.search(last_user_text(body["messages"]))
+            if m:
+                return parse_fault_spec(m.group(1))
+        elif isinstance(body, dict) and "input" in body:
+            m = FAULT_MARKER.search(embedding_marker_text(body["input"]))
             if m:
                 return parse_fault_spec(m.group(1))
         header = rec["headers"].get("x-fake-mode")
@@ -1094,10 +1276,13 @@ class FakeUpstreamApp:
         await self.send_json(send, status, error_body(self.flavor, status, message), rec, extra=extra)
 
     async def send_completion(self, send, rec, answer: Answer, fault):
+        await self.send_answer(send, rec, dumps(self.flavor, answer.completion()), fault)
+
+    async def send_answer(self, send, rec, data: bytes, fault):
+        """One JSON answer, shaped by the modes that act on a plain answer."""
         mode = fault["mode"]
         if mode in ("slow_first_token", "delay"):
             await asyncio.sleep(float(fault["delay_s"]))
-        data = dumps(self.flavor, answer.completion())
         if mode == "stall":
             await self.start(send, rec, 200, [("content-type", "application/json"),
                                               ("content-length", str(len(data)))])

@@ -21,6 +21,7 @@ from gateway.errors import GatewayError
 from gateway.pipeline.decode import decode_request
 from gateway.routing.tokens import prompt_upper_bound, reservation
 from gateway.server.asgi import App
+from tests.eventually import aeventually
 from tests.unit.conftest import DEEPINFRA, NOVITA, OPENROUTER, V02, completion, make_gateway
 from tests.unit.test_inbound import post_raw
 from tests.unit.test_providers import chunk, sse
@@ -190,6 +191,6 @@ def test_the_chat_path_answers_200_or_a_4xx():
             for url in (DEEPINFRA, OPENROUTER, NOVITA):
                 mock.post(url).mock(side_effect=_upstream)
             check()
-        loop.run_until_complete(asyncio.sleep(0.05))  # let the last requests be accounted for
+        loop.run_until_complete(aeventually(lambda: gw.accountant.in_flight == 0))  # the last ones accounted for
     finally:
         loop.close()
