@@ -24,11 +24,15 @@ Why it stays exact:
   never gets one, and a key without a known cost gets none against a budget.
 - A request that Redis refuses for requests or tokens may still take a place
   in a block this worker holds, as the block's places are already counted.
-- The budget is the one limit a block can overrun: each worker checks it
-  against the spend Redis reported when the block was granted plus its own
-  spend since, so other workers' spend within one block life goes unseen.
-  A block is sized so that its requests, at the key's recent cost, use at
-  most a quarter of the budget left.
+- Under a budget, every admitted request and every place of a block
+  reserves the key's last cost per request in Redis until it is settled (a
+  place never used gives its reservation back with the block), and budgets
+  are checked against the spend plus those reservations: requests in
+  flight on any worker count before their cost is known, so at a steady cost
+  per request the number admitted is exact. A block is sized so that its
+  places, at that cost, take at most a quarter of what is left. What a
+  budget can still be overrun by: a request's real cost beyond the key's
+  last one, and requests admitted before any cost of the key was known.
 - A block stops being used once the Redis connection drops: with Redis gone,
   ``[redis] on_error`` decides, as it does without blocks.
 """
@@ -55,6 +59,7 @@ class Block:
     granted: float  # monotonic, when the grant arrived
     periods: Periods
     at_grant: Verdict  # remaining requests and tokens after the whole block, resets, spend
+    cost_each: int = 0  # under a budget, the cost each place reserves in Redis (nano-USD)
 
     @classmethod
     def granted_by(
@@ -69,7 +74,16 @@ class Block:
     ) -> Block:
         tokens = verdict.block * tokens_each if quota.tpm else 0
         return cls(
-            block_id, quota, verdict.block, verdict.block, tokens, sent + life_s, time.monotonic(), periods, verdict
+            block_id,
+            quota,
+            verdict.block,
+            verdict.block,
+            tokens,
+            sent + life_s,
+            time.monotonic(),
+            periods,
+            verdict,
+            verdict.block_cost,
         )
 
     def take(self, quota: Quota, tokens: int, periods: Periods, now: float) -> Verdict | None:
@@ -105,8 +119,9 @@ class Block:
     @property
     def holds_anything_in_redis(self) -> bool:
         """Whether handing it back changes anything in Redis: unused places
-        are entries only under an rpm limit, unused tokens only under tpm."""
-        return (self.left > 0 and bool(self.quota.rpm)) or self.tokens_left > 0
+        are entries only under an rpm limit, or reservations of cost under a
+        budget; unused tokens only under tpm."""
+        return (self.left > 0 and (bool(self.quota.rpm) or self.cost_each > 0)) or self.tokens_left > 0
 
     @property
     def first_unused(self) -> int:

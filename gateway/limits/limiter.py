@@ -5,7 +5,9 @@ trip to the store, or in none while this worker holds a block of the key's
 quota (``gateway/limits/blocks.py``). The check is settled when the request
 ends, streams and cancelled streams included: the token reservation (prompt
 estimate + max_tokens) is replaced by the real usage and the cost is drawn
-from the budgets. An upstream's own quota (``rpm``/``tpm``/``max_concurrent``
+from the budgets. Under a budget, an admitted request reserves the key's last
+cost per request until then, so requests in flight on every worker count
+against the budget before their own cost is known. An upstream's own quota (``rpm``/``tpm``/``max_concurrent``
 on a provider or an endpoint) is taken per attempt through an
 :class:`UpstreamQuota`, so routing skips an endpoint at its cap instead of
 collecting 429s.

@@ -588,11 +588,10 @@ MESSAGES: Api = MessagesApi()
 def count_tokens(gw: Services, key: GatewayKey, raw: bytes) -> bytes:
     """``{"input_tokens": N}``: the translated messages under the model's
     tokenizer, counted as the gateway counts a prompt it bills without the
-    upstream's usage (tool definitions are not counted, as there)."""
+    upstream's usage, tool definitions included."""
     request = decode_body(raw, CountTokensRequest, "count_tokens request")
     messages = chat_messages(request)
-    if request.tools is not UNSET:
-        chat_tools(request.tools)  # the same 400s as the message request
+    tools = chat_tools(request.tools) if request.tools is not UNSET else None  # the same 400s as a message
     if request.model is not UNSET:
         name = request.model
     elif request.models is not UNSET and request.models:
@@ -601,4 +600,4 @@ def count_tokens(gw: Services, key: GatewayKey, raw: bytes) -> bytes:
         raise invalid_request("you must provide a model parameter", param="model", code="missing_model")
     model = gw.router.resolve(name)
     check_allowed(key, name, model)
-    return msgspec.json.encode(CountTokensOut(count_prompt(messages, model.tokenizer)))
+    return msgspec.json.encode(CountTokensOut(count_prompt(messages, model.tokenizer, tools)))

@@ -252,7 +252,7 @@ class Router:
         lacking: dict[str, None] = {}
 
         def tokens(model: Model) -> PromptTokens:
-            return PromptTokens(request.messages, model.tokenizer, exact_allowed=exact)
+            return PromptTokens(request.messages, model.tokenizer, exact_allowed=exact, tools=request.tools)
 
         out = self._candidates(models, prefs, params, strict, tokens, max_tokens, reasons, lacking)
         out.extend(self._local_fallback(request, prefs, out, params, strict, lacking))
@@ -380,7 +380,7 @@ class Router:
         if model is None:
             return []
         seen = {c.endpoint for c in planned}
-        prompt = PromptTokens(request.messages, model.tokenizer)
+        prompt = PromptTokens(request.messages, model.tokenizer, tools=request.tools)
         out = []
         for e in model.endpoints:
             if e in seen or not e.provider.enabled or not e.provider.ready or not self.health.available(e.key):

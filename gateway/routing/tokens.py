@@ -90,8 +90,8 @@ def preload(versions: set[str]) -> None:
 
 def count_text(text: str, version: str) -> int:
     """The tokens of one text, without BOS or EOS: also a completion's count
-    when the upstream reports none (an assistant message's text, as the chat
-    encoding tokenizes it, less its EOS)."""
+    when the upstream reports none, as the model generates it (the tokens of
+    an assistant message with that text in the chat encoding, less its EOS)."""
     if not text:
         return 0
     return len(_tokenizer(version).encode(text, bos=False, eos=False))

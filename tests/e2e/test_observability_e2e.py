@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -9,6 +10,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import GATEWAY_KEY
+from tests.e2e.test_limits_e2e import redis_section
 
 V02 = "mistralai/mistral-7b-instruct-v0.2"
 ASK = [{"role": "user", "content": "Say hi"}]
@@ -88,3 +90,30 @@ def test_access_log_is_one_json_line_per_request_without_text(start_gateway):
     assert access[0]["cost_usd"] > 0 and access[0]["duration_ms"] > 0
     assert secret_prompt not in gw.log_text()
     assert "Hello from" not in gw.log_text()
+
+
+OTHER_KEY = "sk-gw-e2e-other-key"
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+def test_a_generation_record_is_hidden_from_other_keys(start_gateway, redis_server, store):
+    """Key B asking for key A's generation gets the same 404 as for an id that
+    does not exist, and the other way round; each key finds its own."""
+    extra = "\n".join(["[[auth.keys]]", 'name = "other"',
+                       f'sha256 = "{hashlib.sha256(OTHER_KEY.encode()).hexdigest()}"', ""])
+    if store == "redis":
+        extra += redis_section(redis_server.url)
+    gw = start_gateway(extra)
+    ids = {}
+    for key in (GATEWAY_KEY, OTHER_KEY):
+        client = openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0)
+        ids[key] = client.chat.completions.create(model=V02, messages=ASK).id
+    for owner, stranger in ((GATEWAY_KEY, OTHER_KEY), (OTHER_KEY, GATEWAY_KEY)):
+        own = httpx.get(f"{gw.base_url}/generation", params={"id": ids[owner]},
+                        headers={"authorization": f"Bearer {owner}"})
+        assert own.status_code == 200 and own.json()["data"]["id"] == ids[owner]
+        theirs = httpx.get(f"{gw.base_url}/generation", params={"id": ids[owner]},
+                           headers={"authorization": f"Bearer {stranger}"})
+        assert theirs.status_code == 404, theirs.text
+        assert theirs.json()["error"]["code"] == "generation_not_found"
+        assert "data" not in theirs.json()  # nothing of the record

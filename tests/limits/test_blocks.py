@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 
 import pytest
 from gateway.errors import GatewayError
 from gateway.config import Quota
-from gateway.limits.stores import RedisStore
+from gateway.limits.stores import Periods, RedisStore
 from gateway.limits.limiter import Limiter
 from gateway.storage.connect import redis_client
 from gateway.storage.resp import RespClient
 
+from tests.eventually import aeventually
 from tests.redis_server import RedisServer
 
 
@@ -65,7 +67,7 @@ async def test_a_block_admits_without_a_round_trip(workers):
     assert remaining == list(range(10_000 - 2, 10_000 - 10, -1))
     # With a quarter of it left, the next block was asked for ahead: it is
     # counted in Redis, and the next request takes a place in it.
-    await asyncio.sleep(0.05)
+    await aeventually(lambda: "local5:n" in {b.id for b in limiter.held("key:a")})
     assert int(await workers.redis("ZCARD", workers.key("req"))) == 17
     ninth = limiter.begin_key("a", quota, "ninth", 1)
     assert ninth.pending is None
@@ -138,7 +140,7 @@ async def test_unused_places_go_back_when_the_block_expires(workers):
     await admit(limiter, quota)
     await admit(limiter, quota)  # one place used
     assert int(await workers.redis("ZCARD", workers.key("req"))) == 9
-    await asyncio.sleep(0.3)
+    await aeventually(lambda: not limiter.held("key:a"))  # its life ended, and it was handed back
     await limiter.store.batcher.drain()
     assert int(await workers.redis("ZCARD", workers.key("req"))) == 2
     assert not limiter.held("key:a")
@@ -148,7 +150,8 @@ async def test_expired_block_admits_nothing(workers):
     limiter = workers(block_requests=8, block_s=0.05)
     quota = Quota(rpm=10_000)
     await admit(limiter, quota)
-    await asyncio.sleep(0.1)
+    (block,) = limiter.held("key:a")
+    await aeventually(lambda: time.monotonic() >= block.expires)
     later = limiter.begin_key("a", quota, "later", 1)
     assert later.pending is not None
     assert (await limiter.finish_key(later)).block is None
@@ -190,10 +193,43 @@ async def test_block_unused_once_redis_is_gone():
         await admit(limiter, quota)
         assert limiter.held("key:a")
         server.stop()
-        await asyncio.sleep(0.1)  # the connection's end reaches the client
+        await aeventually(lambda: not limiter.store.connected)  # the connection's end reached the client
         refused = await admit(limiter, quota)
         assert isinstance(refused, GatewayError) and refused.status == 503
     finally:
         if limiter is not None:
             await limiter.close()
         server.cleanup()
+
+
+async def test_budget_is_exact_across_workers_with_blocks_and_requests_in_flight(workers):
+    """Three workers, 30 requests in flight at a time, $0.001 a request
+    against $0.1005 a day: exactly 101 pass (each while the spend and the
+    requests in flight stay below the budget), places of blocks included."""
+    limiters = [workers(block_requests=32) for _ in range(3)]
+    quota = Quota(budget_usd_per_day=0.1005)
+    gate = asyncio.Semaphore(30)
+    admitted: list[object] = []
+    used_blocks: set[str] = set()
+
+    async def one(i: int) -> None:
+        async with gate:
+            result = await admit(limiters[i % 3], quota)
+            if isinstance(result, GatewayError):
+                assert result.code == "budget_exceeded"
+                return
+            admitted.append(result)
+            if result.block:
+                used_blocks.add(result.block)
+            await asyncio.sleep(0)  # the upstream answers; then the request is settled
+            await limiters[i % 3].settle_key(result, 10, 0.001)
+
+    await asyncio.gather(*(one(i) for i in range(300)))
+    assert len(admitted) == 101
+    assert used_blocks  # blocks were in play
+    for limiter in limiters:
+        limiter.return_blocks()
+        await limiter.store.batcher.drain()
+    day, _ = await limiters[0].store.spent("key:a", Periods.now())
+    assert day == pytest.approx(0.101)
+    assert int(await workers.redis("GET", workers.key("pendsum")) or 0) == 0  # nothing left reserved

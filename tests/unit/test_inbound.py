@@ -21,6 +21,7 @@ import respx
 
 from gateway.routing import tokens
 from gateway.server.asgi import CHAT_PATH, App
+from tests.eventually import aeventually
 from tests.unit.conftest import DEEPINFRA, OPENROUTER, V02, completion, make_gateway
 
 KEY = "sk-gw-inbound-0123456789"
@@ -173,8 +174,7 @@ async def test_unauthenticated_client_gets_401_without_its_body_being_read():
         assert json.loads(sent[1]["body"])["error"]["code"] in {"missing_api_key", "invalid_api_key"}
         assert dict(sent[0]["headers"])[b"x-request-id"].startswith(b"gen-")
     assert reads == []
-    await asyncio.sleep(0.05)  # accounted after the response
-    assert gw.accountant.in_flight == 0  # both refusals were traced and accounted for
+    await aeventually(lambda: gw.accountant.in_flight == 0)  # both refusals were traced and accounted for
 
 
 async def test_refused_key_is_still_a_traced_request(caplog):
@@ -182,7 +182,7 @@ async def test_refused_key_is_still_a_traced_request(caplog):
     caplog.set_level(logging.INFO, logger="gateway.access")
     status, _, headers = await call(App(gw, fallback=None), request(), [(b"authorization", b"Bearer nope")])
     assert status == 401
-    await asyncio.sleep(0.05)
+    await aeventually(lambda: gw.accountant.in_flight == 0)  # accounted after the response
     gw.accountant.flush()
     rows = [r.fields for r in caplog.records if r.name == "gateway.access"]
     assert [(row["id"], row["status"]) for row in rows] == [(headers["x-request-id"], 401)]
@@ -282,7 +282,7 @@ async def test_upstream_messages_lose_key_fragments_and_header_values_everywhere
         )
         status, body, headers = await call(App(gw, fallback=None), request(provider={"sort": "price"}))
     assert status in (502, 503), body
-    await asyncio.sleep(0.05)
+    await aeventually(lambda: gw.accountant.in_flight == 0)  # accounted after the response
     gw.accountant.flush()
     record = await gw.generations.get(headers["x-request-id"])
     leaks = (truncated, DI_KEY[-10:], SECRET_HEADER, "ecret-key-abcdefgh")

@@ -276,7 +276,8 @@ async def test_redis_restart_fails_then_reconnects():
             await client.pipeline().set(key, "before").execute()
             # in flight: BLPOP blocks in Redis until the server dies
             blocked = asyncio.ensure_future(client.execute([("BLPOP", _key("empty"), 5)]))
-            await asyncio.sleep(0.1)
+            with redis.Redis.from_url(server.url) as probe:
+                assert await eventually(lambda: probe.info("clients")["blocked_clients"] == 1, within=10)
             assert not blocked.done()
             started = time.monotonic()
             server.stop()

@@ -29,6 +29,7 @@ class Verdict:
     block: int = 0  # requests granted beyond this one, as a block (see BlockAsk)
     spent_day: float = 0.0  # the spend when the block was granted
     spent_month: float = 0.0
+    block_cost: int = 0  # under a budget, the cost each place of the block reserves (nano-USD)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,11 @@ class _Entity:
     token_sum: int = 0
     leases: dict[str, int] = field(default_factory=dict)  # id -> expires at (ms)
     spend: dict[str, float] = field(default_factory=dict)  # period -> usd
+    #: Under a budget: the cost each admitted request is expected to have
+    #: (the last cost settled), held until it is settled; id -> (expires at, usd).
+    pending: dict[str, tuple[int, float]] = field(default_factory=dict)
+    pending_sum: float = 0.0
+    last_cost: float = 0.0
 
     def expire(self, since: int, now: int) -> None:
         while self.requests:
@@ -37,6 +42,14 @@ class _Entity:
             if until > now:
                 break
             del self.leases[key]
+        while self.pending:
+            key, (until, cost) = next(iter(self.pending.items()))
+            if until > now:
+                break
+            del self.pending[key]
+            self.pending_sum -= cost
+        if not self.pending:
+            self.pending_sum = 0.0  # no rounding left over
 
 
 class MemoryStore(LimitStore):
@@ -94,9 +107,11 @@ class MemoryStore(LimitStore):
             )
         if quota.max_concurrent and len(e.leases) >= quota.max_concurrent:
             return Verdict("concurrency", 1000, max(rpm - rcount, 0), rreset, max(tpm - tsum, 0), treset)
-        if quota.budget_usd_per_day and e.spend.get(periods.day, 0.0) >= quota.budget_usd_per_day:
+        # Budgets count the requests in flight at the key's last cost (as admit.lua does).
+        pending = max(e.pending_sum, 0.0)
+        if quota.budget_usd_per_day and e.spend.get(periods.day, 0.0) + pending >= quota.budget_usd_per_day:
             return Verdict("budget_day")
-        if quota.budget_usd_per_month and e.spend.get(periods.month, 0.0) >= quota.budget_usd_per_month:
+        if quota.budget_usd_per_month and e.spend.get(periods.month, 0.0) + pending >= quota.budget_usd_per_month:
             return Verdict("budget_month")
         if rpm:
             e.requests[request_id] = now
@@ -109,6 +124,9 @@ class MemoryStore(LimitStore):
             tsum += tokens
         if quota.max_concurrent:
             e.leases[request_id] = now + lease_ttl_ms
+        if (quota.budget_usd_per_day or quota.budget_usd_per_month) and e.last_cost > 0:
+            e.pending[request_id] = (now + lease_ttl_ms, e.last_cost)
+            e.pending_sum += e.last_cost
         return Verdict(
             None,
             0,
@@ -147,9 +165,13 @@ class MemoryStore(LimitStore):
             e.tokens[request_id] = (at, entry + delta)
             e.token_sum += delta
         e.leases.pop(request_id, None)
+        held = e.pending.pop(request_id, None)
+        if held is not None:
+            e.pending_sum = e.pending_sum - held[1] if e.pending else 0.0
         if cost_usd > 0:
             for period in (periods.day, periods.month):
                 e.spend[period] = e.spend.get(period, 0.0) + cost_usd
+            e.last_cost = cost_usd
 
     def return_block_soon(self, entity: str, block_id: str, first_unused: int, size: int, unused_tokens: int) -> None:
         raise NotImplementedError("the in-process store grants no blocks")

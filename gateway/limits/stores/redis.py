@@ -23,6 +23,8 @@ Redis at once, that the asking worker then hands out without a round trip
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +40,16 @@ if TYPE_CHECKING:
 
 
 def _lua(name: str) -> str:
-    return resources.files("gateway.limits").joinpath("lua", name).read_text()
+    """A script as sent to Redis: without its comment lines and indentation,
+    since the settlement script's text goes with every settlement (EVAL)."""
+    text = resources.files("gateway.limits").joinpath("lua", name).read_text()
+    lines = (line.strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
 _ADMIT = _lua("admit.lua")
 _SETTLE = _lua("settle.lua")
+_SETTLE_SHA = hashlib.sha1(_SETTLE.encode()).hexdigest()
 _RETURN = _lua("return_block.lua")
 
 
@@ -56,7 +63,25 @@ def _keys(prefix: str, entity: str, periods: Periods) -> list[str]:
         f"{tag}:lease",
         f"{tag}:spend:{periods.day}",
         f"{tag}:spend:{periods.month}",
+        f"{tag}:pend",
+        f"{tag}:pendx",
+        f"{tag}:pendsum",
+        f"{tag}:lastcost",
     ]
+
+
+_KEYS = 11  # the admission script's keys: all of _keys
+
+
+def _copy_outcome(to: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+    if to.done():
+        return
+    if source.cancelled():
+        to.cancel()
+    elif (exc := source.exception()) is not None:
+        to.set_exception(exc)
+    else:
+        to.set_result(source.result())
 
 
 def _verdict(raw: list[Any]) -> Verdict:
@@ -73,6 +98,7 @@ def _verdict(raw: list[Any]) -> Verdict:
         int(raw[6]),
         float(raw[7]),
         float(raw[8]),
+        int(raw[9]),
     )
 
 
@@ -150,7 +176,7 @@ class RedisStore(LimitStore):
     def _evalsha(self, call: list[RedisValue]) -> asyncio.Future[list[Any]]:
         """The admission script, queued; the future gets its reply (a list)."""
         sha = self._admit.sha
-        return self.batcher.submit(lambda pipe: pipe.evalsha(sha, 7, *call))
+        return self.batcher.submit(lambda pipe: pipe.evalsha(sha, _KEYS, *call))
 
     async def settle(
         self,
@@ -196,14 +222,28 @@ class RedisStore(LimitStore):
             periods.month_ttl_s,
             "" if reserved is None else reserved,
         ]
-        # EVAL, not EVALSHA: no NOSCRIPT case to handle after a Redis restart,
-        # and Redis caches the compiled script by its hash anyway.
-        return self.batcher.submit(lambda pipe: pipe.eval(_SETTLE, len(keys), *keys, *args), defer=defer)
+        # EVALSHA: the script's text would otherwise go (and be hashed by Redis)
+        # with every settlement. After NOSCRIPT (a restarted or flushed Redis)
+        # the settlement goes again as EVAL, which loads the script.
+        n = len(keys)
+        sent = self.batcher.submit(lambda pipe: pipe.evalsha(_SETTLE_SHA, n, *keys, *args), defer=defer)
+        settled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(first: asyncio.Future[Any]) -> None:
+            if not first.cancelled() and isinstance(first.exception(), NoScriptError):
+                again = self.batcher.submit(lambda pipe: pipe.eval(_SETTLE, n, *keys, *args))
+                again.add_done_callback(functools.partial(_copy_outcome, settled))
+            else:
+                _copy_outcome(settled, first)
+
+        sent.add_done_callback(done)
+        return settled
 
     def return_block_soon(
         self, entity: str, block_id: str, first_unused: int, size: int, unused_tokens: int
     ) -> asyncio.Future[Any]:
-        keys = _keys(self.prefix, entity, Periods("", ""))[:4]
+        everything = _keys(self.prefix, entity, Periods("", ""))
+        keys = everything[:4] + everything[7:10]
         args: list[RedisValue] = [block_id, first_unused, size, unused_tokens]
         return self.batcher.submit(lambda pipe: pipe.eval(_RETURN, len(keys), *keys, *args), defer=True)
 
