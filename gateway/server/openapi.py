@@ -8,11 +8,22 @@ app is built.
 from __future__ import annotations
 
 from litestar import Litestar
-from litestar.openapi.spec import OpenAPIResponse, Operation, PathItem
+from litestar.openapi.spec import OpenAPIResponse, Operation, PathItem, Reference
 
 from gateway.pipeline.messages import MESSAGES_PATH
 from gateway.pipeline.responses import RESPONSES_PATH
 from gateway.server.asgi import CHAT_PATH, EMBEDDINGS_PATH
+
+
+def _responses(ok: str, invalid: str) -> dict[str, OpenAPIResponse | Reference]:
+    """Every fast path's answers: its own 200 and 400, and the 401 and 429 they share."""
+    return {
+        "200": OpenAPIResponse(description=ok),
+        "400": OpenAPIResponse(description=invalid),
+        "401": OpenAPIResponse(description="No valid gateway key (the body is not read)"),
+        "429": OpenAPIResponse(description="The key's limits, or every provider rate limited"),
+    }
+
 
 CHAT_DOC = Operation(
     operation_id="createChatCompletion",
@@ -26,12 +37,10 @@ CHAT_DOC = Operation(
         "`provider`, `usage.estimated_cost` and content-filter results."
     ),
     tags=["chat"],
-    responses={
-        "200": OpenAPIResponse(description="The completion, or its event stream"),
-        "400": OpenAPIResponse(description="An invalid request, or a parameter no endpoint takes"),
-        "401": OpenAPIResponse(description="No valid gateway key (the body is not read)"),
-        "429": OpenAPIResponse(description="The key's limits, or every provider rate limited"),
-    },
+    responses=_responses(
+        "The completion, or its event stream",
+        "An invalid request, or a parameter no endpoint takes",
+    ),
 )
 
 
@@ -46,12 +55,10 @@ EMBEDDINGS_DOC = Operation(
         "answer is OpenAI's list of embeddings plus `provider` and `usage.estimated_cost`."
     ),
     tags=["embeddings"],
-    responses={
-        "200": OpenAPIResponse(description="The vectors, in input order, with usage and cost"),
-        "400": OpenAPIResponse(description="An invalid request, a chat model, or `dimensions` no endpoint takes"),
-        "401": OpenAPIResponse(description="No valid gateway key (the body is not read)"),
-        "429": OpenAPIResponse(description="The key's limits, or every provider rate limited"),
-    },
+    responses=_responses(
+        "The vectors, in input order, with usage and cost",
+        "An invalid request, a chat model, or `dimensions` no endpoint takes",
+    ),
 )
 
 
@@ -68,12 +75,10 @@ MESSAGES_DOC = Operation(
         "Anthropic's events. Errors are `{type: error, error: {type, message}}`."
     ),
     tags=["messages"],
-    responses={
-        "200": OpenAPIResponse(description="The message, or its event stream"),
-        "400": OpenAPIResponse(description="An invalid request (max_tokens missing, a server tool...)"),
-        "401": OpenAPIResponse(description="No valid gateway key (the body is not read)"),
-        "429": OpenAPIResponse(description="The key's limits, or every provider rate limited"),
-    },
+    responses=_responses(
+        "The message, or its event stream",
+        "An invalid request (max_tokens missing, a server tool...)",
+    ),
 )
 
 
@@ -91,12 +96,10 @@ RESPONSES_DOC = Operation(
         "typed event stream. A stored response is kept as long as generation records."
     ),
     tags=["responses"],
-    responses={
-        "200": OpenAPIResponse(description="The response, or its event stream"),
-        "400": OpenAPIResponse(description="An invalid request (a built-in tool, an unknown previous_response_id...)"),
-        "401": OpenAPIResponse(description="No valid gateway key (the body is not read)"),
-        "429": OpenAPIResponse(description="The key's limits, or every provider rate limited"),
-    },
+    responses=_responses(
+        "The response, or its event stream",
+        "An invalid request (a built-in tool, an unknown previous_response_id...)",
+    ),
 )
 
 
