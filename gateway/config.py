@@ -229,6 +229,33 @@ class GenerationsConfig(_Section):
     capacity: PositiveInt = 10_000
 
 
+class AdminConfig(_Section):
+    """``[admin]``: the operator's key for the admin API (``/v1/keys``…) and the console.
+
+    Admin routes answer 404 while neither ``sha256`` nor ``key_env`` is set.
+    Without ``[redis]``, keys made at runtime and the spend ledger live in
+    SQLite files under ``data_dir``.
+    """
+
+    sha256: Annotated[str, Meta(pattern="^[0-9a-fA-F]{64}$")] | None = None
+    key_env: str | None = None
+    data_dir: str = ".gateway-data"
+    #: How long the per-day spend aggregates are kept.
+    spend_retention_days: Annotated[int, Meta(ge=1, le=3660)] = 400
+
+    @property
+    def configured(self) -> bool:
+        return self.sha256 is not None or self.key_env is not None
+
+
+class TracingConfig(_Section):
+    """``[tracing]``: OpenTelemetry spans, sent when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
+
+    #: Record prompt and completion text on spans (off: they may hold personal data).
+    content: bool = False
+    service_name: str = "llm-gateway"
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
@@ -240,6 +267,8 @@ class Config(_Section):
     local: LocalConfig = msgspec.field(default_factory=LocalConfig)
     generations: GenerationsConfig = msgspec.field(default_factory=GenerationsConfig)
     safety: SafetyConfig = msgspec.field(default_factory=SafetyConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
 
 class ConfigError(Exception):
@@ -433,6 +462,9 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
         for i, key in enumerate(auth.keys):
             if (key.sha256 is None) == (key.key_env is None):
                 errors.append(f"auth.keys[{i}]: set exactly one of `sha256` or `key_env`")
+    admin = out.get("admin")
+    if admin is not None and admin.sha256 is not None and admin.key_env is not None:
+        errors.append("admin: set at most one of `sha256` or `key_env`")
     if errors:
         raise ConfigError(source, errors)
     return Config(**out)
@@ -495,7 +527,18 @@ def merge(base: Config, user: Config, user_raw: dict[str, Any]) -> Config:
             models[i] = _merge_model(models[i], mc)
     sections = {
         name: getattr(user, name)
-        for name in ("server", "auth", "redis", "routing", "health", "local", "generations", "safety")
+        for name in (
+            "server",
+            "auth",
+            "redis",
+            "routing",
+            "health",
+            "local",
+            "generations",
+            "safety",
+            "admin",
+            "tracing",
+        )
         if name in user_raw
     }
     return msgspec.structs.replace(base, providers=providers, models=models, **sections)

@@ -19,6 +19,7 @@ from gateway.accounting.generations import GenerationStore, MemoryGenerations, R
 from gateway.accounting.metrics import AVAILABLE, BUDGET, CIRCUIT, LIMIT_STORE_ERRORS
 from gateway.accounting.stored_responses import MemoryStoredResponses, RedisStoredResponses, ResponseStore
 from gateway.config import Config
+from gateway.control.admin_auth import AdminAuth
 from gateway.limits.keys import KeyRing
 from gateway.limits.limiter import Limiter
 from gateway.limits.stores import LimitStore, MemoryStore, RedisStore
@@ -76,6 +77,8 @@ class Gateway:
             local_model_id=config.local.model_id if local is not None and local.enabled else None,
         )
         self.keys = KeyRing(config.auth.keys, env)
+        #: The admin API and the console (off without ``[admin]``).
+        self.admin = AdminAuth(config.admin, env)
         self.moderation = Moderation(config.safety, env)
         self.client = make_client(transport)
         self.generations: GenerationStore
