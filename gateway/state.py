@@ -76,9 +76,9 @@ class Gateway:
             local_fallback=config.routing.local_fallback,
             local_model_id=config.local.model_id if local is not None and local.enabled else None,
         )
-        self.keys = KeyRing(config.auth.keys, env)
         #: The admin API and the console (off without ``[admin]``).
         self.admin = AdminAuth(config.admin, env)
+        self.keys = KeyRing(config.auth.keys, env, managed_keys=self.admin.enabled)
         self.moderation = Moderation(config.safety, env)
         self.client = make_client(transport)
         self.generations: GenerationStore
