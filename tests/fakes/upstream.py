@@ -4,7 +4,7 @@ for end-to-end tests of the gateway.
 
 Run it as a process::
 
-    python -m tests.fakes.upstream --flavor novita|deepinfra|openrouter|openai \\
+    python -m tests.fakes.upstream --flavor novita|deepinfra|openrouter|openai|local|openai-reasoning \\
         [--port PORT] [--api-key KEY] [--path-prefix /v3/openai] [--label NAME] \\
         [--models a,b] [--unknown-params reject|ignore] [--port-file PATH] \\
         [--exit-with-parent] [--host 127.0.0.1] [--log-level warning]
@@ -19,8 +19,10 @@ Endpoints
 ``POST {prefix}/chat/completions``
     The chat API. The default prefix is the provider's real one (``PREFIXES``):
     novita ``/v3/openai``, deepinfra ``/v1/openai``, openrouter ``/api/v1``,
-    openai ``/v1``. Order of checks: auth (401 if ``--api-key`` was given and
-    ``Authorization: Bearer KEY`` does not match), then the fault modes that
+    openai, local and openai-reasoning ``/v1``. Order of checks: auth (401 if
+    ``--api-key`` was given and ``Authorization: Bearer KEY`` does not match;
+    for ``local``, whose provider is never sent a key, 401 for any
+    ``Authorization`` header, logged as ``auth: "unexpected"``), then the fault modes that
     ignore the body (``status``, ``hang``, ``empty``, non-stream ``garbage``),
     then validation (400, ``FLAVORS`` below; 404 for a model not in ``--models``),
     then the answer, shaped by the remaining modes.
@@ -114,6 +116,17 @@ to the content, streamed or not (as its seed does). ``usage``:
 ``completion_tokens`` = whitespace words of the content, summed over choices,
 ``total_tokens`` = both.
 
+Validation
+----------
+Each flavor takes the parameters its provider documents, in the documented
+ranges (``FLAVORS``: the seed pages, ``/work/shared/seeds/``), and answers a
+400 in its own error shape, naming the parameter, to a value outside them: a
+gateway that forgot to drop a value fails. deepinfra checks
+``mistralai/Mistral-Nemo-Instruct-2407`` against seed 003's list (top_k
+0..999, max_tokens up to 1000000), other models against seed 001's (no
+top_k). openai-reasoning refuses ``max_tokens`` under that name (its
+``renamed``: ``max_completion_tokens``), as OpenAI's reasoning models do.
+
 Tool calls
 ----------
 When the request has ``tools``, the flavor takes ``tools`` and the last user
@@ -171,6 +184,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -249,7 +263,9 @@ FLAVORS: dict[str, dict[str, Any]] = {
             "top_k": INT(0, None),
             "presence_penalty": NUM(-2, 2),
             "frequency_penalty": NUM(-2, 2),
-            "repetition_penalty": NUM(0, 2, lo_open=True),
+            # No range on the page (an earlier (0, 2] here was not Novita's own):
+            # the gateway's (0, 5] passes through, as it does on Novita.
+            "repetition_penalty": NUM(0, None, lo_open=True),
             "response_format": RESPONSE_FORMAT("text", "json_object", "json_schema"),
             "n": INT(1, 128),
             "stop": STOP(4),
@@ -297,7 +313,8 @@ FLAVORS: dict[str, dict[str, Any]] = {
         "n_stream": False,  # "n != 1 incompatible with streaming"
         "usd_per_mtok": 0.07,  # estimated_cost = total_tokens * this / 1e6
     },
-    # Seeds 002/004, plus OpenRouter's OpenAI-compatible basics.
+    # Seeds 002/004, plus OpenRouter's OpenAI-compatible basics; the ranges
+    # from its request docs, where seed 004 points (repetition_penalty (0, 2]).
     "openrouter": {
         "params": {
             "max_tokens": INT(1, None),
@@ -330,6 +347,53 @@ FLAVORS: dict[str, dict[str, Any]] = {
         "error_style": "openrouter",
         "n_stream": True,
         "provider_name": "FakeProvider",
+    },
+    # The bundled local backend (local_backend/protocol.py, server.py,
+    # sampling.py): n = 1 only, at most 4 stop strings, unknown fields
+    # ignored. It is never sent a key (providers/local.py: bearer_auth=False),
+    # so any Authorization header is a 401 here ("auth": "none").
+    "local": {
+        "params": {
+            "max_tokens": INT(1, None),
+            "max_completion_tokens": INT(1, None),
+            "temperature": NUM(0, None),
+            "top_p": NUM(0, 1, lo_open=True),
+            "top_k": INT(0, None),
+            "min_p": NUM(0, 1),
+            "repetition_penalty": NUM(0, None, lo_open=True),
+            "presence_penalty": NUM(-2, 2),
+            "frequency_penalty": NUM(-2, 2),
+            "seed": INT(None, None),
+            "stop": STOP(4),
+            "logit_bias": LOGIT_BIAS(-100, 100),
+            "n": INT(1, 1),
+            "stream_options": STREAM_OPTIONS,
+            "ignore_eos": BOOL,
+            "user": STR,
+        },
+        "unknown_params": "ignore",
+        "error_style": "openai",
+        "n_stream": True,
+        "auth": "none",
+    },
+    # OpenAI's reasoning models: ``max_tokens`` is refused under that name
+    # ("renamed": the name they take instead, with OpenAI's own message), for
+    # a provider that declares ``renames`` (none built in; tests declare one).
+    "openai-reasoning": {
+        "params": {
+            "max_completion_tokens": INT(1, None),
+            "n": INT(1, 128),
+            "stop": STOP(4),
+            "seed": INT(None, None),
+            "user": STR,
+            "reasoning_effort": ENUM("minimal", "low", "medium", "high"),
+            "response_format": RESPONSE_FORMAT("text", "json_object", "json_schema"),
+            "stream_options": STREAM_OPTIONS,
+        },
+        "renamed": {"max_tokens": "max_completion_tokens"},
+        "unknown_params": "reject",
+        "error_style": "openai",
+        "n_stream": True,
     },
     # Any OpenAI-compatible endpoint (OpenAI's own list; it rejects unknown
     # arguments; use --unknown-params ignore for a vLLM-like one).
@@ -364,7 +428,8 @@ FLAVORS: dict[str, dict[str, Any]] = {
 }
 
 #: The providers' real path prefixes (the part of the base URL after the host).
-PREFIXES = {"novita": "/v3/openai", "deepinfra": "/v1/openai", "openrouter": "/api/v1", "openai": "/v1"}
+PREFIXES = {"novita": "/v3/openai", "deepinfra": "/v1/openai", "openrouter": "/api/v1", "openai": "/v1",
+            "local": "/v1", "openai-reasoning": "/v1"}
 
 MODES = ("ok", "status", "hang", "slow_first_token", "cut_stream", "garbage", "empty", "delay", "stall")
 #: The param that ``MODE=value`` sets in a per-request trigger.
@@ -699,6 +764,10 @@ def validate(flavor: str, body: Any, *, unknown_params: str, models: list[str] |
     for name, value in body.items():
         if name in BASE_PARAMS:
             continue
+        renamed = rules.get("renamed", {}).get(name)
+        if renamed is not None:
+            raise Invalid(f"Unsupported parameter: '{name}' is not supported with this model. "
+                          f"Use '{renamed}' instead.", name, code="unsupported_parameter")
         spec = params.get(name)
         if spec is None:
             if unknown_params == "reject":
@@ -1135,8 +1204,20 @@ class FakeUpstreamApp:
         return {"mode": "ok"}
 
     # -- chat -------------------------------------------------------------------
+    def refuse_credentials(self, rec) -> bool:
+        """A flavor with ``"auth": "none"`` is never sent a key: True (log
+        ``auth: "unexpected"``) when this request carries one."""
+        if FLAVORS[self.flavor].get("auth") != "none" or "authorization" not in rec["headers"]:
+            return False
+        rec["auth"] = "unexpected"
+        return True
+
     async def handle_chat(self, scope, receive, send, rec):
         flavor = self.flavor
+        if self.refuse_credentials(rec):
+            await self.send_json(send, 401, error_body(flavor, 401, "this backend takes no credentials",
+                                                       code="unexpected_credentials"), rec)
+            return
         if self.api_key is not None and rec["auth"] != "matched":
             msg = "No auth credentials found" if rec["auth"] == "missing" else "Incorrect API key provided"
             await self.send_json(send, 401, error_body(flavor, 401, msg, code="invalid_api_key"), rec)
@@ -1186,6 +1267,10 @@ class FakeUpstreamApp:
         """As :meth:`handle_chat`, for one JSON answer: auth, the fault modes
         that ignore the body, validation, then the answer with the rest."""
         flavor = self.flavor
+        if self.refuse_credentials(rec):
+            await self.send_json(send, 401, error_body(flavor, 401, "this backend takes no credentials",
+                                                       code="unexpected_credentials"), rec)
+            return
         if self.api_key is not None and rec["auth"] != "matched":
             msg = "No auth credentials found" if rec["auth"] == "missing" else "Incorrect API key provided"
             await self.send_json(send, 401, error_body(flavor, 401, msg, code="invalid_api_key"), rec)
@@ -1254,10 +1339,8 @@ class FakeUpstreamApp:
             if not rec["finished"]:
                 rec["cancelled"] = True
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         finally:
             watcher.cancel()
 
