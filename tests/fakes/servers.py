@@ -77,10 +77,12 @@ def fault_marker(mode: str, **params: Any) -> str:
 class FakeUpstream:
     """One fake provider process.
 
-    ``flavor``: novita | deepinfra | openrouter | openai. ``port=None`` lets the
-    process pick a free port (no race). ``path_prefix=None``: the provider's
-    real prefix (``PREFIXES``). ``label`` replaces the flavor in the answer
-    ("Hello from {label}: ..."), to tell two fakes of one flavor apart.
+    ``flavor``: novita | deepinfra | openrouter | openai | local |
+    openai-reasoning (``FLAVORS``; ``tests/fakes/upstream.py`` describes
+    each). ``port=None`` lets the process pick a free port (no race).
+    ``path_prefix=None``: the provider's real prefix (``PREFIXES``).
+    ``label`` replaces the flavor in the answer ("Hello from {label}: ..."),
+    to tell two fakes of one flavor apart.
     ``models``: if given, other model ids get 404. ``unknown_params``:
     "reject"/"ignore" overrides the flavor's rule.
     """

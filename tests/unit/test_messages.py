@@ -1,17 +1,16 @@
 """Anthropic's Messages API: the translation to chat and back, the stream's
 events (fed to the anthropic SDK's own accumulator), errors in Anthropic's
-shape, and the HTTP surface with upstreams mocked by respx."""
+shape, and the HTTP surface through the production client to real local
+upstreams (``tests/unit/upstream_server.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 
 import httpx
 import msgspec
 import pytest
-import respx
 from anthropic.lib.streaming._messages import accumulate_event
 
 from gateway.errors import GatewayError
@@ -36,8 +35,11 @@ from gateway.protocol import (
     Usage,
 )
 from gateway.protocol.messages import MessagesRequest
-from tests.unit.conftest import DEEPINFRA, KEYS, V02, completion, make_gateway
+from tests.unit.conftest import KEYS, V02, completion, make_gateway
 from tests.unit.test_providers import chunk, sse
+from tests.unit.upstream_server import Upstream, gateway_over, json_answer, sse_answer, upstreams
+
+__all__ = ["upstreams"]
 
 ONLY_DEEPINFRA = {"provider": {"only": ["deepinfra"]}}
 TOOL = {"name": "get_weather", "description": "Weather", "input_schema": {"type": "object", "properties": {}}}
@@ -347,9 +349,10 @@ def test_unsupported_parameter_named_as_anthropic_names_it():
 KEY = "sk-gw-test-123"
 
 
-def keyed_gateway(extra: str = ""):
-    digest = hashlib.sha256(KEY.encode()).hexdigest()
-    return make_gateway(f'[[auth.keys]]\nname = "team-a"\nsha256 = "{digest}"\n{extra}')
+def keyed_gateway(extra: str = "", servers: dict[str, Upstream] | None = None):
+    """A gateway with ``KEY``; over ``servers`` with its production client when given."""
+    toml = f'[[auth.keys]]\nname = "team-a"\nsha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"\n{extra}'
+    return make_gateway(toml) if servers is None else gateway_over(servers, toml)
 
 
 def anthropic_error(r: httpx.Response, status: int, kind: str) -> str:
@@ -359,10 +362,9 @@ def anthropic_error(r: httpx.Response, status: int, kind: str) -> str:
     return str(data["error"]["message"])
 
 
-@respx.mock
-def test_http_auth_answers_and_errors(client_for):
-    client = client_for(keyed_gateway("[server]\nmax_body_bytes = 4096\n"))
-    route = respx.post(DEEPINFRA).mock(return_value=httpx.Response(200, json=completion("Hi!")))
+def test_http_auth_answers_and_errors(client_for, upstreams):
+    client = client_for(keyed_gateway("[server]\nmax_body_bytes = 4096\n", upstreams))
+    upstreams["deepinfra"].answer(json_answer(completion("Hi!")))
     anthropic_error(client.post("/v1/messages", json=body()), 401, "authentication_error")
     anthropic_error(client.post("/v1/messages", json=body(), headers={"x-api-key": "wrong"}), 401,
                     "authentication_error")
@@ -371,7 +373,7 @@ def test_http_auth_answers_and_errors(client_for):
         r = client.post("/v1/messages", json=body(**ONLY_DEEPINFRA), headers=headers)
         assert r.status_code == 200 and r.json()["content"] == [{"type": "text", "text": "Hi!"}]
         assert r.json()["id"] == "msg_" + r.headers["x-request-id"].removeprefix("gen-")
-    assert route.call_count == 3
+    assert len(upstreams["deepinfra"].chat_requests) == 3
     auth = {"x-api-key": KEY}
     for raw in (b"", b"{", b"[1]", b"\xff\xfe", b"null", b"[" * 100 + b"]" * 100):
         r = client.post("/v1/messages", content=raw, headers={**auth, "content-type": "application/json"})
@@ -385,13 +387,12 @@ def test_http_auth_answers_and_errors(client_for):
     message = anthropic_error(client.post("/v1/messages", json=body(model="acme/none"), headers=auth), 404,
                               "not_found_error")
     assert "acme/none" in message
-    assert route.call_count == 3
+    assert len(upstreams["deepinfra"].requests) == 3
 
 
-@respx.mock
-def test_http_upstream_failure_keeps_the_gateways_status_and_headers(client_for):
-    client = client_for(keyed_gateway())
-    respx.post(DEEPINFRA).mock(return_value=httpx.Response(503, json={"error": {"message": "down"}}))
+def test_http_upstream_failure_keeps_the_gateways_status_and_headers(client_for, upstreams):
+    client = client_for(keyed_gateway(servers=upstreams))
+    upstreams["deepinfra"].answer(json_answer({"error": {"message": "down"}}, 503))
     r = client.post("/v1/messages", json=body(**ONLY_DEEPINFRA), headers={"x-api-key": KEY})
     assert r.status_code in (502, 503) and r.headers["x-request-id"]
     data = r.json()
@@ -399,15 +400,13 @@ def test_http_upstream_failure_keeps_the_gateways_status_and_headers(client_for)
     assert KEYS["DEEPINFRA_TOKEN"] not in r.text
 
 
-@respx.mock
-def test_http_stream_with_keepalive_pings(client_for):
-    client = client_for(keyed_gateway("[routing]\nkeepalive_s = 0.1\n"))
-
-    async def slow(request):
-        await asyncio.sleep(0.35)
-        return httpx.Response(200, text=sse(chunk("Hi", "assistant"), chunk(finish="stop")))
-
-    respx.post(DEEPINFRA).mock(side_effect=slow)
+@pytest.mark.parametrize("where", ["before the head", "after the head"])
+def test_http_stream_with_keepalive_pings(client_for, upstreams, where):
+    """The upstream really waits 0.35 s before its first event, so the 0.1 s
+    keep-alive timer sends pings before ``message_start``."""
+    client = client_for(keyed_gateway("[routing]\nkeepalive_s = 0.1\n", upstreams))
+    pause = {"head_after": 0.35} if where == "before the head" else {"first_after": 0.35}
+    upstreams["deepinfra"].answer(sse_answer(sse(chunk("Hi", "assistant"), chunk(finish="stop")), **pause))
     r = client.post("/v1/messages", json=body(stream=True, **ONLY_DEEPINFRA), headers={"x-api-key": KEY})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     names = [n for n, _ in parse(r.content)]

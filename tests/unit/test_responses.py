@@ -1,4 +1,6 @@
-"""The Responses API's translation onto chat, its answers and events, and its store (no network)."""
+"""The Responses API's translation onto chat, its answers and events, and its
+store (no network), then its routes over HTTP with the production client and
+a real local upstream (``tests/unit/upstream_server.py``)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,15 @@ import logging
 import secrets
 from types import SimpleNamespace
 
-import httpx
 import msgspec
 import pytest
-import respx
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from gateway.accounting.stored_responses import MemoryStoredResponses, RedisStoredResponses, StoredResponse
 from gateway.errors import GatewayError
 from gateway.limits.keys import GatewayKey
+from gateway.pipeline.api import KEEPALIVE
 from gateway.pipeline.responses import RESPONSES, ResponsesExchange, input_messages
 from gateway.protocol import (
     AssistantMessage,
@@ -32,9 +33,12 @@ from gateway.protocol import (
 )
 from gateway.storage.autopipeline import AutoPipeline
 from gateway.storage.connect import redis_client
-from tests.unit.conftest import DEEPINFRA, V02, completion, make_gateway
+from tests.unit.conftest import V02, completion, make_gateway
 from tests.unit.test_api import KEY, KEYED
 from tests.unit.test_providers import chunk, sse
+from tests.unit.upstream_server import gateway_over, json_answer, sse_answer, upstreams
+
+__all__ = ["upstreams"]
 
 REQUEST_ID = "gen-0123456789abcdef01234567"
 EVENTS = TypeAdapter(ResponseStreamEvent)
@@ -460,11 +464,10 @@ async def test_redis_store(redis_server):
 # --- over HTTP --------------------------------------------------------------------
 
 
-@respx.mock
-def test_routes_plain_stream_get_delete(client_for, caplog):
-    client = client_for(make_gateway(KEYED))
+def test_routes_plain_stream_get_delete(client_for, upstreams):
+    client = client_for(gateway_over(upstreams, KEYED))
     auth = {"authorization": f"Bearer {KEY}"}
-    respx.post(DEEPINFRA).mock(return_value=httpx.Response(200, json=completion("Hi!")))
+    upstreams["deepinfra"].answer(json_answer(completion("Hi!")))
     r = client.post("/v1/responses", json={"model": V02, "input": "Hello", "provider": {"only": ["deepinfra"]}},
                     headers=auth)
     assert r.status_code == 200 and r.json()["output"][0]["content"][0]["text"] == "Hi!"
@@ -485,7 +488,7 @@ def test_routes_plain_stream_get_delete(client_for, caplog):
     body = sse(chunk("", "assistant"), chunk("Hi"), chunk("!"), chunk(finish="stop"),
                {"id": "u", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
-    respx.post(DEEPINFRA).mock(return_value=httpx.Response(200, text=body))
+    upstreams["deepinfra"].answer(sse_answer(body, every=0.01))
     r = client.post("/v1/responses", headers=auth,
                     json={"model": V02, "input": "Hello", "stream": True, "provider": {"only": ["deepinfra"]}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -493,6 +496,27 @@ def test_routes_plain_stream_get_delete(client_for, caplog):
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["usage"]["total_tokens"] == 5
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hi!"
     validated(events)
+    sent = [q.body for q in upstreams["deepinfra"].chat_requests]
+    assert len(sent) == 2 and "stream" not in sent[0] and sent[1]["stream"] is True
+
+
+@pytest.mark.parametrize("where", ["before the head", "after the head"])
+def test_stream_keepalives_while_waiting(client_for, upstreams, where):
+    """A slow upstream (0.45 s before its first event) gets keep-alive comments
+    (``KEEPALIVE``) from the 0.1 s timer before the events, which are whole."""
+    client = client_for(gateway_over(upstreams, KEYED + "[routing]\nkeepalive_s = 0.1\n"))
+    pause = {"head_after": 0.45} if where == "before the head" else {"first_after": 0.45}
+    body = sse(chunk("", "assistant"), chunk("Hi"), chunk(finish="stop"),
+               {"id": "u", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    upstreams["deepinfra"].answer(sse_answer(body, **pause))
+    r = client.post("/v1/responses", headers={"authorization": f"Bearer {KEY}"},
+                    json={"model": V02, "input": "Hello", "stream": True, "provider": {"only": ["deepinfra"]}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.content.startswith(KEEPALIVE * 2), r.text
+    events = parse_sse(r.content)
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hi"
 
 
 def test_openapi_lists_the_routes(client_for):
