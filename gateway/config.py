@@ -10,6 +10,7 @@ overridable fields default to ``UNSET`` rather than a value.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -272,25 +273,36 @@ class Config(_Section):
 
 
 class ConfigError(Exception):
-    """One or more problems in a config file, each naming its key path."""
+    """One or more problems in a config file, each ``key.path: message``
+    (``models[0].endpoints[1].provider: ...``) into the file named by ``source``."""
 
     def __init__(self, source: str, errors: list[str]) -> None:
         super().__init__(f"{source}: " + "; ".join(errors))
         self.source = source
         self.errors = errors
 
+    def lines(self) -> list[str]:
+        """One ``file: key.path: message`` line per error: what ``gateway serve``,
+        ``check-config`` and a reload print or log."""
+        return [f"{self.source}: {error}" for error in self.errors]
+
 
 _PATH = re.compile(r"\s+- at `\$(?P<path>[^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
 
 
 def _describe(exc: msgspec.ValidationError, prefix: str) -> str:
-    """Turn msgspec's ``... - at `$.a[0].b``` into ``a[0].b: ...``."""
+    """Turn msgspec's ``... - at `$.a[0].b``` into ``a[0].b: ...``, and an
+    unknown field into its own path (``routing.max_atempts: unknown field``)."""
     text = str(exc)
     match = _PATH.search(text)
     path = prefix
     if match:
         path = prefix + match.group("path")
         text = text[: match.start()]
+    unknown = _UNKNOWN_FIELD.fullmatch(text)
+    if unknown:
+        path, text = f"{path}.{unknown.group('field')}", "unknown field"
     return f"{path.lstrip('.') or '(top level)'}: {text}"
 
 
@@ -420,7 +432,8 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
     fields = {f.name: f for f in msgspec.structs.fields(Config)}
     for key in raw:
         if key not in fields:
-            errors.append(f"{key}: unknown section")
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            errors.append(f"{key}: unknown section" + (f" (did you mean [{near[0]}]?)" if near else ""))
     out: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in fields:
@@ -470,16 +483,32 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
     return Config(**out)
 
 
+_TOML_WHERE = re.compile(r"\s*\((?:at line (?P<line>\d+), column (?P<column>\d+)|at end of document)\)$")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A TOML file's document; a syntax error is located by line and column."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"(file): not UTF-8 text (byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        text = str(exc)
+        match = _TOML_WHERE.search(text)
+        where = "end of file"
+        if match:
+            text = text[: match.start()]
+            if match.group("line"):
+                where = f"line {match.group('line')}, column {match.group('column')}"
+        raise ConfigError(str(path), [f"{where}: invalid TOML: {text}"]) from None
+
+
 def load_file(path: str | Path) -> Config:
     """Read and validate a user's TOML config file."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"invalid TOML: {exc}"]) from None
-    return parse(raw, str(path))
+    return parse(_read(path), str(path))
 
 
 def builtin() -> Config:
@@ -544,12 +573,52 @@ def merge(base: Config, user: Config, user_raw: dict[str, Any]) -> Config:
     return msgspec.structs.replace(base, providers=providers, models=models, **sections)
 
 
+def _reference_errors(base: Config, user: Config) -> list[str]:
+    """What the catalog could not resolve once the user's file is laid over the
+    built-in one, each at its key path in the user's file: an endpoint whose
+    provider exists nowhere, a new provider without ``base_url``, a new
+    endpoint without ``context_length``."""
+    errors: list[str] = []
+    for name, pc in user.providers.items():
+        if name not in base.providers and pc.base_url is UNSET:
+            errors.append(f"providers.{name}.base_url: required (the built-in catalog has no provider {name!r})")
+    known = set(base.providers) | set(user.providers)
+    builtin_models = {m.id.lower(): m for m in base.models}
+    for i, mc in enumerate(user.models):
+        builtin_model = builtin_models.get(mc.id.lower())
+        builtin_endpoints = {e.provider: e for e in builtin_model.endpoints} if builtin_model else {}
+        for j, ec in enumerate(mc.endpoints):
+            path = f"models[{i}].endpoints[{j}]"
+            if ec.provider not in known:
+                errors.append(
+                    f"{path}.provider: unknown provider {ec.provider!r} (known: {', '.join(sorted(known))}; "
+                    f"a new one needs [providers.{ec.provider}] with base_url)"
+                )
+                continue
+            if ec.context_length is not UNSET:
+                continue
+            builtin_endpoint = builtin_endpoints.get(ec.provider)
+            if builtin_endpoint is None or builtin_endpoint.context_length is UNSET:
+                errors.append(
+                    f"{path}.context_length: required (the built-in catalog has no endpoint "
+                    f"of {mc.id!r} on {ec.provider!r} to take it from)"
+                )
+    return errors
+
+
 def load(path: str | Path | None) -> Config:
-    """The effective config: built-in catalog, with the user's file on top."""
+    """The effective config: built-in catalog, with the user's file on top.
+
+    Every error names its key path in the user's file, references across
+    sections (an endpoint's provider, a new provider's ``base_url``) included,
+    so the catalog built from the result resolves."""
     base = builtin()
     if path is None:
         return base
     path = Path(path)
-    user = load_file(path)
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    raw = _read(path)
+    user = parse(raw, str(path))
+    errors = _reference_errors(base, user)
+    if errors:
+        raise ConfigError(str(path), errors)
     return merge(base, user, raw)

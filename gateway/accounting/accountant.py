@@ -37,7 +37,8 @@ from gateway.accounting.metrics import (
     TTFT,
     UPSTREAM_ERRORS,
 )
-from gateway.accounting.trace import Trace, access_log
+from gateway.accounting.trace import Trace, Tracer, access_log
+from gateway.control.ledger import Ledger
 from gateway.limits.limiter import Limiter
 
 log = logging.getLogger("gateway")
@@ -109,20 +110,29 @@ def _record_failed(generation_id: str, future: asyncio.Future[object]) -> None:
 class Accountant:
     """Settles and records each finished request at once; observes them in batches."""
 
-    def __init__(self, limiter: Limiter, generations: GenerationStore, interval_s: float = 0.005) -> None:
+    def __init__(
+        self, limiter: Limiter, generations: GenerationStore, interval_s: float = 0.005, ledger: Ledger | None = None
+    ) -> None:
         self.limiter = limiter
         self.generations = generations
+        #: The spend ledger: one aggregate per request served with usage (None: not kept).
+        self.ledger = ledger
         self.interval_s = interval_s
         self._queue: list[Trace] = []
         #: Requests of this worker begun and not yet accounted for (streams until they end).
         self.in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
+        #: OpenTelemetry spans, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (``state.py``).
+        self.tracer: Tracer | None = None
 
     def begin(self) -> Trace:
         """A new request's trace; it is in flight until ``add``."""
         IN_FLIGHT.inc()
         self.in_flight += 1
-        return Trace(id="gen-" + secrets.token_hex(12))
+        trace = Trace(id="gen-" + secrets.token_hex(12))
+        if self.tracer is not None:
+            self.tracer.begin(trace)
+        return trace
 
     def add_after_response(self, trace: Trace) -> None:
         """``add``, once the current task has written its response: called
@@ -142,6 +152,11 @@ class Accountant:
             self.limiter.settle_key_soon(
                 trace.admission, usage.total_tokens if usage else 0, usage.estimated_cost if usage else None
             )
+        served = trace.served
+        if usage is not None and served is not None and self.ledger is not None:
+            # Once per request, for what served it; failed attempts cost nothing.
+            model = served.model.id
+            self.ledger.add(trace.key, model, usage.prompt_tokens, usage.completion_tokens, usage.estimated_cost)
         pending = self.generations.put_soon(trace.record())
         if pending is not None:
             pending.add_done_callback(functools.partial(_record_failed, trace.id))
@@ -160,3 +175,8 @@ class Accountant:
                 observe(batch)
             except Exception:
                 log.exception("metrics for %d requests failed", len(batch))
+            if self.tracer is not None:
+                try:
+                    self.tracer.export(batch)
+                except Exception:
+                    log.exception("spans for %d requests failed", len(batch))

@@ -71,6 +71,8 @@ LIMIT_REJECTIONS = Counter("gateway_limit_rejections", "Requests refused by a ke
 LIMIT_STORE_ERRORS = Counter("gateway_limit_store_errors", "Rate-limit store (Redis) calls that failed or timed out")
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being served", multiprocess_mode="livesum")
 BUDGET = Gauge("gateway_budget_usd", "Configured budget per key", ["key", "period"], multiprocess_mode="livemax")
+#: Config reloads (SIGHUP, ``POST /admin/reload``), per worker: ``ok`` applied, ``error`` kept the old config.
+CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result (ok or error)", ["result"])
 
 
 def render() -> tuple[bytes, str]:

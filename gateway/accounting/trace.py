@@ -8,13 +8,16 @@ three always agree and no metric is written on the request path.
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.accounting.generations import AttemptOut, Generation
 from gateway.limits.limiter import Admission
-from gateway.protocol import Usage
+from gateway.protocol import ChatRequest, ChoiceOut, Usage
 from gateway.routing.router import Candidate
 
 access_log = logging.getLogger("gateway.access")
@@ -36,10 +39,85 @@ class AttemptRecord:
     latency_s: float | None = None
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    #: With tracing on: the id of this attempt's span, sent upstream in its ``traceparent``.
+    span_id: int | None = None
 
     @property
     def duration_s(self) -> float:
         return (self.ended or time.monotonic()) - self.started
+
+
+@dataclass(slots=True)
+class RequestSpan:
+    """With tracing on, the request's place in a distributed trace (W3C trace
+    context). Its ids are chosen when the request begins, so that each
+    upstream attempt can name its own span in the ``traceparent`` it sends;
+    the spans themselves are built from the finished trace
+    (``gateway/accounting/tracing.py``)."""
+
+    trace_id: int
+    span_id: int
+    #: The caller's span, from its ``traceparent``; None when this request starts the trace.
+    parent_id: int | None
+    sampled: bool
+    #: The caller's ``tracestate``, passed on upstream unchanged.
+    tracestate: str | None
+    #: ``monotonic()`` when the request began: attempts are timed on that clock.
+    began: float
+    #: ``[tracing] content``: prompt and completion text go on the span.
+    content: bool
+    #: The chat request (its parameters, and its messages when ``content``); None for embeddings.
+    request: ChatRequest | None = None
+    #: A plain answer's choices, kept when ``content``.
+    output: Sequence[ChoiceOut] | None = None
+
+    def attempt(self, record: AttemptRecord, headers: dict[str, str]) -> None:
+        """Give the attempt a span id and put it, in a ``traceparent``, in the headers sent upstream."""
+        span_id = record.span_id = random.getrandbits(64) or 1
+        headers["traceparent"] = f"00-{self.trace_id:032x}-{span_id:016x}-{'01' if self.sampled else '00'}"
+        if self.tracestate:
+            headers["tracestate"] = self.tracestate
+
+
+def traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where spans go (OTLP/HTTP), as the OpenTelemetry variables say; None
+    when no endpoint is set, or the SDK or the traces exporter is turned off:
+    then tracing is off and its code is never imported."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return None
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if endpoint:
+        return endpoint
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    return base.rstrip("/") + "/v1/traces" if base else None
+
+
+#: The span of the request being served (set by the tracer as the request
+#: begins; never set while tracing is off). The failover loop reads it once per request.
+REQUEST_SPAN: ContextVar[RequestSpan | None] = ContextVar("gateway_request_span", default=None)
+
+
+class Tracer(Protocol):
+    """What the HTTP layer and the accountant call when tracing is on
+    (``gateway/accounting/tracing.py``, imported only then)."""
+
+    def incoming(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Read the caller's W3C trace context from the request headers."""
+        ...
+
+    def begin(self, trace: Trace) -> None:
+        """Give a new request its span ids."""
+        ...
+
+    def export(self, batch: list[Trace]) -> None:
+        """Hand finished requests' spans to the exporter."""
+        ...
+
+    def shutdown(self) -> None:
+        """Send what is queued and stop the exporter."""
+        ...
 
 
 @dataclass(slots=True)
@@ -66,6 +144,8 @@ class Trace:
     served: Candidate | None = None
     #: perf_counter() when the request ended (set by the accountant).
     ended: float | None = None
+    #: With tracing on: the request's span ids.
+    span: RequestSpan | None = None
 
     def labels(self) -> tuple[str, str]:
         """(model, provider) of whoever served, or of what was asked."""

@@ -31,7 +31,7 @@ from typing import TypeVar
 import msgspec
 from msgspec import UNSET
 
-from gateway.accounting.trace import AttemptRecord
+from gateway.accounting.trace import REQUEST_SPAN, AttemptRecord, RequestSpan
 from gateway.accounting.usage import usage_for
 from gateway.errors import GatewayError, Redactor
 from gateway.limits.limiter import UpstreamQuota
@@ -148,6 +148,9 @@ class Failover:
     records: list[AttemptRecord]
     served: Candidate | None = None
     failures: list[AttemptFailed] = field(default_factory=list)
+    #: The request's span when tracing is on (None otherwise), taken from the
+    #: request's context when the loop is made.
+    span: RequestSpan | None = field(default_factory=REQUEST_SPAN.get)
 
     @property
     def remaining_s(self) -> float:
@@ -175,8 +178,11 @@ class Failover:
         raises AttemptFailed or GatewayError."""
         endpoint = cand.endpoint
         timeout_s = max(0.001, min(endpoint.provider.timeout_s, self.remaining_s))
+        headers = _headers(endpoint)
+        if self.span is not None:
+            self.traced(self.span, headers)
         try:
-            response = await self.client.post(url, _headers(endpoint), body, timeout_s, endpoint.provider.connect)
+            response = await self.client.post(url, headers, body, timeout_s, endpoint.provider.connect)
         except UpstreamTimeout:
             raise AttemptFailed("timeout", "timed out") from None
         except UpstreamError as exc:
@@ -191,6 +197,11 @@ class Failover:
             raise GatewayError(response.status, message, code="upstream_rejected_request", type="invalid_request_error")
         after = retry_after(response.headers.get("retry-after"))
         raise AttemptFailed("status", f"HTTP {response.status}: {message}", response.status, after)
+
+    def traced(self, span: RequestSpan, headers: dict[str, str]) -> None:
+        """Tracing is on: the attempt being sent (the last one recorded: ``post``
+        runs inside ``tries``) gets its span id, and the upstream a ``traceparent`` naming it."""
+        span.attempt(self.records[-1], headers)
 
     def succeeded(self, cand: Candidate, record: AttemptRecord, latency_s: float) -> None:
         record.outcome, record.status, record.latency_s = "ok", 200, latency_s
@@ -262,6 +273,10 @@ class Attempts(Failover):
     """The chat API's tries: each attempt sends the chat request as its endpoint takes it."""
 
     request: ChatRequest
+
+    def traced(self, span: RequestSpan, headers: dict[str, str]) -> None:
+        span.request = self.request  # its parameters (and, with content on, its messages) go on the span
+        span.attempt(self.records[-1], headers)
 
     async def send(self, cand: Candidate, stream_usage: bool) -> UpstreamResponse:
         """Send one attempt and check its status; raises AttemptFailed or GatewayError."""
@@ -339,7 +354,10 @@ async def complete(attempts: Attempts, screen: CompletionFilter) -> Completion:
         elapsed = time.monotonic() - started
         record.ended = time.monotonic()
         attempts.succeeded(cand, record, elapsed)
-        return await _finish_completion(attempts, cand, answer, elapsed, screen)
+        done = await _finish_completion(attempts, cand, answer, elapsed, screen)
+        if attempts.span is not None and attempts.span.content:
+            attempts.span.output = done.choices
+        return done
     raise attempts.final_error()
 
 

@@ -18,16 +18,29 @@ from gateway.upstream.base import UpstreamClient
 
 
 class Services(Protocol):
-    config: Config
-    keys: KeyRing
-    router: Router
-    limiter: Limiter
-    moderation: Moderation
-    health: HealthTracker
-    client: UpstreamClient
-    accountant: Accountant
-    #: Stored responses of the Responses API (``previous_response_id``).
-    responses: ResponseStore
+    """Read-only: a request is given one config's view of them (``state.ConfigView``)
+    for its whole life, so a reload never changes them under it."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def keys(self) -> KeyRing: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def limiter(self) -> Limiter: ...
+    @property
+    def moderation(self) -> Moderation: ...
+    @property
+    def health(self) -> HealthTracker: ...
+    @property
+    def client(self) -> UpstreamClient: ...
+    @property
+    def accountant(self) -> Accountant: ...
+    @property
+    def responses(self) -> ResponseStore:
+        """Stored responses of the Responses API (``previous_response_id``)."""
+        ...
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run work that must finish even if the request that started it is cancelled."""

@@ -23,9 +23,12 @@ from gateway.errors import GatewayError
 from gateway.pipeline.api import Events
 from gateway.pipeline.attempts import FAILURES, AttemptFailed, Attempts, as_failure, scrub
 from gateway.protocol import (
+    AssistantMessage,
     ChatChunk,
     ChatChunkOut,
+    ChoiceOut,
     ChunkChoiceOut,
+    ContentFilterResults,
     Delta,
     PromptFilterResult,
     UpstreamUsage,
@@ -286,6 +289,17 @@ class StreamRelay:
             pieces.append(write(msgspec.structs.replace(self._chunk([]), usage=usage)))
         pieces.append(self.events.done())
         self.final_usage = usage
+        span = self.attempts.span
+        if span is not None and span.content:  # with [tracing] content on, the text the client got
+            span.output = [
+                ChoiceOut(
+                    index=i,
+                    message=AssistantMessage(content="".join(s.text)),
+                    finish_reason=s.finished.finish_reason if s.finished is not None else None,
+                    content_filter_results=ContentFilterResults(),
+                )
+                for i, s in sorted(self._choices.items())
+            ]
         return pieces
 
     def error_chunk(self, message: str) -> ChatChunkOut:

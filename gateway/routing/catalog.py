@@ -139,9 +139,15 @@ class Catalog:
         return self._index.get(model_id.lower())
 
 
+#: The source named by errors found here: ``config.load`` checks the user's
+#: file for all of them first, at the file's own key paths, so they reach this
+#: far only for a config put together in code (tests, embedders).
+EFFECTIVE = "effective config (the built-in catalog with the user's file on top)"
+
+
 def _provider(name: str, pc: ProviderConfig, env: dict[str, str]) -> ProviderRuntime:
     if pc.base_url is UNSET:
-        raise ConfigError("config", [f"providers.{name}.base_url: required"])
+        raise ConfigError(EFFECTIVE, [f"providers.{name}.base_url: required"])
     key_env = pc.api_key_env if pc.api_key_env is not UNSET else None
     api_key = env.get(key_env) if key_env else None
     enabled = pc.enabled if pc.enabled is not UNSET else True
@@ -193,9 +199,9 @@ def _default_supported(kind: ModelKind, provider: ProviderRuntime) -> frozenset[
     return frozenset(SAMPLING_PARAMETERS)
 
 
-def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: ProviderRuntime) -> Endpoint:
+def _endpoint(path: str, model: ModelConfig, ec: EndpointConfig, provider: ProviderRuntime) -> Endpoint:
     if ec.context_length is UNSET:
-        raise ConfigError("config", [f"models[{model.id}].endpoints[{i}].context_length: required"])
+        raise ConfigError(EFFECTIVE, [f"{path}.context_length: required (model {model.id!r})"])
     kind = _kind(model)
     supported = _opt(ec.supported_parameters)
     output_price = _opt(ec.output_usd_per_mtok)
@@ -222,13 +228,18 @@ def _endpoint(model: ModelConfig, i: int, ec: EndpointConfig, provider: Provider
 def build(config: Config, env: dict[str, str] | None = None) -> Catalog:
     """Resolve the config into a catalog; logs one line per disabled provider."""
     env = dict(os.environ) if env is None else env
-    provider_map = {name: _provider(name, pc, env) for name, pc in config.providers.items()}
+    errors: list[str] = []
+    provider_map: dict[str, ProviderRuntime] = {}
+    for name, pc in config.providers.items():
+        try:
+            provider_map[name] = _provider(name, pc, env)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
     if "local" in provider_map and not config.local.enabled and config.local.url is None:
         provider_map["local"].enabled = False
         provider_map["local"].disabled_reason = "[local] enabled = false"
-    errors: list[str] = []
     models: list[Model] = []
-    for mc in config.models:
+    for index, mc in enumerate(config.models):
         model = Model(
             id=mc.id,
             name=mc.name if mc.name is not UNSET else mc.id,
@@ -238,15 +249,17 @@ def build(config: Config, env: dict[str, str] | None = None) -> Catalog:
             kind=_kind(mc),
         )
         for i, ec in enumerate(mc.endpoints):
+            path = f"models[{index}].endpoints[{i}]"
             provider = provider_map.get(ec.provider)
             if provider is None:
-                errors.append(f"models[{mc.id}].endpoints[{i}].provider: unknown provider {ec.provider!r}")
+                if ec.provider not in config.providers:  # not one whose own error is listed already
+                    errors.append(f"{path}.provider: unknown provider {ec.provider!r} (model {mc.id!r})")
                 continue
             try:
-                model.endpoints.append(_endpoint(mc, i, ec, provider))
+                model.endpoints.append(_endpoint(path, mc, ec, provider))
             except ConfigError as exc:
                 errors.extend(exc.errors)
         models.append(model)
     if errors:
-        raise ConfigError("config", errors)
+        raise ConfigError(EFFECTIVE, errors)
     return Catalog(models, provider_map)

@@ -24,6 +24,7 @@ from gateway.pipeline.embeddings import EMBEDDINGS
 from gateway.pipeline.messages import MESSAGES, MESSAGES_PATH
 from gateway.pipeline.outcome import Reply
 from gateway.pipeline.responses import RESPONSES, RESPONSES_PATH
+from gateway.pipeline.services import Services
 from gateway.pipeline.stream import LastPiece
 from gateway.state import Gateway
 
@@ -162,14 +163,14 @@ async def send_stream(
         await stream.aclose()
 
 
-#: A pipeline's entry: the key the HTTP layer found, and the raw body.
-Answer = Callable[[Gateway, GatewayKey, bytes], Awaitable[Reply]]
+#: A pipeline's entry: the config's view, the key the HTTP layer found, and the raw body.
+Answer = Callable[[Services, GatewayKey, bytes], Awaitable[Reply]]
 
 
 def on_chat_path(api: Api) -> Answer:
     """The chat pipeline, answering in ``api``'s format."""
 
-    async def answer(gw: Gateway, key: GatewayKey, body: bytes) -> Reply:
+    async def answer(gw: Services, key: GatewayKey, body: bytes) -> Reply:
         return await chat.chat_completions(gw, key, body, api)
 
     return answer
@@ -179,12 +180,16 @@ async def serve(gw: Gateway, edge: Edge, answer: Answer, scope: Scope, receive: 
     """One POST of an API, from its ASGI messages to its reply: the key is
     checked from the headers before the body is read (a 401 does not wait
     for it), then the body is read with its limit and answered."""
+    if gw.tracer is not None:  # the caller's W3C trace context, for the request's span
+        gw.tracer.incoming(scope["headers"])
+    # The config's view, read once: a reload while the request runs does not change it.
+    view = gw.view
     try:
-        limit = gw.config.server.max_body_bytes
+        limit = view.config.server.max_body_bytes
         _check_length(scope, limit)
-        key = outcome.authenticate(gw, credentials(scope, edge), edge.name)
+        key = outcome.authenticate(view, credentials(scope, edge), edge.name)
         body = await _read_body(receive, limit)
-        reply = await answer(gw, key, body)
+        reply = await answer(view, key, body)
     except GatewayError as exc:
         await send_error(send, exc, edge)
         return

@@ -19,14 +19,18 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from gateway import config as config_mod
 from gateway.accounting import metrics
 from gateway.errors import GatewayError
 from gateway.pipeline import responses as responses_api
 from gateway.pipeline.messages import COUNT_TOKENS_PATH, MESSAGES, count_tokens
+from gateway.server.admin_keys import KEY_ROUTES
+from gateway.server.admin_spend import SPEND_ROUTES
+from gateway.server.admin_views import HANDLERS as ADMIN_VIEW_ROUTES
 from gateway.server.asgi import ROUTES, App, ASGIApp, Receive, Scope, Send, credentials, send_error, serve
+from gateway.server.console import HANDLERS as CONSOLE_ROUTES
 from gateway.server.models_api import EndpointList, ModelEndpoints, ModelList, endpoint_entry, model_entry
 from gateway.server.openapi import document_fast_paths
+from gateway.server.reload import admin_reload, ignore_sighup_until_started, reload_on_sighup, worker_config
 from gateway.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -205,6 +209,7 @@ def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
         await gw.startup()
         if drain_on_sigterm:
             gw.drain_on_sigterm()
+            reload_on_sighup(gw)
 
     async def shutdown() -> None:
         await gw.shutdown()
@@ -221,6 +226,11 @@ def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
             metrics_endpoint,
             live,
             ready,
+            *CONSOLE_ROUTES,
+            *ADMIN_VIEW_ROUTES,
+            *KEY_ROUTES,
+            *SPEND_ROUTES,
+            admin_reload,
         ],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _internal_error},
         on_startup=[startup],
@@ -239,4 +249,5 @@ def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
 def create_app_from_env() -> App:
     """The uvicorn factory for ``gateway serve`` workers."""
     path = os.environ.get(CONFIG_ENV) or None
-    return create_app(Gateway(config_mod.load(path)), drain_on_sigterm=True)
+    ignore_sighup_until_started()
+    return create_app(Gateway(worker_config(path), config_path=path), drain_on_sigterm=True)
