@@ -185,6 +185,16 @@ def _line(group: tuple[str, ...], label: tuple[str, ...], summed: _Sum) -> Spend
     )
 
 
+#: A cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(text: str) -> str:
+    """A key name or model id as a spreadsheet shows it, never run as a formula:
+    names come from config files and admin requests, and reports get opened in Excel."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _csv(rows: list[SpendRow], group: tuple[str, ...]) -> bytes:
     """The report as CSV, one header row; costs written exactly (decimal USD)."""
     groups, _ = group_rows(rows, group)
@@ -195,7 +205,7 @@ def _csv(rows: list[SpendRow], group: tuple[str, ...]) -> bytes:
     )
     for label, summed in groups:
         writer.writerow(
-            [*label, summed.requests, summed.prompt_tokens, summed.completion_tokens, usd_text(summed.cost)]
+            [*map(_cell, label), summed.requests, summed.prompt_tokens, summed.completion_tokens, usd_text(summed.cost)]
         )
     return out.getvalue().encode()
 
@@ -215,7 +225,9 @@ async def _report(request: HTTPRequest, key: str | None, allowed: tuple[str, ...
     group = grouping(params.get("group_by"), allowed)
     rows = await _rows(gw, key, first, last)
     if "text/csv" in request.headers.get("accept", ""):
-        return Response(_csv(rows, group), media_type="text/csv; charset=utf-8")
+        name = f"spend-{key or 'all'}-{first.isoformat()}-{last.isoformat()}.csv"
+        disposition = {"content-disposition": f'attachment; filename="{name}"'}
+        return Response(_csv(rows, group), media_type="text/csv; charset=utf-8", headers=disposition)
     groups, total = group_rows(rows, group)
     lines = [_line(group, label, summed) for label, summed in groups]
     report = SpendReport(lines, total.totals(), first.isoformat(), last.isoformat(), ",".join(group))

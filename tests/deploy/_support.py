@@ -30,6 +30,7 @@ GATEWAY_METRICS = {
     "gateway_limit_store_errors_total",
     "gateway_requests_in_flight",
     "gateway_budget_usd",
+    "gateway_config_reloads_total",
 }
 LOCAL_BACKEND_METRICS = {
     "local_backend_queue_depth",

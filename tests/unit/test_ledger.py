@@ -4,8 +4,10 @@ report helpers, and the ledger seen through the HTTP routes."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime as dt
 import hashlib
+import io
 import random
 import secrets
 import sqlite3
@@ -19,13 +21,14 @@ from gateway.control.ledger import (
     LedgerError,
     MemoryLedger,
     RedisLedger,
+    SpendRow,
     SqliteLedger,
     cost_units,
     usd_text,
     utc_day,
 )
 from gateway.errors import GatewayError
-from gateway.server.admin_spend import grouping, report_range
+from gateway.server.admin_spend import _csv, grouping, report_range
 from gateway.storage.autopipeline import AutoPipeline
 from gateway.storage.resp import RespClient
 from tests.eventually import aeventually
@@ -379,3 +382,20 @@ def test_admin_spend_routes_are_off_without_an_admin_key(client_for):
     mine = client.get("/v1/key").json()["data"]  # open mode: the key is "open"
     assert mine["name"] == "open" and mine["remaining"] == {"day": None, "month": None}
     assert mine["usage"]["today"] == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+
+
+def test_csv_never_hands_a_spreadsheet_a_formula():
+    """Key names and model ids come from config files and admin requests; a
+    cell that starts like a formula is written as text (OWASP CSV injection)."""
+    day = dt.date(2026, 11, 30)
+    rows = [
+        SpendRow('=HYPERLINK("http://x")', day, "+cmd|' /C calc'!A0", 1, 2, 3, 10),
+        SpendRow("team-a", day, "mistralai/mistral-7b-instruct-v0.2", 4, 5, 6, 20),
+    ]
+    table = list(csv.reader(io.StringIO(_csv(rows, ("key", "model")).decode())))
+    assert table[0] == ["key", "model", "requests", "prompt_tokens", "completion_tokens", "cost"]
+    cells = {tuple(r[:2]) for r in table[1:]}
+    assert cells == {
+        ('\'=HYPERLINK("http://x")', "'+cmd|' /C calc'!A0"),
+        ("team-a", "mistralai/mistral-7b-instruct-v0.2"),
+    }
