@@ -111,8 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.server import workers as workers_mod
     from gateway.server.backend_process import LocalBackendProcess
+    from gateway.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
     from gateway.server.routes import CONFIG_ENV
-    from gateway.state import LOCAL_URL_ENV
+    from gateway.state import EMBEDDED_REDIS_URL_ENV, LOCAL_URL_ENV
 
     # SIGHUP reloads the config: each worker installs its handler as it starts,
     # and ``--workers N``'s supervisor passes it on to them. Until then it is
@@ -130,20 +131,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    local = None
-    if cfg.local.enabled and cfg.local.url is None:
-        catalog = build(cfg, env={})
-        model = catalog.find(cfg.local.model_id)
-        served = model.endpoints[0].upstream_model if model and model.endpoints else "local"
-        local = LocalBackendProcess(cfg.local, served)
-        local.start()
-        os.environ[LOCAL_URL_ENV] = local.url
-    if args.config:
-        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
     # With one worker, uvicorn raises SIGTERM again after its shutdown: exit
-    # cleanly then, through the ``finally`` below (the local backend stops).
+    # cleanly then, through the ``finally`` below (the children stop).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    local = None
+    # Several workers and no [redis]: one shared store for their limits,
+    # generation records and stored responses, started before any worker.
+    shared = EmbeddedRedis() if workers > 1 and not cfg.redis.url else None
+    os.environ.pop(EMBEDDED_REDIS_URL_ENV, None)
     try:
+        if shared is not None:
+            try:
+                shared.start()
+            except EmbeddedRedisError as exc:
+                print(f"error: cannot start the shared store for {workers} workers: {exc}", file=sys.stderr)
+                print("Set [redis] url, or run one worker.", file=sys.stderr)
+                return 1
+            os.environ[EMBEDDED_REDIS_URL_ENV] = shared.url
+        if cfg.local.enabled and cfg.local.url is None:
+            catalog = build(cfg, env={})
+            model = catalog.find(cfg.local.model_id)
+            served = model.endpoints[0].upstream_model if model and model.endpoints else "local"
+            local = LocalBackendProcess(cfg.local, served)
+            local.start()
+            os.environ[LOCAL_URL_ENV] = local.url
+        if args.config:
+            os.environ[CONFIG_ENV] = os.path.abspath(args.config)
         server_config = uvicorn.Config(
             "gateway.server.routes:create_app_from_env",
             factory=True,
@@ -161,6 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if local is not None:
             local.stop()
+        if shared is not None:  # after the workers: their last settlements went there
+            shared.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 

@@ -46,6 +46,11 @@ log = logging.getLogger("gateway")
 #: Set by ``gateway serve`` for its workers: where the local backend it started listens.
 LOCAL_URL_ENV = "GATEWAY_LOCAL_URL"
 
+#: Set by ``gateway serve --workers N`` without ``[redis] url``: the ``unix://``
+#: URL of the Redis-compatible server it started (``server/embedded_redis.py``),
+#: which holds the limits, generation records and stored responses every worker shares.
+EMBEDDED_REDIS_URL_ENV = "GATEWAY_EMBEDDED_REDIS_URL"
+
 #: Config sections a reload does not apply (they shape what was built at
 #: start-up: the listener, Redis connections, the local backend child, circuit
 #: thresholds, record stores, tracing): the running values are kept, and a
@@ -113,8 +118,10 @@ class Gateway:
         self.generations: GenerationStore
         self.responses: ResponseStore
         self.batcher: AutoPipeline | None = None
-        if config.redis.url:
-            redis = redis_client(config.redis.url, config.redis.timeout_s)
+        # The configured Redis, else the one ``gateway serve --workers N`` started for its workers.
+        redis_url = config.redis.url or env.get(EMBEDDED_REDIS_URL_ENV)
+        if redis_url:
+            redis = redis_client(redis_url, config.redis.timeout_s)
             self.batcher = batcher = AutoPipeline(redis, backstop_s(config.redis.timeout_s))
             store: LimitStore = RedisStore(redis, config.redis.prefix, batcher)
             self.generations = RedisGenerations(
@@ -122,7 +129,7 @@ class Gateway:
             )
             self.responses = RedisStoredResponses(config.redis.prefix, config.generations.ttl_s, batcher)
         else:
-            store = MemoryStore()  # exact for this process only: one replica
+            store = MemoryStore()  # exact for this process only: one worker, one replica
             self.generations = MemoryGenerations(config.generations.capacity)
             self.responses = MemoryStoredResponses(config.generations.capacity, config.generations.ttl_s)
         self.limiter = Limiter(
@@ -133,13 +140,17 @@ class Gateway:
             block_s=config.redis.block_s,
             on_store_error=LIMIT_STORE_ERRORS.inc,
         )
-        #: Spend per key, day and model: in Redis, else SQLite under [admin] data_dir, else this process.
+        #: Spend per key, day and model: in the configured Redis, else SQLite under [admin]
+        #: data_dir (kept across restarts, which the embedded server is not), else the
+        #: embedded server (shared by the workers), else this process.
         self.ledger: Ledger
         retention = config.admin.spend_retention_days
-        if self.batcher is not None:
+        if self.batcher is not None and config.redis.url:
             self.ledger = RedisLedger(config.redis.prefix, self.batcher, retention)
         elif self.admin.enabled:
             self.ledger = SqliteLedger(Path(config.admin.data_dir) / "spend.sqlite3", retention)
+        elif self.batcher is not None:
+            self.ledger = RedisLedger(config.redis.prefix, self.batcher, retention)
         else:
             self.ledger = MemoryLedger(retention)
         self.accountant = Accountant(self.limiter, self.generations, ledger=self.ledger)
@@ -158,7 +169,7 @@ class Gateway:
         if self.admin.enabled:
             self.key_store = (
                 RedisKeyStore(config.redis.prefix, self.batcher)
-                if self.batcher is not None
+                if self.batcher is not None and config.redis.url
                 else SqliteKeyStore(config.admin.data_dir)
             )
             self.key_watch = KeyWatch(self.key_store, self.keys)
