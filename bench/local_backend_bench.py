@@ -1,14 +1,21 @@
 """Benchmark: transformers baselines vs. the local_backend server, same prompts, one run.
 
-    python bench/local_backend_bench.py [--repeats 3] [--dtypes float32,bfloat16]
+    python bench/local_backend_bench.py [--repeats 3] [--dtypes float32,bfloat16] [--isa native|avx2]
 
-Prints a markdown table of medians. Baselines (float32, the embedded SmolLM2-135M,
-in this process): sequential `generate()`, one static left-padded batch through
-`generate()`, and transformers' continuous batching `generate_batch()`. Then our
-engine as it is deployed: a `python -m local_backend serve` subprocess driven over
-HTTP by streaming clients (httpx, in this process): 16 concurrent streams, one
-stream alone, and the time to first token of a ~500-token prompt that arrives while
-15 other streams decode.
+Prints the CPU (model, the flags that pick the fast paths, torch's kernel level) and
+then a markdown table of medians with the issue's ratios. Per dtype, in rounds
+(baselines and server interleaved, so a noisy neighbour hits both alike): transformers
+in this process, in the same dtype as the server (sequential `generate()`, one static
+left-padded batch of 16 through `generate()`), then our engine as it is deployed: a
+`python -m local_backend serve` subprocess driven over HTTP by streaming clients
+(httpx, in this process): 16 concurrent streams, one stream alone, and the time to
+first token of a ~500-token prompt alone and while 15 other streams decode.
+`--generate-batch` adds transformers' continuous batching `generate_batch()` (float32).
+
+`--isa avx2` reruns this script with torch's kernels (ATEN_CPU_CAPABILITY), oneDNN
+(ONEDNN_MAX_CPU_ISA), MKL and FBGEMM capped at AVX2, for the server too: the code
+paths an AVX2-only CPU takes (no AVX-512, no native bf16), on this CPU's cores and
+memory. It is not a real AVX2-only machine; label its figures as capped.
 
 Why a subprocess and not the engine in this process: libgomp makes OpenMP parallel
 regions of a thread slow (~60 us extra each, measured) once another live thread
@@ -33,15 +40,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def _isa_from_argv() -> str:
+    for i, a in enumerate(sys.argv):
+        if a == "--isa" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if a.startswith("--isa="):
+            return a.split("=", 1)[1]
+    return "native"
+
+
+# The caps must be in the environment before torch (and its libraries) load: re-exec.
+if _isa_from_argv() == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_CAP.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_CAP})
+
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from local_backend.models import EMBEDDED_SERVED_NAME as SERVED, load_model  # noqa: E402
+from local_backend.models import (  # noqa: E402
+    CPU_FEATURES,
+    EMBEDDED_SERVED_NAME as SERVED,
+    cpu_has_native_bf16,
+    cpu_info,
+    load_model,
+)
 
 N_PROMPTS, NEW_TOKENS = 16, 64
 TOPICS = ["the ocean", "a lighthouse", "volcanoes", "a chess game", "bread baking", "the moon", "a lost key",
           "winter in Oslo", "honeybees", "a jazz club", "desert travel", "robots", "a storm", "old maps",
           "a tiny dragon", "autumn leaves"]
+
+
+def cpu_line() -> str:
+    """The CPU, the flags that pick the fast paths, and what torch makes of them."""
+    name, flags = cpu_info()
+    shown = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FEATURES)
+    amx = "yes" if flags & {"amx_tile", "amx_bf16", "amx_int8"} else "no"
+    cap = {k: v for k, v in os.environ.items() if k in AVX2_CAP}
+    return (f"CPU: {name}, {os.cpu_count()} cores; flags: {shown} amx={amx}; torch kernels: "
+            f"{torch.backends.cpu.get_cpu_capability()}, native bf16 used: {'yes' if cpu_has_native_bf16() else 'no'}"
+            + (f"; CAPPED at AVX2 ({' '.join(f'{k}={v}' for k, v in cap.items())})" if cap else ""))
 
 
 def texts() -> list[str]:
@@ -145,13 +186,45 @@ async def engine_single(client, url, text) -> float:
     return (n - 1) / (m["last"] - m["first"])
 
 
-async def engine_ttft_under_load(client, url, texts, long_text) -> float:
+async def engine_ttft_alone(client, url, long_text) -> float:
+    lm: dict = {}
+    t = time.perf_counter()
+    await stream(client, url, long_text, 4, lm)
+    return lm["first"] - t
+
+
+async def engine_ttft_under_load(client, url, texts, long_text) -> tuple[float, float]:
+    """-> (TTFT of the long prompt, longest gap between two chunks of any decoding stream meanwhile)."""
     marks = [dict() for _ in range(15)]
-    tasks = [asyncio.create_task(stream(client, url, x, 400, m)) for x, m in zip(texts[:15], marks)]
+    gaps: list[float] = [0.0]
+
+    async def watched(text: str, m: dict) -> int:
+        body = {"model": SERVED, "messages": [{"role": "user", "content": text}], "max_tokens": 400,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[6:])
+                if not (chunk["choices"] and chunk["choices"][0]["delta"].get("content")):
+                    continue  # the role chunk comes before any token
+                if "first" in m and m.get("probe_started") and not m.get("stop"):
+                    gaps.append(now - m["last"])
+                m.setdefault("first", now)
+                m["last"] = now
+                if m.get("stop"):
+                    break
+        return 0
+
+    tasks = [asyncio.create_task(watched(x, m)) for x, m in zip(texts[:15], marks)]
     while not all("first" in m for m in marks):
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.2)  # all 15 are decoding now
     lm: dict = {}
+    for m in marks:
+        m["probe_started"] = True
     t = time.perf_counter()
     probe = asyncio.create_task(stream(client, url, long_text, 4, lm))
     while "first" not in lm:
@@ -160,15 +233,15 @@ async def engine_ttft_under_load(client, url, texts, long_text) -> float:
     for m in marks:
         m["stop"] = True
     await asyncio.gather(probe, *tasks)
-    return ttft
+    return ttft, max(gaps)
 
 
-def start_server(dtype: str, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(dtype: str, port: int, threads: int | None, root: Path = ROOT) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "local_backend", "serve", "--model", "embedded", "--dtype", dtype,
            "--port", str(port), "--max-batch", "16", "--max-model-len", "2048", "--log-level", "warning"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     deadline = time.monotonic() + 300
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
@@ -180,25 +253,16 @@ def start_server(dtype: str, port: int, threads: int | None) -> subprocess.Popen
         time.sleep(0.2)
 
 
-def bench_server(dtype: str, repeats: int, threads: int | None, texts: list[str], long_text: str):
-    port = free_port()
-    proc = start_server(dtype, port, threads)
-    url = f"http://127.0.0.1:{port}"
-
-    async def run_all():
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-            await stream(client, url, texts[0], 8, {})  # warm-up
-            conc = [await engine_concurrent(client, url, texts) for _ in range(repeats)]
-            single = [await engine_single(client, url, texts[0]) for _ in range(repeats)]
-            ttft = [await engine_ttft_under_load(client, url, texts, long_text) for _ in range(repeats)]
-            return conc, single, ttft
-
-    try:
-        return asyncio.run(run_all())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+async def server_round(url: str, texts: list[str], long_text: str) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await stream(client, url, texts[0], 8, {})  # warm-up
+        e2e, decode = await engine_concurrent(client, url, texts)
+        single = await engine_single(client, url, texts[0])
+        alone = await engine_ttft_alone(client, url, long_text)
+        loaded, gap = await engine_ttft_under_load(client, url, texts, long_text)
+    return {"e2e": e2e, "decode": decode, "single": single, "ttft_alone": alone, "ttft_loaded": loaded,
+            "max_gap": gap}
 
 
 def free_port() -> int:
@@ -214,47 +278,92 @@ def med(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to run our engine with")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to run our engine (and the baselines) with")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: cap torch/oneDNN/MKL/FBGEMM at AVX2 (the paths an AVX2-only CPU takes)")
     ap.add_argument("--sequential-prompts", type=int, default=4,
                     help="sequential generate() is slow; tok/s is per prompt, so a subset suffices")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--generate-batch", action="store_true", help="add transformers' generate_batch() (float32)")
     ap.add_argument("--engine-threads", type=int, default=None, help="--threads for the server")
+    ap.add_argument("--compare-with", type=Path, default=None,
+                    help="another checkout (its local_backend/): its server is measured too, in the same rounds")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    rows: list[tuple[str, str, str]] = []
+    print(cpu_line(), flush=True)
+    dtypes = args.dtypes.split(",")
 
-    base = load_model("embedded", dtype="float32")
-    ps = prompts(base.tokenizer)
-    if not args.skip_baselines:
-        m = base.model
-        seq = [sequential_generate(m, ps[:args.sequential_prompts]) for _ in range(args.repeats)]
-        rows.append((f"transformers sequential generate() ({args.sequential_prompts} prompts, one at a time)",
-                     "float32", f"{med(seq):.0f} tok/s"))
-        static = [static_batch_generate(m, ps, pad=0) for _ in range(args.repeats)]
-        rows.append(("transformers generate(), one static padded batch of 16", "float32", f"{med(static):.0f} tok/s"))
-        gb = [hf_generate_batch(m, ps) for _ in range(args.repeats)]
-        rows.append(("transformers generate_batch() (continuous batching, paged)", "float32", f"{med(gb):.0f} tok/s"))
-        print(rows, file=sys.stderr, flush=True)
-    long, long_n = long_text(base.tokenizer)
-    del base
-    for dtype in args.dtypes.split(","):
-        conc, single, ttft = bench_server(dtype, args.repeats, args.engine_threads, texts(), long)
-        rows.append(("local_backend server, 16 concurrent streams: end to end (incl. prefill)", dtype,
-                     f"{med([c[0] for c in conc]):.0f} tok/s"))
-        rows.append(("local_backend server, 16 concurrent streams: aggregate decode", dtype,
-                     f"{med([c[1] for c in conc]):.0f} tok/s"))
-        rows.append(("local_backend server, single stream decode", dtype, f"{med(single):.0f} tok/s"))
-        rows.append((f"local_backend server, TTFT of a {long_n}-token prompt while 15 streams decode",
-                     dtype, f"{med(ttft) * 1000:.0f} ms"))
-        print(rows[-4:], file=sys.stderr, flush=True)
+    fp32 = load_model("embedded", dtype="float32")
+    ps = prompts(fp32.tokenizer)
+    long, long_n = long_text(fp32.tokenizer)
+    models = {"float32": fp32.model}
+    for d in dtypes:
+        if d not in models and not args.skip_baselines:
+            models[d] = load_model("embedded", dtype=d).model
+    servers = {}
+    roots = {"": ROOT} if args.compare_with is None else {"": ROOT, " (before)": args.compare_with.resolve()}
+    try:
+        for d in dtypes:
+            for label, root in roots.items():
+                port = free_port()
+                servers[d + label] = (start_server(d, port, args.engine_threads, root), f"http://127.0.0.1:{port}")
+        res: dict[tuple[str, str], list[float]] = {}
+        for rnd in range(args.repeats):
+            for d in dtypes:
+                if not args.skip_baselines:
+                    m = models[d]
+                    res.setdefault((d, "seq"), []).append(sequential_generate(m, ps[: args.sequential_prompts]))
+                    res.setdefault((d, "static"), []).append(static_batch_generate(m, ps, pad=0))
+                    if args.generate_batch and d == "float32":
+                        res.setdefault((d, "generate_batch"), []).append(hf_generate_batch(m, ps))
+                for label in roots:
+                    for k, v in asyncio.run(server_round(servers[d + label][1], texts(), long)).items():
+                        res.setdefault((d, k + label), []).append(v)
+                print(f"round {rnd + 1} {d}: " + ", ".join(f"{k}={v[-1]:.3g}" for (dd, k), v in res.items() if dd == d),
+                      file=sys.stderr, flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
 
-    print(f"\nSmolLM2-135M-Instruct (embedded), {N_PROMPTS} prompts x {NEW_TOKENS} new tokens, greedy, "
-          f"{torch.get_num_threads()} torch threads, median of {args.repeats}; server rows: streaming "
-          f"HTTP (SSE) from a `python -m local_backend serve` subprocess\n")
+    print(f"\n{cpu_line()}\n")
+    print(f"SmolLM2-135M-Instruct (embedded), {N_PROMPTS} prompts x {NEW_TOKENS} new tokens, greedy, "
+          f"{torch.get_num_threads()} torch threads, median of {args.repeats} interleaved rounds; server rows: "
+          "streaming HTTP (SSE) from a `python -m local_backend serve` subprocess\n")
     print("| what | dtype | median |")
     print("|---|---|---|")
-    for what, dtype, value in rows:
-        print(f"| {what} | {dtype} | {value} |")
+    for d in dtypes:
+        def row(what: str, key: str, unit: str = "tok/s", scale: float = 1.0, d: str = d) -> None:
+            if (d, key) in res:
+                print(f"| {what} | {d} | {med(res[(d, key)]) * scale:.0f} {unit} |")
+
+        row(f"transformers sequential generate() ({args.sequential_prompts} prompts, one at a time)", "seq")
+        row("transformers generate(), one static padded batch of 16", "static")
+        row("transformers generate_batch() (continuous batching, paged)", "generate_batch")
+        row("local_backend server, 16 concurrent streams: end to end (incl. prefill)", "e2e")
+        row("local_backend server, 16 concurrent streams: aggregate decode", "decode")
+        row("local_backend server, single stream decode", "single")
+        row(f"local_backend server, TTFT of a {long_n}-token prompt alone", "ttft_alone", "ms", 1000)
+        row(f"local_backend server, TTFT of a {long_n}-token prompt while 15 streams decode", "ttft_loaded", "ms",
+            1000)
+        row("local_backend server, longest gap between two chunks of a decoding stream meanwhile", "max_gap", "ms",
+            1000)
+        if args.compare_with is not None:
+            b = " (before)"
+            row(f"before ({args.compare_with}): 16 concurrent streams: end to end", "e2e" + b)
+            row("before: 16 concurrent streams: aggregate decode", "decode" + b)
+            row("before: single stream decode", "single" + b)
+            row(f"before: TTFT of a {long_n}-token prompt alone", "ttft_alone" + b, "ms", 1000)
+            row(f"before: TTFT of a {long_n}-token prompt while 15 streams decode", "ttft_loaded" + b, "ms", 1000)
+            row("before: longest gap between two chunks meanwhile", "max_gap" + b, "ms", 1000)
+    print("\nRatios (issue 16 targets: 16 streams >= 2x the static batch, single stream >= 2x sequential):\n")
+    for d in dtypes:
+        def ratio(a: str, b: str, d: str = d) -> str:
+            return f"{med(res[(d, a)]) / med(res[(d, b)]):.2f}x" if (d, a) in res and (d, b) in res else "n/a"
+
+        print(f"- {d}: 16-stream aggregate decode / static batch = {ratio('decode', 'static')}; "
+              f"single stream / sequential generate() = {ratio('single', 'seq')}; "
+              f"TTFT under 15 streams / alone = {ratio('ttft_loaded', 'ttft_alone')}")
 
 
 if __name__ == "__main__":

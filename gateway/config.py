@@ -221,6 +221,8 @@ class LocalConfig(_Section):
     device: str = "cpu"
     dtype: str = "float32"
     startup_timeout_s: PositiveFloat = 600.0
+    #: max_tokens of a request that sets none (the backend's --default-max-tokens).
+    default_max_tokens: Annotated[int, Meta(ge=1, le=1024)] = 256
 
 
 class GenerationsConfig(_Section):

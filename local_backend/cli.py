@@ -13,6 +13,15 @@ if TYPE_CHECKING:
     from .server import Backend
 
 MAX_DEFAULT_CONTEXT = 8192
+#: max_tokens of a request that sets none. At the slowest single-stream rate measured on
+#: a 2-core CPU (13 tok/s: AVX2-only EPYC, fp32, before the packed fp32 GEMMs) 256 tokens
+#: take ~20 s, inside the 30 s a first answer may take; the gateway's [local]
+#: default_max_tokens (1..1024) is passed here.
+DEFAULT_MAX_TOKENS = 256
+#: A non-streamed request ends with what it has generated (finish_reason "length") this
+#: long after it arrived, so a client (or the gateway, whose default deadline is 120 s)
+#: gets an answer instead of a timeout. 0 turns it off.
+DEFAULT_REQUEST_TIMEOUT_S = 100.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     s.add_argument("--tokenizer", default=None, help="mistral-common tokenizer file (tokenizer.model.v3, tekken.json)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    s.add_argument(
+        "--default-max-tokens",
+        type=_positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"max_tokens of a request that sets none (default {DEFAULT_MAX_TOKENS}; the context still bounds it)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds after which a non-streamed request ends with what it has, finish_reason "
+        f"'length' (default {DEFAULT_REQUEST_TIMEOUT_S:g}; 0 = none); an X-Request-Timeout header may lower it",
+    )
     s.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
 
 
 def make_loader(
@@ -55,6 +84,8 @@ def make_loader(
     max_queue: int = 64,
     max_model_len: int | None = None,
     threads: int | None = None,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> Callable[[], Backend]:
     """The start-up work the server runs in a thread: load, fuse, warm up.
 
@@ -75,7 +106,14 @@ def make_loader(
         vocab = lm.model.config.vocab_size
         engine = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg)
         engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
-        return Backend(engine=engine, tokenizer=lm.tokenizer, vocab_size=vocab)
+        return Backend(
+            engine=engine,
+            tokenizer=lm.tokenizer,
+            vocab_size=vocab,
+            defaults=lm.generation_defaults,
+            default_max_tokens=default_max_tokens,
+            request_timeout_s=request_timeout_s or None,
+        )
 
     return load
 
@@ -97,6 +135,8 @@ def serve(args: argparse.Namespace) -> None:
         args.max_queue,
         args.max_model_len,
         args.threads,
+        args.default_max_tokens,
+        args.request_timeout,
     )
     app = create_app(served, load)
     logging.getLogger("local_backend").info(

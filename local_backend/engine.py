@@ -5,14 +5,19 @@ sampling params, never HTTP. It runs in its own thread (torch releases the GIL i
 its kernels); requests arrive through a thread-safe inbox and outputs go back
 through per-request asyncio queues fed with `loop.call_soon_threadsafe`.
 
-Each iteration (1) moves the oldest waiting request into prefill when none is being
-prefilled and a decode slot is free, (2) runs at most one prompt chunk for the
-request being prefilled (chunked prefill: a long prompt costs running streams one
-chunk of latency per step, not the whole prompt), and (3) runs ONE batched decode
-forward for every running sequence. Requests join and leave between iterations;
-a finished request's slot is filled by moving the last running sequence into it,
-so the decode batch is always slots 0..B-1 and the request being prefilled sits
-in slot B.
+Each iteration (1) when no prefill group is in progress, moves the oldest waiting
+requests into one (as many as free decode slots and the token budget allow, at
+least MIN_ROW_CHUNK prompt tokens per row per step), (2) runs at most one prompt
+chunk for the group: one forward over its rows, padded to the same width, with
+at most `prefill_chunk` tokens in all while others decode (`prefill_chunk_idle`
+when nobody waits on us), so a long prompt, or a burst of arrivals, costs running
+streams one chunk of latency per step (chunked prefill), and (3) runs ONE batched
+decode forward for every running sequence. Requests join and leave between
+iterations; a finished request's slot is filled by moving the last running
+sequence into it, so the decode batch is always slots 0..B-1 and the group being
+prefilled sits in the slots right after, shortest prompt first: every row advances
+by the same width each step, so the rows that finish their prompt are always a
+prefix of the group and join the decode batch without moving.
 
 Why our own engine and not transformers' continuous batching (`generate_batch` /
 ContinuousBatchingManager): that manager has no per-request sampling params, stop
@@ -44,6 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("local_backend.engine")
 
+#: Prompt tokens per row per step a prefill group keeps at least (it admits fewer rows
+#: rather than go narrower): 16 short prompts arriving together while nobody decodes are
+#: prefilled in one forward (budget 512), instead of one request per step.
+MIN_ROW_CHUNK = 32
+
 
 class QueueFull(Exception):
     """Admission refused: too many requests already waiting."""
@@ -73,7 +83,7 @@ class StepOutput:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "error" | None
+    finish_reason: str | None  # "stop" | "length" | "error" | "timeout" | None
     prompt_tokens: int
     completion_tokens: int
 
@@ -92,6 +102,7 @@ class _Request:
     last_token: int = 0
     finished: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() by which it must have finished
 
 
 # What other threads send to the engine thread.
@@ -119,7 +130,7 @@ class Engine:
         self._lock = threading.Lock()
         self._num_waiting = 0
         self._waiting: list[_Request] = []
-        self._prefilling: _Request | None = None
+        self._prefilling: list[_Request] = []  # slots B.. right after the running ones
         self._running: list[_Request] = []  # index == KV slot
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -153,8 +164,19 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[StepOutput], None]) -> int:
-        """Queue a request; raises ContextLengthExceeded / QueueFull synchronously."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[StepOutput], None],
+        deadline: float | None = None,
+    ) -> int:
+        """Queue a request; raises ContextLengthExceeded / QueueFull synchronously.
+
+        `deadline` (a `time.monotonic()` value): once it passes, a request that has
+        started generating ends with what it has and finish_reason "length"; one still
+        waiting or prefilling ends with "timeout" and no tokens. Checked before every step.
+        """
         need = len(prompt_ids) + params.max_tokens
         if not prompt_ids or need > self.cfg.max_model_len:
             raise ContextLengthExceeded(
@@ -175,6 +197,7 @@ class Engine:
             sampler=Sampler(params, prompt_ids, self.runner.device),
             detok=IncrementalDetokenizer(self.decode_text),
             stops=StopMatcher(params.stop),
+            deadline=deadline,
         )
         self._inbox.put(("add", req))
         return req.id
@@ -185,7 +208,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + (self._prefilling is not None)
+        return len(self._running) + len(self._prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -215,18 +238,19 @@ class Engine:
             idle = not (self._running or self._prefilling or self._waiting)
             self._drain_inbox(block=idle)
             try:
+                self._expire(time.monotonic())
                 self._admit()
-                if self._prefilling is not None:
+                if self._prefilling:
                     self._prefill_step()
                 if self._running:
                     self._decode_step()
                 self.steps += 1
             except Exception:  # keep serving: fail what was in flight, not the process
                 log.exception("engine step failed; failing in-flight requests")
-                for r in list(self._running) + ([self._prefilling] if self._prefilling else []):
+                for r in self._running + self._prefilling:
                     self._emit(r, "", [], "error")
                 self._running.clear()
-                self._prefilling = None
+                self._prefilling.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -251,39 +275,84 @@ class Engine:
                     self._num_waiting -= 1
                 self.stats.finished("aborted")
                 return
-        if self._prefilling is not None and self._prefilling.id == request_id:
-            self._prefilling = None
-            self.stats.finished("aborted")
-            return
+        for j, r in enumerate(self._prefilling):
+            if r.id == request_id:
+                self._drop_prefilling(j)
+                self.stats.finished("aborted")
+                return
         for i, r in enumerate(self._running):
             if r.id == request_id:
                 self._release(i)
                 self.stats.finished("aborted")
                 return
 
-    def _admit(self) -> None:
-        if self._prefilling is None and self._waiting and len(self._running) < self.cfg.max_batch:
-            req = self._waiting.pop(0)
+    def _expire(self, now: float) -> None:
+        """End the requests whose deadline has passed (see submit)."""
+        late = [r for r in self._waiting if r.deadline is not None and r.deadline <= now]
+        for r in late:
+            self._waiting.remove(r)
             with self._lock:
                 self._num_waiting -= 1
-            self._prefilling = req
+            self._emit(r, "", [], "timeout")
+        group = self._prefilling
+        for j in range(len(group) - 1, -1, -1):
+            p = group[j]
+            if p.deadline is not None and p.deadline <= now:
+                self._drop_prefilling(j)
+                self._emit(p, "", [], "timeout")
+        running = self._running
+        for i in range(len(running) - 1, -1, -1):
+            r = running[i]
+            if r.deadline is not None and r.deadline <= now:
+                text, stopped = r.stops.push(r.detok.flush())
+                self._emit(r, text + ("" if stopped else r.stops.flush()), [], "stop" if stopped else "length")
+                self._release(i)
+
+    def _budget(self) -> int:
+        return self.cfg.prefill_chunk if self._running else self.cfg.prefill_chunk_idle
+
+    def _admit(self) -> None:
+        """Start a prefill group from the oldest waiting requests, when none is in progress."""
+        if self._prefilling or not self._waiting:
+            return
+        k = min(self.cfg.max_batch - len(self._running), len(self._waiting), max(1, self._budget() // MIN_ROW_CHUNK))
+        if k <= 0:
+            return
+        group = self._waiting[:k]
+        del self._waiting[:k]
+        with self._lock:
+            self._num_waiting -= k
+        group.sort(key=lambda r: len(r.prompt_ids))  # shortest first: see the module docstring
+        self._prefilling = group
 
     def _prefill_step(self) -> None:
-        req = self._prefilling
-        assert req is not None
-        chunk = self.cfg.prefill_chunk if self._running else self.cfg.prefill_chunk_idle
-        toks = req.prompt_ids[req.computed : req.computed + chunk]
-        logits = self.runner.prefill(len(self._running), toks, req.computed)
-        req.computed += len(toks)
-        if req.computed < len(req.prompt_ids):
+        group = self._prefilling
+        width = min(max(len(r.prompt_ids) - r.computed for r in group), max(1, self._budget() // len(group)))
+        chunks = [r.prompt_ids[r.computed : r.computed + width] for r in group]
+        logits = self.runner.prefill_rows(len(self._running), chunks, [r.computed for r in group])
+        for r, c in zip(group, chunks, strict=True):
+            r.computed += len(c)
+        n = sum(r.computed >= len(r.prompt_ids) for r in group)
+        if n == 0:
             return
-        self._prefilling = None
-        token = sample_batch(logits.unsqueeze(0), [req.sampler])[0]
-        self.stats.first_token(time.monotonic() - req.arrival)
-        self._running.append(req)
-        self._accept(req, token)
-        if req.finished:
-            self._release(len(self._running) - 1)
+        done, self._prefilling = group[:n], group[n:]
+        assert all(r.computed >= len(r.prompt_ids) for r in done), "prefill rows finish in slot order"
+        now = time.monotonic()
+        for r, token in zip(done, sample_batch(logits[:n], [r.sampler for r in done]), strict=True):
+            self.stats.first_token(now - r.arrival)
+            self._running.append(r)
+            self._accept(r, token)
+        for i in range(len(self._running) - 1, len(self._running) - 1 - n, -1):
+            if self._running[i].finished:  # EOS or max_tokens=1 at the first token
+                self._release(i)
+
+    def _drop_prefilling(self, j: int) -> None:
+        """Remove row j of the prefill group, moving the rows after it down one slot."""
+        group = self._prefilling
+        base = len(self._running)
+        for m in range(j + 1, len(group)):
+            self.runner.move(base + m, base + m - 1, group[m].computed)
+        del group[j]
 
     def _decode_step(self) -> None:
         running = self._running
@@ -336,9 +405,8 @@ class Engine:
             self.runner.move(last, index, moved.computed)
             running[index] = moved
         running.pop()
-        if self._prefilling is not None:  # it lives just past the running slots
-            p = self._prefilling
-            self.runner.move(last + 1, last, p.computed)
+        for j, p in enumerate(self._prefilling):  # the group lives just past the running slots
+            self.runner.move(last + 1 + j, last + j, p.computed)
 
 
 class RequestStream:
@@ -371,10 +439,12 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
 
-def add_request(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+def add_request(
+    engine: Engine, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None
+) -> RequestStream:
     """Submit from asyncio code. Raises QueueFull / ContextLengthExceeded immediately."""
     stream = RequestStream(engine)
-    stream.request_id = engine.submit(prompt_ids, params, stream._put)
+    stream.request_id = engine.submit(prompt_ids, params, stream._put, deadline)
     return stream
 
 

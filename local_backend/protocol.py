@@ -104,6 +104,11 @@ class ModelCard(msgspec.Struct):
     created: int
     owned_by: str = "local"
     object: str = "model"
+    # Once the model has loaded (UNSET fields are left out of the JSON):
+    max_model_len: int | msgspec.UnsetType = msgspec.UNSET
+    #: What a request gets for each field it leaves out: the checkpoint's
+    #: generation_config.json, else the OpenAI default; max_tokens is --default-max-tokens.
+    sampling_defaults: dict[str, float | int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelList(msgspec.Struct):

@@ -11,16 +11,23 @@ Running sequences occupy slots 0..B-1 so a decode step reads a plain view
 the model's own rotary module, so every rope variant transformers supports is
 honoured.
 
-bfloat16 on CPU (where oneDNN supports it): the GEMM weights are reordered once
-into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and multiplied with
-`mkldnn._linear_pointwise`, because plain `F.linear` re-lays-out the weight on
-every call. float32 keeps `F.linear`: it is the reference path the tests compare
-with transformers bit for bit, and packing changes fp32 rounding.
+CPU GEMMs (where oneDNN supports the dtype): the weights are reordered once into
+oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and multiplied with
+`mkldnn._linear_pointwise`, because plain `F.linear` re-lays-out (bf16) or goes through
+an unpacked sgemm (fp32) on every call. Measured on the 2-core EPYC box over the 121
+GEMMs of one SmolLM2 decode step (distinct weights, so from memory as in the model):
+fp32 44 -> 25 ms at batch 1 and 66 -> 32 ms at batch 16 (with oneDNN capped at AVX2:
+45 -> 26 and 70 -> 48); bf16 18 -> 14 and 28 -> 19 ms. fp32 is packed for the batch size
+the engine decodes (the layout depends on it; any batch still works); packing changes
+fp32 rounding in the last bits (|diff| ~1e-4 on logits-sized sums), so
+`pack_weights=False` keeps the F.linear path for comparisons with transformers bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from typing import TYPE_CHECKING, TypedDict
 
 import torch
@@ -33,16 +40,18 @@ log = logging.getLogger("local_backend.runner")
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN packed bf16 GEMM is available and agrees with F.linear on this machine."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
+    """oneDNN packed GEMM is available for `dtype` and agrees with F.linear on this machine."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+            return False
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
         w = torch.randn(64, 32, dtype=dtype)
         x = torch.randn(3, 32, dtype=dtype)
         packed = torch.ops.mkldnn._linear_pointwise(
-            x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], ""
+            x, torch.ops.mkldnn._reorder_linear_weight(w, 3 if dtype == torch.float32 else None), None, "none", [], ""
         )
         return bool(torch.allclose(packed.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2))
     except (AttributeError, RuntimeError):
@@ -64,7 +73,7 @@ class _Layer(TypedDict):
 class ModelRunner:
     """Owns fused weights and the KV cache; knows nothing about requests."""
 
-    def __init__(self, model: MistralForCausalLM, max_slots: int, max_len: int) -> None:
+    def __init__(self, model: MistralForCausalLM, max_slots: int, max_len: int, pack_weights: bool = True) -> None:
         cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -79,13 +88,16 @@ class ModelRunner:
         self.max_len = max_len
         self.scale = self.head_dim**-0.5
         self.rotary: torch.nn.Module = model.model.rotary_emb
-        self.packed = _can_pack(self.device, self.dtype)
-        log.info("GEMMs: %s", "oneDNN packed bf16" if self.packed else f"F.linear ({self.dtype})")
+        self.packed = pack_weights and _can_pack(self.device, self.dtype)
+        log.info("GEMMs: %s (%s)", "oneDNN packed" if self.packed else "F.linear", self.dtype)
+        # fp32's blocked layout depends on the batch (M) it is packed for; bf16's does not.
+        # (Measured: a hint of 16 was as fast as 1 at batch 1 and 1.5x faster at batch 16.)
+        hint = min(16, max(1, max_slots - 1)) if self.dtype == torch.float32 else None
 
         def pack(w: torch.Tensor) -> torch.Tensor:
             if not self.packed:
                 return w
-            packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(w, hint)
             return packed
 
         self.layers: list[_Layer] = []
@@ -115,33 +127,21 @@ class ModelRunner:
         self.kv_size = self.n_kv * self.head_dim
 
         shape = (len(self.layers), max_slots, self.n_kv, max_len, self.head_dim)
-        # torch.empty: pages are only touched when used; see _ensure_clean.
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = _zeroed(shape, self.dtype, self.device)
+        self.v_cache = _zeroed(shape, self.dtype, self.device)
         self._arange = torch.arange(max_len, device=self.device)
-        self._clean = [0] * max_slots
 
     # ------------------------------------------------------------------ cache slots
 
-    # Invariant: positions [0, clean[slot]) of every slot hold finite values. A decode
-    # step reads up to the longest row, and a masked entry still multiplies into the
-    # output as 0 * value, so never-written memory (possibly NaN) must be zeroed first.
-    # Every write (prefill, decode, move) stores finite K/V, so the mark only grows.
-
-    def _ensure_clean(self, rows: int, kv_len: int) -> None:
-        for slot in range(rows):
-            start = self._clean[slot]
-            if start < kv_len:
-                end = min(self.max_len, kv_len + 256)  # amortize: zero ahead in blocks
-                self.k_cache[:, slot, :, start:end].zero_()
-                self.v_cache[:, slot, :, start:end].zero_()
-                self._clean[slot] = end
+    # Invariant: the whole cache holds finite values. A decode step reads every row up to
+    # the longest row's length, and a masked entry still multiplies into the output as
+    # 0 * value, so it must not be NaN. The cache starts as zeros (_zeroed) and every write
+    # (prefill, decode, move) stores finite K/V.
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's KV to another slot (keeps running slots contiguous)."""
         self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
         self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
-        self._clean[dst] = max(self._clean[dst], length)
 
     # ------------------------------------------------------------------ forward
 
@@ -150,7 +150,6 @@ class ModelRunner:
         """One token for each of slots 0..B-1. tokens/positions: [B] -> logits [B, vocab]."""
         b = tokens.shape[0]
         kv_len = int(positions.max()) + 1
-        self._ensure_clean(b, kv_len)
         x = self.embed[tokens].unsqueeze(1)  # [B, 1, hidden]
         pos = positions.unsqueeze(1)  # [B, 1]
         h = self._forward(x, pos, slice(0, b), kv_len)
@@ -159,12 +158,25 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
         """Feed a prompt chunk into `slot` at positions start.. -> logits of its last token."""
-        t = len(tokens)
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(0)
-        pos = torch.arange(start, start + t, device=self.device).unsqueeze(0)
-        h = self._forward(self.embed[ids], pos, slice(slot, slot + 1), start + t)
-        self._clean[slot] = max(self._clean[slot], start + t)
-        return self._logits(h[:, -1])[0]
+        return self.prefill_rows(slot, [tokens], [start])[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, first_slot: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Prompt chunks of several sequences in one forward: row i goes into slot
+        first_slot + i at positions starts[i].. -> [rows, vocab] logits of each row's last token.
+
+        Rows are padded to the longest chunk. A pad token's K/V lands past its row's real
+        tokens (finite, and overwritten before it is ever attended to: a row writes position
+        p before it attends to p), clamped below max_len; its outputs are dropped.
+        """
+        t = max(map(len, chunks))
+        ids = torch.tensor([c + [0] * (t - len(c)) for c in chunks], device=self.device)
+        pos = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(t, device=self.device)
+        pos = pos.clamp_(max=self.max_len - 1)
+        kv_len = int(pos.max()) + 1
+        h = self._forward(self.embed[ids], pos, slice(first_slot, first_slot + len(chunks)), kv_len)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
+        return self._logits(h[torch.arange(len(chunks), device=self.device), last])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
@@ -198,8 +210,13 @@ class ModelRunner:
         # One decoding row attends to its whole prefix: no mask (a cheaper SDPA path).
         no_mask = b == 1 and t == 1 and (self.window is None or kv_len <= self.window)
         mask = None if no_mask else self._mask(pos, kv_len)
-        rows = torch.arange(slots.start, slots.stop, device=self.device).unsqueeze(1)
         nk, g, d = self.n_kv, self.group, self.head_dim
+        # K/V writes: one index_copy_ into the flattened cache per layer (advanced-index
+        # assignment cost 146 us per call at 16 rows, index_copy_ 5 us). Row r of the batch is
+        # slot slots.start + r; flat row = (slot * nk + head) * max_len + position.
+        heads = torch.arange(nk, device=self.device)
+        base = (torch.arange(slots.start, slots.stop, device=self.device) * nk).view(b, 1, 1)
+        flat_idx = ((base + heads) * self.max_len + pos.unsqueeze(-1)).view(-1)  # [B*T*nk]
         for i, w in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
             qkv = self._linear(h, w["wqkv"], w["bqkv"])
@@ -208,8 +225,8 @@ class ModelRunner:
             q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
             v = qkv[..., self.q_size + self.kv_size :]
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[rows, :, pos] = k  # [B, T, nk, D] scattered into [slot, :, pos, :]
-            vc[rows, :, pos] = v.view(b, t, nk, d)
+            kc.view(-1, d).index_copy_(0, flat_idx, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, flat_idx, v.reshape(-1, d))
             # GQA without repeat_kv: fold each kv head's query group into the query axis.
             q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
             o = F.scaled_dot_product_attention(
@@ -221,6 +238,23 @@ class ModelRunner:
             gate, up = self._linear(h, w["wgu"]).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, w["wd"])
         return x
+
+
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache that costs nothing until used.
+
+    On CPU it is an anonymous memory mapping: the kernel hands out zero pages lazily, and
+    reading a page never written maps the shared zero page (no memory, no memset). Before,
+    the cache was torch.empty and a decode step zeroed every row up to the longest row's
+    length whenever that grew: when a 493-token prompt joined 15 short rows, the next step
+    took 179 ms instead of 105 (fp32; bf16 92 vs 51), measured in bench/NOTES.md (issue 16).
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # frombuffer keeps `buf` alive for as long as the tensor lives.
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -24,11 +25,13 @@ from litestar.response import Stream
 from . import metrics
 from . import protocol as P
 from .engine import ContextLengthExceeded, Engine, QueueFull, RequestStream, add_request
-from .models import ChatTokenizer
+from .models import ChatTokenizer, GenerationDefaults
 from .sampling import InvalidParam, SamplingParams
 
 log = logging.getLogger("local_backend.server")
 JSON = "application/json"
+#: Seconds; lowers --request-timeout for one non-streamed request (see request_deadline).
+TIMEOUT_HEADER = "x-request-timeout"
 
 
 @dataclass
@@ -38,6 +41,21 @@ class Backend:
     engine: Engine
     tokenizer: ChatTokenizer
     vocab_size: int
+    defaults: GenerationDefaults
+    default_max_tokens: int  # --default-max-tokens
+    request_timeout_s: float | None  # --request-timeout (None: no deadline)
+
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """The values a request gets for the fields it leaves out (shown on /v1/models)."""
+        d = self.defaults
+        return {
+            "temperature": 1.0 if d.temperature is None else d.temperature,
+            "top_p": 1.0 if d.top_p is None else d.top_p,
+            "top_k": d.top_k or 0,
+            "min_p": d.min_p or 0.0,
+            "repetition_penalty": 1.0 if d.repetition_penalty is None else d.repetition_penalty,
+            "max_tokens": self.default_max_tokens,
+        }
 
 
 class State:
@@ -64,9 +82,19 @@ def bad_param(param: str | None, message: str) -> Response[bytes]:
 
 
 def sampling_params(
-    req: P.ChatCompletionRequest, prompt_len: int, max_model_len: int, vocab_size: int
+    req: P.ChatCompletionRequest,
+    prompt_len: int,
+    max_model_len: int,
+    vocab_size: int,
+    defaults: GenerationDefaults,
+    default_max_tokens: int,
 ) -> SamplingParams:
-    """Map OpenAI request fields to SamplingParams; raises InvalidParam naming the field."""
+    """Map OpenAI request fields to SamplingParams; raises InvalidParam naming the field.
+
+    A field the request leaves out takes the checkpoint's generation_config.json value
+    (`defaults`), else the OpenAI default; max_tokens takes `default_max_tokens`, cut to
+    what the context leaves.
+    """
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
@@ -76,14 +104,15 @@ def sampling_params(
             raise InvalidParam("logit_bias", f"logit_bias key {k!r} is not a token id") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
-        max_tokens = max(max_model_len - prompt_len, 1)
+        max_tokens = max(min(default_max_tokens, max_model_len - prompt_len), 1)
+    d = defaults
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        temperature=_first(req.temperature, d.temperature, 1.0),
+        top_p=_first(req.top_p, d.top_p, 1.0),
+        top_k=int(_first(req.top_k, d.top_k, 0)),
+        min_p=_first(req.min_p, d.min_p, 0.0),
+        repetition_penalty=_first(req.repetition_penalty, d.repetition_penalty, 1.0),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
@@ -93,6 +122,24 @@ def sampling_params(
     )
     params.validate(vocab_size)
     return params
+
+
+def _first(request: float | None, default: float | None, fallback: float) -> float:
+    return request if request is not None else default if default is not None else fallback
+
+
+def request_deadline(arrival: float, option_s: float | None, header: str | None) -> float | None:
+    """When a non-streamed request must be answered: --request-timeout, lowered by a valid
+    `X-Request-Timeout` (seconds) header; None when neither sets one."""
+    limit = option_s
+    if header is not None:
+        try:
+            asked = float(header)
+        except ValueError:
+            asked = 0.0
+        if 0 < asked < (limit if limit is not None else math.inf):
+            limit = asked
+    return None if limit is None else arrival + limit
 
 
 def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: bool = True) -> Litestar:
@@ -139,10 +186,16 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
 
     @get("/v1/models", sync_to_thread=False)
     def models() -> Response[bytes]:
-        return Response(P.encode(P.ModelList([P.ModelCard(id=served_name, created=state.created)])), media_type=JSON)
+        card = P.ModelCard(id=served_name, created=state.created)
+        b = state.backend
+        if b is not None:
+            card.max_model_len = b.engine.cfg.max_model_len
+            card.sampling_defaults = b.sampling_defaults()
+        return Response(P.encode(P.ModelList([card])), media_type=JSON)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        arrival = time.monotonic()
         try:
             req = P.decode_request(await request.body())
         except msgspec.ValidationError as e:
@@ -172,8 +225,16 @@ def create_app(served_name: str, load: Callable[[], Backend], exit_on_failure: b
         except Exception as e:  # noqa: BLE001 - see above: the caller's messages
             return bad_param("messages", f"cannot format messages: {e}")
         try:
-            params = sampling_params(req, len(prompt), b.engine.cfg.max_model_len, b.vocab_size)
-            stream = add_request(b.engine, prompt, params)
+            params = sampling_params(
+                req, len(prompt), b.engine.cfg.max_model_len, b.vocab_size, b.defaults, b.default_max_tokens
+            )
+            # Streams deliver as they go, so only a non-streamed answer has a deadline.
+            deadline = (
+                None
+                if req.stream
+                else request_deadline(arrival, b.request_timeout_s, request.headers.get(TIMEOUT_HEADER))
+            )
+            stream = add_request(b.engine, prompt, params, deadline)
         except InvalidParam as e:
             return bad_param(e.param, str(e))
         except ContextLengthExceeded as e:
@@ -229,6 +290,14 @@ async def _complete(request: Request[Any, Any, Any], stream: RequestStream, rid:
     text, finish, n_prompt, n_out = collector.result()
     if finish == "error":
         return error(500, "the engine failed while generating", "server_error")
+    if finish == "timeout":
+        return error(
+            503,
+            "the request's deadline passed before the local backend could start it (all slots were busy)",
+            "server_error",
+            code="timeout",
+            headers={"Retry-After": "1"},
+        )
     body = P.ChatCompletion(
         id=rid,
         created=int(time.time()),

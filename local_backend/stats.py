@@ -12,7 +12,8 @@ from bisect import bisect_left
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Fixed set, pre-seeded at 0: the dict never changes size, so a scrape can copy it
 # while the engine thread updates it.
-STATUSES = ("stop", "length", "error", "aborted", "rejected")
+# "timeout": its deadline passed before it could start (see Engine.submit).
+STATUSES = ("stop", "length", "error", "aborted", "rejected", "timeout")
 
 
 class EngineStats:

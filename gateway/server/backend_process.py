@@ -65,6 +65,9 @@ class LocalBackendProcess:
             self.local.dtype,
             "--served-name",
             self.served_name,
+            # A request that sets no max_tokens gets at most this many.
+            "--default-max-tokens",
+            str(self.local.default_max_tokens),
         ]
         log.info("starting local backend: %s", " ".join(cmd[1:]))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
