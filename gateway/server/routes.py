@@ -19,7 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, FromQuery
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from gateway.accounting import metrics
+from gateway.accounting import logs, metrics
 from gateway.errors import GatewayError
 from gateway.pipeline import responses as responses_api
 from gateway.pipeline.messages import COUNT_TOKENS_PATH, MESSAGES, count_tokens
@@ -249,5 +249,9 @@ def create_app(gw: Gateway, *, drain_on_sigterm: bool = False) -> App:
 def create_app_from_env() -> App:
     """The uvicorn factory for ``gateway serve`` workers."""
     path = os.environ.get(CONFIG_ENV) or None
+    if not logging.getLogger().handlers:
+        # A worker that uvicorn spawned (--workers N) starts with logging
+        # unconfigured: without this its access log and INFO lines were lost.
+        logs.setup()
     ignore_sighup_until_started()
     return create_app(Gateway(worker_config(path), config_path=path), drain_on_sigterm=True)

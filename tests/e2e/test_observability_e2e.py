@@ -77,8 +77,10 @@ def test_generation_records(start_gateway, fakes):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "generation_not_found"
 
 
-def test_access_log_is_one_json_line_per_request_without_text(start_gateway):
-    gw = start_gateway()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_access_log_is_one_json_line_per_request_without_text(start_gateway, workers):
+    """With one worker or several: a spawned worker sets up the same JSON log."""
+    gw = start_gateway(args=["--workers", str(workers)])
     client = openai.OpenAI(base_url=gw.base_url, api_key=GATEWAY_KEY, max_retries=0)
     secret_prompt = "my-private-prompt-text"
     r = client.chat.completions.create(model=V02, messages=[{"role": "user", "content": secret_prompt}])
