@@ -86,6 +86,11 @@ def setup(level: int = logging.INFO) -> None:
     root.setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     # uvicorn's own loggers keep their handlers otherwise; route them through ours.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # The gateway writes its own access log (gateway.access); uvicorn's would be
+    # a second line per request, at some 50 us of a worker's CPU each.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False

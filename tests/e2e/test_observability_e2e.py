@@ -88,6 +88,7 @@ def test_access_log_is_one_json_line_per_request_without_text(start_gateway, wor
     lines = [json.loads(line) for line in gw.log_text().splitlines() if line.startswith("{")]
     access = [entry for entry in lines if entry["logger"] == "gateway.access"]
     assert len(access) == 1
+    assert not [entry for entry in lines if entry["logger"] == "uvicorn.access"]  # one line per request, ours
     assert access[0]["id"] == r.id and access[0]["key"] == "e2e" and access[0]["status"] == 200
     assert access[0]["cost_usd"] > 0 and access[0]["duration_ms"] > 0
     assert secret_prompt not in gw.log_text()
