@@ -1,4 +1,6 @@
-"""Unit-test helpers: a Gateway on the built-in catalog with upstreams mocked by respx, for tests where the client does not matter (tests/unit/upstream_server.py serves the rest over the production client)."""
+"""Unit-test helpers: a Gateway on the built-in catalog with upstreams mocked by respx,
+for tests where the client does not matter; tests/unit/upstream_server.py serves the
+rest over the production client."""
 
 from __future__ import annotations
 
