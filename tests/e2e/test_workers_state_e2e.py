@@ -3,9 +3,9 @@
 The supervisor starts the bundled valkey-server on a private Unix socket
 (``gateway/server/embedded_redis.py``), so a key's ``rpm`` is exact across
 the workers and a generation record is found whichever worker answers the
-lookup. Every request goes over a fresh connection, so the kernel hands
-them to both workers; each worker's own metrics file (``counter_<pid>.db``
-under ``PROMETHEUS_MULTIPROC_DIR``) shows that both answered.
+lookup. Each half of the traffic is sent while the other worker is paused,
+so it is answered by one known worker; each worker's own metrics file
+(``counter_<pid>.db`` under ``PROMETHEUS_MULTIPROC_DIR``) confirms it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from tests.e2e.conftest import ENV_NAMES, GATEWAY_KEY, PROVIDER_KEYS, gateway_config
 from tests.e2e.gateway_process import GatewayProcess
+from tests.eventually import eventually
 
 V02 = "mistralai/mistral-7b-instruct-v0.2"
 ASK = [{"role": "user", "content": "Say hi"}]
@@ -106,6 +107,17 @@ def _chat(base_url: str, api_key: str) -> object:
             return exc
 
 
+def _lookup(gw: GatewayProcess, generation_id: str) -> int:
+    """``GET /v1/generation`` over a fresh connection; its status."""
+    r = httpx.get(
+        f"{gw.base_url}/generation",
+        params={"id": generation_id},
+        headers={"authorization": f"Bearer {FREE_KEY}"},
+        timeout=10,
+    )
+    return r.status_code
+
+
 def test_two_workers_share_limits_and_records(fakes, tmpdir_short):
     gw = _gateway(fakes, tmpdir_short, workers=2, key_fields="rpm = 10")
     with gw:
@@ -117,33 +129,53 @@ def test_two_workers_share_limits_and_records(fakes, tmpdir_short):
         workers = [p for p in _children(gw.process.pid) if "spawn_main" in _cmdline(p)]  # uvicorn's workers
         assert len(valkeys) == 1 and len(workers) == 2, (valkeys, workers)
 
-        # rpm = 10 across both workers: exactly 10 of 40.
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda _: _chat(gw.base_url, GATEWAY_KEY), range(40)))
+        # The kernel hands a new connection to whichever worker accepts first,
+        # and one worker may take them all. So each half of the traffic is sent
+        # while the other worker is paused (SIGSTOP, a second or two, well
+        # inside uvicorn's 5 s health check): each half is answered by one
+        # known worker.
+        first, second = workers
+
+        def on(worker: int, calls: int, make) -> list:
+            """``make()`` ``calls`` times, 8 at a time, while only ``worker`` accepts."""
+            other = second if worker == first else first
+            os.kill(other, signal.SIGSTOP)
+            try:
+                with ThreadPoolExecutor(8) as pool:
+                    return list(pool.map(lambda _: make(), range(calls)))
+            finally:
+                os.kill(other, signal.SIGCONT)
+
+        # rpm = 10 across both workers: 20 requests to one, then 20 to the
+        # other: exactly 10 of 40 (a worker of its own would admit 10 more).
+        results = on(first, 20, lambda: _chat(gw.base_url, GATEWAY_KEY))
+        results += on(second, 20, lambda: _chat(gw.base_url, GATEWAY_KEY))
         ok = [r for r in results if not isinstance(r, Exception)]
         limited = [r for r in results if isinstance(r, openai.RateLimitError)]
         assert (len(ok), len(limited)) == (10, 30), [type(r).__name__ for r in results]
+        assert not [r for r in results[20:] if not isinstance(r, Exception)]  # the second worker admitted none
 
-        # 20 records, each looked up over a fresh connection: 20 of 20 found.
-        with ThreadPoolExecutor(4) as pool:
-            made = list(pool.map(lambda _: _chat(gw.base_url, FREE_KEY), range(20)))
+        # 20 records, 10 made on each worker, each looked up on both: all found.
+        made = on(first, 10, lambda: _chat(gw.base_url, FREE_KEY)) + on(
+            second, 10, lambda: _chat(gw.base_url, FREE_KEY)
+        )
         assert not [r for r in made if isinstance(r, Exception)], made
-        ids = [r.id for r in made]
+        # A record is written behind its response (within 5 ms); a worker paused
+        # right after answering writes it once it runs again. Wait until both
+        # workers have run and every record is stored, then look each up on each.
+        every = [r.id for r in made]
 
-        def lookup(generation_id: str) -> int:
-            r = httpx.get(
-                f"{gw.base_url}/generation",
-                params={"id": generation_id},
-                headers={"authorization": f"Bearer {FREE_KEY}"},
-                timeout=10,
-            )
-            return r.status_code
+        def stored() -> None:
+            assert [_lookup(gw, i) for i in every] == [200] * len(every)
 
-        with ThreadPoolExecutor(4) as pool:
-            statuses = list(pool.map(lookup, ids))
-        assert statuses == [200] * 20, statuses
+        eventually(stored)
+        ids = iter(every * 2)
 
-        # Both workers answered (each counts what it answered in its own file).
+        statuses = on(second, 20, lambda: _lookup(gw, next(ids))) + on(first, 20, lambda: _lookup(gw, next(ids)))
+        assert statuses == [200] * 40, statuses
+
+        # Each worker's own metrics file: each answered 20 + 10 + 20 requests
+        # (the lookups are not counted there: 30 each).
         deadline = time.monotonic() + 5
         while True:
             per_worker = _requests_per_worker(tmpdir_short)
@@ -151,8 +183,7 @@ def test_two_workers_share_limits_and_records(fakes, tmpdir_short):
                 break
             time.sleep(0.2)
         print("requests answered per worker pid:", per_worker)
-        assert sum(per_worker.values()) == 60, per_worker
-        assert set(per_worker) == set(workers) and all(n > 0 for n in per_worker.values()), per_worker
+        assert per_worker == {first: 30.0, second: 30.0}, per_worker
 
         gw.process.send_signal(signal.SIGTERM)
         assert gw.process.wait(20) == 0
