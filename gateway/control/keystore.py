@@ -27,8 +27,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from gateway.config import Quota
-from gateway.limits.keys import GatewayKey
+from gateway.limits.keys import GatewayKey, gateway_key
 from gateway.storage.autopipeline import AutoPipeline
 
 _T = TypeVar("_T")
@@ -56,22 +55,7 @@ class ManagedKey(msgspec.Struct, frozen=True, kw_only=True):
 
     def gateway_key(self) -> GatewayKey:
         """The key as the key ring and the limiter use it (limits by name, like a file key)."""
-        quota = Quota(
-            rpm=self.rpm,
-            tpm=self.tpm,
-            max_concurrent=self.max_concurrent,
-            budget_usd_per_day=self.budget_usd_per_day,
-            budget_usd_per_month=self.budget_usd_per_month,
-        )
-        models = None if self.models is None else frozenset(m.lower() for m in self.models)
-        return GatewayKey(
-            self.name,
-            quota,
-            models,
-            source="admin",
-            expires_at=self.expires_at,
-            disabled=self.disabled,
-        )
+        return gateway_key(self, source="admin", expires_at=self.expires_at, disabled=self.disabled)
 
 
 def by_digest(keys: list[ManagedKey]) -> dict[str, GatewayKey]:

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.config import KeyConfig, Policy, Quota
 from gateway.errors import GatewayError
@@ -40,7 +41,36 @@ class GatewayKey:
 OPEN = GatewayKey(name="open")
 
 
-def _key(k: KeyConfig) -> GatewayKey:
+class KeyLimits(Protocol):
+    """A key's limits as a config entry (``KeyConfig``) or a key made at runtime
+    (``control.keystore.ManagedKey``) states them."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tpm(self) -> int | None: ...
+    @property
+    def max_concurrent(self) -> int | None: ...
+    @property
+    def budget_usd_per_day(self) -> float | None: ...
+    @property
+    def budget_usd_per_month(self) -> float | None: ...
+    @property
+    def models(self) -> list[str] | None: ...
+
+
+def gateway_key(
+    k: KeyLimits,
+    *,
+    safety: Policy | None = None,
+    source: str = "config",
+    expires_at: float | None = None,
+    disabled: bool = False,
+) -> GatewayKey:
+    """The key as the key ring and the limiter use it, whichever its origin:
+    its quota, and its allow-list lower-cased (model ids match case-insensitively)."""
     quota = Quota(
         rpm=k.rpm,
         tpm=k.tpm,
@@ -49,7 +79,11 @@ def _key(k: KeyConfig) -> GatewayKey:
         budget_usd_per_month=k.budget_usd_per_month,
     )
     models = None if k.models is None else frozenset(m.lower() for m in k.models)
-    return GatewayKey(k.name, quota, models, k.safety)
+    return GatewayKey(k.name, quota, models, safety, source, expires_at, disabled)
+
+
+def _key(k: KeyConfig) -> GatewayKey:
+    return gateway_key(k, safety=k.safety)
 
 
 def digest(key: str) -> str:
