@@ -1,0 +1,193 @@
+"""Where a local-backend decode step's time goes, and what the kernel alternatives cost.
+
+    python bench/local_kernels.py gemm [--dtype float32|bfloat16]
+    python bench/local_kernels.py attention [--dtype ...]
+    python bench/local_kernels.py ablate [--dtype ...]
+
+`gemm`: the 121 GEMMs of one SmolLM2-135M decode step (q/k/v, o, gate/up, down per
+layer, and the tied lm_head), each with its own weights so every call reads them from
+memory as the model does, at batch 1 and 16: oneDNN packed (what the runner uses),
+F.linear, MKL packed (fp32), and torch's int4 weight-only kernel with per-32-block
+scale and zero (the layout of the shipped Q4_1 GGUF, so it would run those weights
+without loss; its 120 layer GEMMs only).
+`attention`: one decode attention call for 16 rows (3 kv heads, 3 queries each, as
+the runner folds GQA), SDPA against matmul formulations.
+`ablate`: the runner's own decode step on the embedded model at 1 and 16 rows, then
+with one part left out at a time (outputs are wrong; only the time is read), so the
+difference is what that part costs in place.
+
+Prints the CPU with every table (the figures depend on it; see bench/NOTES.md).
+Medians; run on an idle box (`flock /tmp/bench.lock ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from local_backend.models import CPU_FEATURES, cpu_info
+
+# SmolLM2-135M: hidden 576, intermediate 1536, 9 heads / 3 kv heads of 64, 30 layers, vocab 49152.
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+LM_HEAD = (49152, 576)
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 9, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def gemm(dtype: torch.dtype) -> None:
+    shapes = LAYER_SHAPES * 30 + [LM_HEAD]
+    weights = [torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes]
+    hint = 16 if dtype == torch.float32 else None
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights]
+    q4 = [_int4(o, i, dtype) for o, i in shapes[:-1]]
+    print("| rows | oneDNN packed | F.linear | MKL packed | int4 weight-only (120 layer GEMMs) |")
+    print("|---|---|---|---|---|")
+    for rows in (1, 16):
+        x = {k: torch.randn(rows, k, dtype=dtype) for k in (576, 1536)}
+        cols = [
+            _each(shapes, x, lambda a, j: torch.ops.mkldnn._linear_pointwise(a, packed[j], None, "none", [], "")),
+            _each(shapes, x, lambda a, j: F.linear(a, weights[j])),
+            _mkl(shapes, weights, x, rows) if dtype == torch.float32 else float("nan"),
+            _each(
+                shapes[:-1],
+                x,
+                lambda a, j: torch.ops.aten._weight_int4pack_mm_for_cpu(a, q4[j][0], 32, q4[j][1]),
+                repeats=3 if dtype == torch.float32 else 9,
+            ),
+        ]
+        print(f"| {rows} | " + " | ".join(f"{c:.1f} ms" for c in cols) + " |")
+
+
+def _each(
+    shapes: list[tuple[int, int]],
+    x: dict[int, torch.Tensor],
+    call: Callable[[torch.Tensor, int], object],
+    repeats: int = 9,
+) -> float:
+    """ms for one call per shape, in order (each with its own weights, read from memory)."""
+    return median_ms(lambda: [call(x[shape[1]], j) for j, shape in enumerate(shapes)], repeats=repeats)
+
+
+def _mkl(shapes: list[tuple[int, int]], weights: list[torch.Tensor], x: dict[int, torch.Tensor], rows: int) -> float:
+    mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
+    return _each(shapes, x, lambda a, j: torch.ops.mkl._mkl_linear(a, mkl[j], weights[j], None, rows))
+
+
+def _int4(out_f: int, in_f: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Q4_1-style weights (w = d*q + m per 32 inputs) in torch's int4 layout."""
+    q = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32)
+    d = torch.rand(out_f, in_f // 32) * 0.01
+    m = -torch.rand(out_f, in_f // 32) * 0.05
+    # torch's kernel computes (q - 8) * scale + zero: scale = d, zero = m + 8d.
+    scale_zero = torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(dtype)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scale_zero
+
+
+def attention(dtype: torch.dtype) -> None:
+    rows, kv_heads, group, head_dim, max_len = 16, 3, 3, 64, 2048
+    k_cache = torch.randn(rows + 1, kv_heads, max_len, head_dim, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    print("| kv length | SDPA, bool mask | SDPA, additive mask | matmul in fp32 | matmul in dtype, fp32 softmax |")
+    print("|---|---|---|---|---|")
+    for length in (64, 128, 512):
+        q = torch.randn(rows, kv_heads, group, head_dim, dtype=dtype)
+        pos = torch.randint(length // 2, length, (rows,))
+        pos[0] = length - 1
+        allowed = (torch.arange(length) <= pos[:, None])[:, None, None, :]
+        k, v = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
+        us = [_attention_us(kind, q, k, v, allowed, dtype) for kind in ("sdpa", "sdpa-additive", "fp32", "low")]
+        print(f"| {length} | " + " | ".join(f"{u:.0f} us" for u in us) + " |")
+
+
+def _attention_us(
+    kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype
+) -> float:
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    if kind == "sdpa":
+        mask = allowed
+    elif kind == "sdpa-additive":
+        mask = additive.to(dtype)
+
+    def call() -> torch.Tensor:
+        if kind.startswith("sdpa"):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
+        if kind == "fp32":
+            s = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(0.125).add_(additive)
+            return torch.matmul(s.softmax(-1), v.float()).to(dtype)
+        s = torch.matmul(q, k.transpose(-1, -2)).float().mul_(0.125).add_(additive)
+        return torch.matmul(s.softmax(-1).to(dtype), v)
+
+    return median_ms(lambda: [call() for _ in range(50)], repeats=7) * 1e3 / 50
+
+
+def ablate(dtype_name: str) -> None:
+    from local_backend import runner as R
+    from local_backend.models import load_model
+
+    lm = load_model("embedded", dtype=dtype_name)
+    runner = R.ModelRunner(lm.model, max_slots=17, max_len=2048)
+    for slot in range(16):
+        runner.prefill(slot, list(range(100, 160 + slot)), 0)
+    real_rope, real_norm, real_sdpa, real_silu = R._rope, F.rms_norm, F.scaled_dot_product_attention, F.silu
+    # The runner calls these through module attributes, so leaving a part out is a swap of one name.
+    stand_ins = {
+        "rope": ("_rope", R, lambda x, cos, sin: x),
+        "norm": ("rms_norm", F, lambda x, *a, **k: x),
+        "attention": ("scaled_dot_product_attention", F, lambda q, k, v, **kw: q),
+        "silu": ("silu", F, lambda x, *a, **k: x),
+    }
+    originals = {"rope": real_rope, "norm": real_norm, "attention": real_sdpa, "silu": real_silu}
+
+    def step(rows: int) -> float:
+        tokens = torch.randint(100, 1000, (rows,))
+        positions = torch.arange(100, 100 + rows)
+        return median_ms(lambda: runner.decode(tokens, positions), repeats=15, warmup=3)
+
+    print("| left out | 1 row, ms/step | 16 rows, ms/step |")
+    print("|---|---|---|")
+    for part in ["(nothing)", *stand_ins]:
+        for name, (attr, mod, fake) in stand_ins.items():
+            setattr(mod, attr, fake if name == part else originals[name])
+        print(f"| {part} | {step(1):.1f} | {step(16):.1f} |")
+    for name, (attr, mod, _fake) in stand_ins.items():
+        setattr(mod, attr, originals[name])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["gemm", "attention", "ablate"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = ap.parse_args()
+    name, flags = cpu_info()
+    shown = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FEATURES)
+    print(f"CPU: {name}; {shown}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}\n")
+    dtype = getattr(torch, args.dtype)
+    torch.set_grad_enabled(False)
+    if args.what == "gemm":
+        gemm(dtype)
+    elif args.what == "attention":
+        attention(dtype)
+    else:
+        ablate(args.dtype)
+
+
+if __name__ == "__main__":
+    main()
