@@ -16,7 +16,8 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -219,7 +220,8 @@ class LocalConfig(_Section):
     model_id: str = "local/smollm2-135m-instruct"
     url: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    #: ``auto``: the backend's own pick (bf16 on CUDA and on CPUs with native bf16, else fp32).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     startup_timeout_s: PositiveFloat = 600.0
     #: max_tokens of a request that sets none (the backend's --default-max-tokens).
     default_max_tokens: Annotated[int, Meta(ge=1, le=1024)] = 256
@@ -293,19 +295,48 @@ _PATH = re.compile(r"\s+- at `\$(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
 
 
-def _describe(exc: msgspec.ValidationError, prefix: str) -> str:
-    """Turn msgspec's ``... - at `$.a[0].b``` into ``a[0].b: ...``, and an
-    unknown field into its own path (``routing.max_atempts: unknown field``)."""
+def _describe(exc: msgspec.ValidationError, prefix: str, root: type) -> str:
+    """Turn msgspec's ``... - at `$.a[0].b``` into ``a[0].b: ...``, an unknown
+    field into its own path (``routing.max_atempts: unknown field``), and a value
+    outside a ``Literal`` into a message that lists the allowed ones."""
     text = str(exc)
     match = _PATH.search(text)
     path = prefix
     if match:
         path = prefix + match.group("path")
         text = text[: match.start()]
+        if text.startswith("Invalid enum value"):
+            choices = _literal_choices(root, match.group("path"))
+            if choices:
+                text += " (expected one of " + ", ".join(repr(c) for c in choices) + ")"
     unknown = _UNKNOWN_FIELD.fullmatch(text)
     if unknown:
         path, text = f"{path}.{unknown.group('field')}", "unknown field"
     return f"{path.lstrip('.') or '(top level)'}: {text}"
+
+
+def _literal_choices(root: type, path: str) -> tuple[Any, ...]:
+    """The values of the ``Literal`` at ``path`` (``.local.dtype``) in ``root``'s fields; () if none."""
+    tp: Any = root
+    for name in re.findall(r"\.(\w+)", path):
+        if not (isinstance(tp, type) and issubclass(tp, msgspec.Struct)):
+            return ()
+        tp = _unwrap(get_type_hints(tp, include_extras=True).get(name))
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Annotated[T, ...]``, ``T | None``, ``list[T]`` and ``dict[str, T]`` -> ``T``."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, UnionType):
+            tp = next((a for a in get_args(tp) if a is not type(None)), None)
+        elif origin in (list, tuple, dict):
+            tp = get_args(tp)[-1]
+        else:
+            return tp
 
 
 # What reaches an HTTP head is checked here, at load: a value that cannot be
@@ -446,7 +477,7 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
                 try:
                     items.append(msgspec.convert(item, ModelConfig))
                 except msgspec.ValidationError as exc:
-                    errors.append(_describe(exc, f"models[{i}]"))
+                    errors.append(_describe(exc, f"models[{i}]", ModelConfig))
                 else:
                     _check_model(i, items[-1], errors)
             out[name] = items
@@ -457,7 +488,7 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
                 try:
                     providers[pname] = msgspec.convert(item, ProviderConfig)
                 except msgspec.ValidationError as exc:
-                    errors.append(_describe(exc, f"providers.{pname}"))
+                    errors.append(_describe(exc, f"providers.{pname}", ProviderConfig))
                 else:
                     _check_provider(pname, providers[pname], errors)
             out[name] = providers
@@ -465,7 +496,7 @@ def parse(raw: dict[str, Any], source: str = "config") -> Config:
         try:
             out[name] = msgspec.convert({name: value}, Config).__getattribute__(name)
         except msgspec.ValidationError as exc:
-            errors.append(_describe(exc, ""))
+            errors.append(_describe(exc, "", Config))
     redis = out.get("redis")
     if redis is not None and redis.url:
         errors.extend(f"redis.url: {problem}" for problem in redis_url_problems(redis.url))

@@ -47,8 +47,9 @@ class LocalBackendProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> None:
-        cmd = [
+    def command(self) -> list[str]:
+        """The child's command line: ``[local]`` as ``python -m local_backend serve`` options."""
+        return [
             sys.executable,
             "-m",
             "local_backend",
@@ -61,14 +62,16 @@ class LocalBackendProcess:
             str(self.port),
             "--device",
             self.local.device,
-            "--dtype",
-            self.local.dtype,
+            *(() if self.local.dtype == "auto" else ("--dtype", self.local.dtype)),
             "--served-name",
             self.served_name,
             # A request that sets no max_tokens gets at most this many.
             "--default-max-tokens",
             str(self.local.default_max_tokens),
         ]
+
+    def start(self) -> None:
+        cmd = self.command()
         log.info("starting local backend: %s", " ".join(cmd[1:]))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=preexec)

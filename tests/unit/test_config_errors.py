@@ -128,3 +128,14 @@ def test_catalog_of_a_config_made_in_code_names_the_effective_config():
         f"models[{n}].endpoints[0].provider: unknown provider 'nowhere' (model 'x/one')",
         f"models[{n + 1}].endpoints[1].context_length: required (model 'x/two')",
     ]
+
+
+def test_local_dtype_is_one_of_the_backends(tmp_path):
+    """A value outside a choice lists the choices, at any depth."""
+    assert errors_of(tmp_path, '[local]\ndtype = "bf16"\n') == [
+        "local.dtype: Invalid enum value 'bf16' (expected one of 'auto', 'float32', 'bfloat16')"
+    ]
+    sha = "0" * 64
+    assert errors_of(tmp_path, f'[[auth.keys]]\nname = "a"\nsha256 = "{sha}"\nsafety = {{ mode = "blok" }}\n') == [
+        "auth.keys[0].safety.mode: Invalid enum value 'blok' (expected one of 'annotate', 'block')"
+    ]
