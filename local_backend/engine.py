@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .detokenize import IncrementalDetokenizer, StopMatcher
+from .quantized import Q4Blocks
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, sample_batch
 from .stats import EngineStats
@@ -449,8 +450,12 @@ def add_request(
 
 
 def build_engine(
-    model: MistralForCausalLM, decode: Callable[[list[int]], str], eos_token_ids: frozenset[int], config: EngineConfig
+    model: MistralForCausalLM,
+    decode: Callable[[list[int]], str],
+    eos_token_ids: frozenset[int],
+    config: EngineConfig,
+    q4_layers: list[dict[str, Q4Blocks]] | None = None,
 ) -> Engine:
     """Fuse the model's weights into a runner sized for the config and wrap it in an Engine."""
-    runner = ModelRunner(model, max_slots=config.max_batch + 1, max_len=config.max_model_len)
+    runner = ModelRunner(model, max_slots=config.max_batch + 1, max_len=config.max_model_len, q4_layers=q4_layers)
     return Engine(runner, decode, eos_token_ids, config)

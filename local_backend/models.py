@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from .quantized import Q4Blocks, int4_usable, read_q4_layers
+
 if TYPE_CHECKING:
     from transformers import MistralForCausalLM
 
@@ -356,6 +358,8 @@ class LoadedModel:
     tokenizer: ChatTokenizer
     max_model_len: int
     generation_defaults: GenerationDefaults = GenerationDefaults()
+    #: The embedded GGUF's own 4-bit blocks per layer, where the int4 kernel pays (quantized.py).
+    q4_layers: list[dict[str, Q4Blocks]] | None = None
 
 
 #: The CPU features that decide the fast paths; printed by the benchmark and logged at start.
@@ -402,8 +406,11 @@ def pick_dtype(device: str, dtype: str | None) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def load_model(model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None) -> LoadedModel:
-    """Load weights as MistralForCausalLM plus the matching chat tokenizer."""
+def load_model(
+    model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None, int4: bool = True
+) -> LoadedModel:
+    """Load weights as MistralForCausalLM plus the matching chat tokenizer (and, for the
+    embedded model in bf16 on a CPU, unless `int4` is False, its 4-bit blocks)."""
     from transformers import AutoConfig, MistralForCausalLM
 
     src = resolve_model_dir(model)
@@ -419,6 +426,13 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, tokeni
     defaults = read_generation_defaults(src)
     if defaults.as_dict():
         log.info("sampling defaults from generation_config.json: %s", defaults.as_dict())
+    q4 = None
+    if int4 and model == EMBEDDED and int4_usable(m.device, m.dtype):
+        q4 = read_q4_layers(embedded_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
     return LoadedModel(
-        model=m, tokenizer=tok, max_model_len=int(cfg.max_position_embeddings), generation_defaults=defaults
+        model=m,
+        tokenizer=tok,
+        max_model_len=int(cfg.max_position_embeddings),
+        generation_defaults=defaults,
+        q4_layers=q4,
     )

@@ -33,10 +33,18 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 import torch.nn.functional as F
 
+from .quantized import Int4Weight, Q4Blocks, int4_usable
+
 if TYPE_CHECKING:
     from transformers import MistralForCausalLM
 
 log = logging.getLogger("local_backend.runner")
+
+#: Up to this many token rows in a forward, the layers' GEMMs use the 4-bit weights when
+#: there are any; above it, the packed ones. On the 2-core EPYC box the 120 layer GEMMs
+#: in bf16 took 4.3 / 5.0 / 5.8 / 6.5 ms in int4 at 1-4 rows against 11.2 / 11.6 / 10.2 /
+#: 9.5 packed, 11.5 against 9.5 at 6 and 21.7 against 14.7 at 16 (bench/NOTES.md).
+INT4_MAX_ROWS = 4
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -73,7 +81,14 @@ class _Layer(TypedDict):
 class ModelRunner:
     """Owns fused weights and the KV cache; knows nothing about requests."""
 
-    def __init__(self, model: MistralForCausalLM, max_slots: int, max_len: int, pack_weights: bool = True) -> None:
+    def __init__(
+        self,
+        model: MistralForCausalLM,
+        max_slots: int,
+        max_len: int,
+        pack_weights: bool = True,
+        q4_layers: list[dict[str, Q4Blocks]] | None = None,
+    ) -> None:
         cfg = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -89,7 +104,15 @@ class ModelRunner:
         self.scale = self.head_dim**-0.5
         self.rotary: torch.nn.Module = model.model.rotary_emb
         self.packed = pack_weights and _can_pack(self.device, self.dtype)
-        log.info("GEMMs: %s (%s)", "oneDNN packed" if self.packed else "F.linear", self.dtype)
+        # The checkpoint's own 4-bit blocks, where the int4 kernel is fast (see quantized.py).
+        self.int4 = q4_layers is not None and len(q4_layers) == len(model.model.layers)
+        self.int4 = self.int4 and int4_usable(self.device, self.dtype)
+        log.info(
+            "GEMMs: %s%s (%s)",
+            "int4 (the GGUF's Q4_1 blocks) for the layers, " if self.int4 else "",
+            "oneDNN packed" if self.packed else "F.linear",
+            self.dtype,
+        )
         # fp32's blocked layout depends on the batch (M) it is packed for; bf16's does not.
         # (Measured: a hint of 16 was as fast as 1 at batch 1 and 1.5x faster at batch 16.)
         hint = min(16, max(1, max_slots - 1)) if self.dtype == torch.float32 else None
@@ -120,6 +143,11 @@ class ModelRunner:
                 (a.o_proj, m.down_proj) if self.packed else ()
             ):
                 p.weight = None
+        # The same four GEMMs of each layer (q/k/v, o, gate/up, down) from the checkpoint's 4-bit blocks.
+        self.int4_layers: list[tuple[Int4Weight, ...]] = []
+        if self.int4 and q4_layers is not None:
+            names = ("wqkv", "wo", "wgu", "wd")
+            self.int4_layers = [tuple(Int4Weight.of(q[n], self.dtype) for n in names) for q in q4_layers]
         self.embed: torch.Tensor = model.model.embed_tokens.weight.detach()
         self.norm: torch.Tensor = model.model.norm.weight.detach()
         self.lm_head = pack(model.lm_head.weight.detach())
@@ -182,7 +210,9 @@ class ModelRunner:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
         return self._linear(h, self.lm_head).float()
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, Int4Weight):
+            return w(x) if b is None else w(x) + b
         if self.packed:
             # torch.ops resolves ops at run time: the call is typed as returning Any.
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # type: ignore[no-any-return]
@@ -217,9 +247,14 @@ class ModelRunner:
         heads = torch.arange(nk, device=self.device)
         base = (torch.arange(slots.start, slots.stop, device=self.device) * nk).view(b, 1, 1)
         flat_idx = ((base + heads) * self.max_len + pos.unsqueeze(-1)).view(-1)  # [B*T*nk]
-        for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
-            qkv = self._linear(h, w["wqkv"], w["bqkv"])
+        # Few rows: the 4-bit weights (memory-bound, 4.5 bits a weight read); more: the packed ones.
+        small = self.int4 and b * t <= INT4_MAX_ROWS
+        for i, layer in enumerate(self.layers):
+            wqkv, wo, wgu, wd = (
+                self.int4_layers[i] if small else (layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"])
+            )
+            h = F.rms_norm(x, (x.shape[-1],), layer["ln1"], self.eps)
+            qkv = self._linear(h, wqkv, layer["bqkv"])
             # RoPE on q and k in one pass: they are adjacent in the fused projection.
             qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
             q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
@@ -233,10 +268,10 @@ class ModelRunner:
                 q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale
             )
             o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
-            x = x + self._linear(o, w["wo"])
-            h = F.rms_norm(x, (x.shape[-1],), w["ln2"], self.eps)
-            gate, up = self._linear(h, w["wgu"]).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, w["wd"])
+            x = x + self._linear(o, wo)
+            h = F.rms_norm(x, (x.shape[-1],), layer["ln2"], self.eps)
+            gate, up = self._linear(h, wgu).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, wd)
         return x
 
 

@@ -1,0 +1,133 @@
+"""The embedded GGUF's 4-bit weights through torch's int4 kernel (local_backend/quantized.py):
+the blocks are the loaded weights, the kernel computes their product, the runner uses them
+for small batches only, and a request's greedy output does not depend on its neighbours
+while the batch stays that small."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from local_backend import runner as runner_mod
+from local_backend.engine import EngineConfig, add_request, build_engine
+from local_backend.models import embedded_gguf_path, load_model
+from local_backend.quantized import Int4Weight, Q4Blocks, int4_usable, read_q4_layers
+from local_backend.runner import INT4_MAX_ROWS, ModelRunner
+from local_backend.sampling import SamplingParams
+
+
+def q4_1(w: torch.Tensor) -> Q4Blocks:
+    """Quantize like llama.cpp's Q4_1: per 32 inputs, m = min, d = (max - min) / 15 (fp16)."""
+    out, inp = w.shape
+    groups = w.float().view(out, inp // 32, 32)
+    m = groups.amin(-1).half().float()
+    d = ((groups.amax(-1) - m) / 15).clamp_min(1e-8).half().float()
+    q = ((groups - m[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.int32).view(out, inp)
+    return Q4Blocks(q, d, m)
+
+
+def quantized_tiny(tiny_model_dir, dtype: str):
+    """The tiny model with every layer weight replaced by its Q4_1 rounding, and those blocks."""
+    lm = load_model(str(tiny_model_dir), dtype=dtype)
+    layers = []
+    for layer in lm.model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        blocks = {p: q4_1(p.weight.detach()) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                         m.gate_proj, m.up_proj, m.down_proj)}
+        with torch.no_grad():
+            for p, b in blocks.items():
+                p.weight.copy_(b.dequantized().to(p.weight.dtype))
+        layers.append({"wqkv": Q4Blocks.stack([blocks[a.q_proj], blocks[a.k_proj], blocks[a.v_proj]]),
+                       "wo": blocks[a.o_proj],
+                       "wgu": Q4Blocks.stack([blocks[m.gate_proj], blocks[m.up_proj]]),
+                       "wd": blocks[m.down_proj]})
+    return lm, layers
+
+
+def test_int4_weight_computes_the_dequantized_product() -> None:
+    gen = torch.Generator().manual_seed(1)
+    blocks = Q4Blocks(torch.randint(0, 16, (96, 128), generator=gen), torch.rand(96, 4, generator=gen) * 0.02,
+                      -torch.rand(96, 4, generator=gen) * 0.1)
+    x = torch.randn(2, 3, 128, generator=gen)
+    got = Int4Weight.of(blocks, torch.bfloat16)(x.bfloat16())
+    want = F.linear(x, blocks.dequantized())
+    assert got.shape == (2, 3, 96)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+def test_int4_only_where_its_kernel_is_fast() -> None:
+    assert int4_usable(torch.device("cpu"), torch.bfloat16)
+    assert not int4_usable(torch.device("cpu"), torch.float32)  # a reference loop: ~4x slower than packed
+    assert not int4_usable(torch.device("cuda"), torch.bfloat16)
+
+
+def test_gguf_blocks_are_the_weights_transformers_loads() -> None:
+    """Dequantized, the GGUF's blocks (q and k rows un-permuted, then fused) equal the
+    converted checkpoint's weights exactly."""
+    lm = load_model("embedded", dtype="float32")
+    assert lm.q4_layers is None  # fp32 does not use them
+    cfg = lm.model.config
+    layers = read_q4_layers(embedded_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
+    assert layers is not None and len(layers) == cfg.num_hidden_layers
+    for i in (0, cfg.num_hidden_layers - 1):
+        a, m = lm.model.model.layers[i].self_attn, lm.model.model.layers[i].mlp
+        want = {"wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), "wo": a.o_proj.weight,
+                "wgu": torch.cat([m.gate_proj.weight, m.up_proj.weight]), "wd": m.down_proj.weight}
+        for name, weight in want.items():
+            assert torch.equal(layers[i][name].dequantized(), weight.detach()), (i, name)
+
+
+def test_runner_uses_int4_for_small_batches_only(tiny_model_dir, monkeypatch) -> None:
+    lm, q4 = quantized_tiny(tiny_model_dir, "bfloat16")
+    runner = ModelRunner(lm.model, max_slots=8, max_len=64, q4_layers=q4)
+    ref_lm, _ = quantized_tiny(tiny_model_dir, "bfloat16")
+    ref = ModelRunner(ref_lm.model, max_slots=8, max_len=64)  # the same weights, packed bf16 only
+    assert runner.int4 and not ref.int4
+    calls = []
+    real_call = Int4Weight.__call__
+    monkeypatch.setattr(Int4Weight, "__call__", lambda self, x: calls.append(x.shape) or real_call(self, x))
+    for r in (runner, ref):
+        for slot in range(7):
+            r.prefill(slot, [5 + slot, 6, 7, 8, 9, 10], 0)  # 6 tokens a row: packed GEMMs
+    assert calls == []
+    for rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 7):
+        tokens, positions = torch.arange(20, 20 + rows), torch.full((rows,), 6)
+        calls.clear()
+        got, want = runner.decode(tokens, positions), ref.decode(tokens, positions)
+        assert bool(calls) == (rows <= INT4_MAX_ROWS), rows
+        assert len(calls) == (4 * len(q4) if rows <= INT4_MAX_ROWS else 0)
+        # Same weights, other rounding: the logits agree to bf16 precision and rank alike.
+        torch.testing.assert_close(got, want, atol=0.15, rtol=0.05)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+async def test_int4_greedy_output_is_the_same_alone_and_beside_others(tiny_model_dir) -> None:
+    """Up to INT4_MAX_ROWS rows every decode step runs int4, so a neighbour changes nothing."""
+    lm, q4 = quantized_tiny(tiny_model_dir, "bfloat16")
+    cfg = EngineConfig(max_batch=INT4_MAX_ROWS, max_queue=8, max_model_len=256, prefill_chunk=16, prefill_chunk_idle=64)
+    eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, q4)
+    assert eng.runner.int4
+    eng.start()
+    try:
+        greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+
+        async def run(text: str) -> list[int]:
+            prompt = lm.tokenizer.encode_chat([{"role": "user", "content": text}])
+            return [t async for out in add_request(eng, prompt, greedy) for t in out.token_ids]
+
+        alone = await run("The quick brown fox jumps over the lazy dog.")
+        together = await asyncio.gather(run("The quick brown fox jumps over the lazy dog."),
+                                        run("Already running."), run("word " * 30), run("x"))
+        assert together[0] == alone and len(alone) == 30
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_off_keeps_the_dequantized_weights(dtype) -> None:
+    lm = load_model("embedded", dtype=dtype, int4=False)
+    assert lm.q4_layers is None
+    assert not runner_mod.ModelRunner(lm.model, max_slots=2, max_len=16, q4_layers=lm.q4_layers).int4
