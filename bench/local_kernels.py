@@ -3,6 +3,7 @@
     python bench/local_kernels.py gemm [--dtype float32|bfloat16]
     python bench/local_kernels.py attention [--dtype ...]
     python bench/local_kernels.py ablate [--dtype ...]
+    python bench/local_kernels.py accuracy
 
 `gemm`: the 121 GEMMs of one SmolLM2-135M decode step (q/k/v, o, gate/up, down per
 layer, and the tied lm_head), each with its own weights so every call reads them from
@@ -15,6 +16,10 @@ the runner folds GQA), SDPA against matmul formulations.
 `ablate`: the runner's own decode step on the embedded model at 1 and 16 rows, then
 with one part left out at a time (outputs are wrong; only the time is read), so the
 difference is what that part costs in place.
+`accuracy`: the embedded model through the runner in fp32, in bf16 with packed weights
+and in bf16 with the GGUF's int4 blocks (one row at a time, so int4 is used): the
+perplexity of an English paragraph and the first token of the README's question (that
+one comes from the prompt's forward, over more than 4 rows: packed weights in both bf16 runs).
 
 Prints the CPU with every table (the figures depend on it; see bench/NOTES.md).
 Medians; run on an idle box (`flock /tmp/bench.lock ...`).
@@ -23,6 +28,7 @@ Medians; run on an idle box (`flock /tmp/bench.lock ...`).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -171,9 +177,45 @@ def ablate(dtype_name: str) -> None:
         setattr(mod, attr, originals[name])
 
 
+PARAGRAPH = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+    "after the engineer Gustave Eiffel, whose company designed and built the tower. Locally nicknamed the "
+    "Iron Lady, it was constructed from 1887 to 1889 as the centerpiece of the 1889 World's Fair."
+)
+
+
+def accuracy() -> None:
+    from local_backend import runner as R
+    from local_backend.models import load_model
+
+    print("| weights | perplexity | first token of the README question at temperature 0.2 |")
+    print("|---|---|---|")
+    for label, dtype, int4 in (
+        ("fp32", "float32", False),
+        ("bf16 packed", "bfloat16", False),
+        ("bf16 int4", "bfloat16", True),
+    ):
+        lm = load_model("embedded", dtype=dtype, int4=int4)
+        runner = R.ModelRunner(lm.model, max_slots=2, max_len=512, q4_layers=lm.q4_layers)
+        assert runner.int4 == int4
+        tok = lm.tokenizer.tok  # type: ignore[attr-defined]
+        ids = tok(PARAGRAPH)["input_ids"]
+        logits, nll = runner.prefill(0, ids[:1], 0), 0.0
+        for i in range(1, len(ids)):  # one row a step: the path a lone stream takes
+            nll -= float(torch.log_softmax(logits.float(), -1)[ids[i]])
+            logits = runner.decode(torch.tensor([ids[i]]), torch.tensor([i]))[0]
+        question = lm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        probs = torch.softmax(runner.prefill(1, question, 0).float() / 0.2, -1)
+        top = torch.topk(probs, 2)
+        first = ", ".join(
+            f"{tok.decode([int(t)])!r} {float(p):.3f}" for p, t in zip(top.values, top.indices, strict=True)
+        )
+        print(f"| {label} | {math.exp(nll / (len(ids) - 1)):.3f} ({len(ids) - 1} tokens) | {first} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gemm", "attention", "ablate"])
+    ap.add_argument("what", choices=["gemm", "attention", "ablate", "accuracy"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     name, flags = cpu_info()
@@ -185,6 +227,8 @@ def main() -> None:
         gemm(dtype)
     elif args.what == "attention":
         attention(dtype)
+    elif args.what == "accuracy":
+        accuracy()
     else:
         ablate(args.dtype)
 
