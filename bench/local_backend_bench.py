@@ -12,6 +12,12 @@ left-padded batch of 16 through `generate()`), then our engine as it is deployed
 first token of a ~500-token prompt alone and while 15 other streams decode.
 `--generate-batch` adds transformers' continuous batching `generate_batch()` (float32).
 
+The server runs as deployed, with `--int4 auto`: it decodes from the GGUF's own 4-bit
+weights (local_backend/quantized.py), and in fp32 those GEMMs take their inputs rounded
+to bf16; "same dtype" is then the dtype of its activations, residual stream and KV
+cache. `--int4-off-too` adds a server with `--int4 off` (the dequantized weights, the
+baseline's weights exactly) in the same rounds.
+
 `--isa avx2` reruns this script with torch's kernels (ATEN_CPU_CAPABILITY), oneDNN
 (ONEDNN_MAX_CPU_ISA), MKL and FBGEMM capped at AVX2, for the server too: the code
 paths an AVX2-only CPU takes (no AVX-512, no native bf16), on this CPU's cores and
@@ -236,9 +242,10 @@ async def engine_ttft_under_load(client, url, texts, long_text) -> tuple[float, 
     return ttft, max(gaps)
 
 
-def start_server(dtype: str, port: int, threads: int | None, root: Path = ROOT) -> subprocess.Popen:
+def start_server(dtype: str, port: int, threads: int | None, root: Path = ROOT,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "local_backend", "serve", "--model", "embedded", "--dtype", dtype,
-           "--port", str(port), "--max-batch", "16", "--max-model-len", "2048", "--log-level", "warning"]
+           "--port", str(port), "--max-batch", "16", "--max-model-len", "2048", "--log-level", "warning", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
@@ -288,6 +295,8 @@ def main() -> None:
     ap.add_argument("--engine-threads", type=int, default=None, help="--threads for the server")
     ap.add_argument("--compare-with", type=Path, default=None,
                     help="another checkout (its local_backend/): its server is measured too, in the same rounds")
+    ap.add_argument("--int4-off-too", action="store_true",
+                    help="also measure a server started with --int4 off (the dequantized weights only), same rounds")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(cpu_line(), flush=True)
@@ -301,12 +310,18 @@ def main() -> None:
         if d not in models and not args.skip_baselines:
             models[d] = load_model("embedded", dtype=d).model
     servers = {}
-    roots = {"": ROOT} if args.compare_with is None else {"": ROOT, " (before)": args.compare_with.resolve()}
+    # label -> (checkout, extra server arguments)
+    roots: dict[str, tuple[Path, tuple[str, ...]]] = {"": (ROOT, ())}
+    if args.compare_with is not None:
+        roots[" (before)"] = (args.compare_with.resolve(), ())
+    if args.int4_off_too:
+        roots[" (--int4 off)"] = (ROOT, ("--int4", "off"))
     try:
         for d in dtypes:
-            for label, root in roots.items():
+            for label, (root, extra) in roots.items():
                 port = free_port()
-                servers[d + label] = (start_server(d, port, args.engine_threads, root), f"http://127.0.0.1:{port}")
+                proc = start_server(d, port, args.engine_threads, root, extra)
+                servers[d + label] = (proc, f"http://127.0.0.1:{port}")
         res: dict[tuple[str, str], list[float]] = {}
         for rnd in range(args.repeats):
             for d in dtypes:
@@ -356,6 +371,10 @@ def main() -> None:
             row(f"before: TTFT of a {long_n}-token prompt alone", "ttft_alone" + b, "ms", 1000)
             row(f"before: TTFT of a {long_n}-token prompt while 15 streams decode", "ttft_loaded" + b, "ms", 1000)
             row("before: longest gap between two chunks meanwhile", "max_gap" + b, "ms", 1000)
+        if args.int4_off_too:
+            o = " (--int4 off)"
+            row("--int4 off: 16 concurrent streams: aggregate decode", "decode" + o)
+            row("--int4 off: single stream decode", "single" + o)
     print("\nRatios (issue 16 targets: 16 streams >= 2x the static batch, single stream >= 2x sequential):\n")
     for d in dtypes:
         def ratio(a: str, b: str, d: str = d) -> str:
@@ -364,6 +383,9 @@ def main() -> None:
         print(f"- {d}: 16-stream aggregate decode / static batch = {ratio('decode', 'static')}; "
               f"single stream / sequential generate() = {ratio('single', 'seq')}; "
               f"TTFT under 15 streams / alone = {ratio('ttft_loaded', 'ttft_alone')}")
+        if args.int4_off_too:
+            o = " (--int4 off)"
+            print(f"  - with --int4 off: {ratio('decode' + o, 'static')}; {ratio('single' + o, 'seq')}")
 
 
 if __name__ == "__main__":

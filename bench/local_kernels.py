@@ -16,10 +16,11 @@ the runner folds GQA), SDPA against matmul formulations.
 `ablate`: the runner's own decode step on the embedded model at 1 and 16 rows, then
 with one part left out at a time (outputs are wrong; only the time is read), so the
 difference is what that part costs in place.
-`accuracy`: the embedded model through the runner in fp32, in bf16 with packed weights
-and in bf16 with the GGUF's int4 blocks (one row at a time, so int4 is used): the
+`accuracy`: the embedded model through the runner in fp32 and bf16, each with the
+dequantized weights packed and with the GGUF's int4 blocks (one row at a time, so int4
+is used; fp32 then rounds the GEMM inputs to bf16): the
 perplexity of an English paragraph and the first token of the README's question (that
-one comes from the prompt's forward, over more than 4 rows: packed weights in both bf16 runs).
+one comes from the prompt's forward, over more than 4 rows: packed weights in every run).
 
 Prints the CPU with every table (the figures depend on it; see bench/NOTES.md).
 Medians; run on an idle box (`flock /tmp/bench.lock ...`).

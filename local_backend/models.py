@@ -358,7 +358,7 @@ class LoadedModel:
     tokenizer: ChatTokenizer
     max_model_len: int
     generation_defaults: GenerationDefaults = GenerationDefaults()
-    #: The embedded GGUF's own 4-bit blocks per layer, where the int4 kernel pays (quantized.py).
+    #: The embedded GGUF's own 4-bit blocks per layer, on a CPU (quantized.py).
     q4_layers: list[dict[str, Q4Blocks]] | None = None
 
 
@@ -410,7 +410,7 @@ def load_model(
     model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None, int4: bool = True
 ) -> LoadedModel:
     """Load weights as MistralForCausalLM plus the matching chat tokenizer (and, for the
-    embedded model in bf16 on a CPU, unless `int4` is False, its 4-bit blocks)."""
+    embedded model on a CPU, unless `int4` is False, its 4-bit blocks)."""
     from transformers import AutoConfig, MistralForCausalLM
 
     src = resolve_model_dir(model)
@@ -427,7 +427,7 @@ def load_model(
     if defaults.as_dict():
         log.info("sampling defaults from generation_config.json: %s", defaults.as_dict())
     q4 = None
-    if int4 and model == EMBEDDED and int4_usable(m.device, m.dtype):
+    if int4 and model == EMBEDDED and int4_usable(m.device):
         q4 = read_q4_layers(embedded_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
     return LoadedModel(
         model=m,

@@ -41,10 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("local_backend.runner")
 
 #: Up to this many token rows in a forward, the layers' GEMMs use the 4-bit weights when
-#: there are any; above it, the packed ones. On the 2-core EPYC box the 120 layer GEMMs
-#: in bf16 took 4.3 / 5.0 / 5.8 / 6.5 ms in int4 at 1-4 rows against 11.2 / 11.6 / 10.2 /
-#: 9.5 packed, 11.5 against 9.5 at 6 and 21.7 against 14.7 at 16 (bench/NOTES.md).
-INT4_MAX_ROWS = 4
+#: there are any; above it, the packed ones. The 120 layer GEMMs on the 2-core EPYC box
+#: (bench/NOTES.md), int4 against packed, ms: bf16 4.3 / 11.2 at 1 row, 6.5 / 9.5 at 4,
+#: 11.5 / 9.5 at 6, 21.7 / 14.7 at 16; fp32 5.0 / 19.7 at 1, 18.1 / 22.2 at 12, 22.9 /
+#: 25.6 at 16, and with the kernels capped at AVX2 8.5 / 19.6, 27.1 / 30.1 and 34.8 /
+#: 34.2. So bf16 switches at 4 rows and fp32 decodes every batch (up to 16) in int4.
+INT4_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -106,10 +108,11 @@ class ModelRunner:
         self.packed = pack_weights and _can_pack(self.device, self.dtype)
         # The checkpoint's own 4-bit blocks, where the int4 kernel is fast (see quantized.py).
         self.int4 = q4_layers is not None and len(q4_layers) == len(model.model.layers)
-        self.int4 = self.int4 and int4_usable(self.device, self.dtype)
+        self.int4 = self.int4 and self.dtype in INT4_MAX_ROWS and int4_usable(self.device)
+        self.int4_max_rows = INT4_MAX_ROWS.get(self.dtype, 0)
         log.info(
             "GEMMs: %s%s (%s)",
-            "int4 (the GGUF's Q4_1 blocks) for the layers, " if self.int4 else "",
+            f"int4 (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
             "oneDNN packed" if self.packed else "F.linear",
             self.dtype,
         )
@@ -147,7 +150,7 @@ class ModelRunner:
         self.int4_layers: list[tuple[Int4Weight, ...]] = []
         if self.int4 and q4_layers is not None:
             names = ("wqkv", "wo", "wgu", "wd")
-            self.int4_layers = [tuple(Int4Weight.of(q[n], self.dtype) for n in names) for q in q4_layers]
+            self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
         self.embed: torch.Tensor = model.model.embed_tokens.weight.detach()
         self.norm: torch.Tensor = model.model.norm.weight.detach()
         self.lm_head = pack(model.lm_head.weight.detach())
@@ -248,7 +251,7 @@ class ModelRunner:
         base = (torch.arange(slots.start, slots.stop, device=self.device) * nk).view(b, 1, 1)
         flat_idx = ((base + heads) * self.max_len + pos.unsqueeze(-1)).view(-1)  # [B*T*nk]
         # Few rows: the 4-bit weights (memory-bound, 4.5 bits a weight read); more: the packed ones.
-        small = self.int4 and b * t <= INT4_MAX_ROWS
+        small = self.int4 and b * t <= self.int4_max_rows
         for i, layer in enumerate(self.layers):
             wqkv, wo, wgu, wd = (
                 self.int4_layers[i] if small else (layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"])

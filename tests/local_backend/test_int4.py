@@ -1,7 +1,7 @@
 """The embedded GGUF's 4-bit weights through torch's int4 kernel (local_backend/quantized.py):
 the blocks are the loaded weights, the kernel computes their product, the runner uses them
-for small batches only, and a request's greedy output does not depend on its neighbours
-while the batch stays that small."""
+up to its row limit (4 in bf16, 16 in fp32) and the packed weights above it, and a request's
+greedy output does not depend on its neighbours while the batch stays within that limit."""
 
 from __future__ import annotations
 
@@ -52,26 +52,26 @@ def test_int4_weight_computes_the_dequantized_product() -> None:
     blocks = Q4Blocks(torch.randint(0, 16, (96, 128), generator=gen), torch.rand(96, 4, generator=gen) * 0.02,
                       -torch.rand(96, 4, generator=gen) * 0.1)
     x = torch.randn(2, 3, 128, generator=gen)
-    got = Int4Weight.of(blocks, torch.bfloat16)(x.bfloat16())
     want = F.linear(x, blocks.dequantized())
-    assert got.shape == (2, 3, 96)
-    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+    for dtype in (torch.bfloat16, torch.float32):  # fp32 activations go in rounded to bf16, come back fp32
+        got = Int4Weight.of(blocks)(x.to(dtype))
+        assert got.shape == (2, 3, 96) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
 
 
-def test_int4_only_where_its_kernel_is_fast() -> None:
-    assert int4_usable(torch.device("cpu"), torch.bfloat16)
-    assert not int4_usable(torch.device("cpu"), torch.float32)  # a reference loop: ~4x slower than packed
-    assert not int4_usable(torch.device("cuda"), torch.bfloat16)
+def test_int4_on_cpus_only() -> None:
+    assert int4_usable(torch.device("cpu"))
+    assert not int4_usable(torch.device("cuda"))
 
 
 def test_gguf_blocks_are_the_weights_transformers_loads() -> None:
     """Dequantized, the GGUF's blocks (q and k rows un-permuted, then fused) equal the
     converted checkpoint's weights exactly."""
     lm = load_model("embedded", dtype="float32")
-    assert lm.q4_layers is None  # fp32 does not use them
     cfg = lm.model.config
     layers = read_q4_layers(embedded_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
     assert layers is not None and len(layers) == cfg.num_hidden_layers
+    assert lm.q4_layers is not None and len(lm.q4_layers) == len(layers)
     for i in (0, cfg.num_hidden_layers - 1):
         a, m = lm.model.model.layers[i].self_attn, lm.model.model.layers[i].mlp
         want = {"wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), "wo": a.o_proj.weight,
@@ -80,34 +80,36 @@ def test_gguf_blocks_are_the_weights_transformers_loads() -> None:
             assert torch.equal(layers[i][name].dequantized(), weight.detach()), (i, name)
 
 
-def test_runner_uses_int4_for_small_batches_only(tiny_model_dir, monkeypatch) -> None:
-    lm, q4 = quantized_tiny(tiny_model_dir, "bfloat16")
-    runner = ModelRunner(lm.model, max_slots=8, max_len=64, q4_layers=q4)
-    ref_lm, _ = quantized_tiny(tiny_model_dir, "bfloat16")
-    ref = ModelRunner(ref_lm.model, max_slots=8, max_len=64)  # the same weights, packed bf16 only
-    assert runner.int4 and not ref.int4
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_runner_uses_int4_up_to_its_row_limit(tiny_model_dir, monkeypatch, dtype) -> None:
+    lm, q4 = quantized_tiny(tiny_model_dir, dtype)
+    limit = INT4_MAX_ROWS[getattr(torch, dtype)]
+    runner = ModelRunner(lm.model, max_slots=limit + 2, max_len=64, q4_layers=q4)
+    ref_lm, _ = quantized_tiny(tiny_model_dir, dtype)
+    ref = ModelRunner(ref_lm.model, max_slots=limit + 2, max_len=64)  # the same weights, packed only
+    assert runner.int4 and not ref.int4 and runner.int4_max_rows == limit
     calls = []
     real_call = Int4Weight.__call__
     monkeypatch.setattr(Int4Weight, "__call__", lambda self, x: calls.append(x.shape) or real_call(self, x))
     for r in (runner, ref):
-        for slot in range(7):
-            r.prefill(slot, [5 + slot, 6, 7, 8, 9, 10], 0)  # 6 tokens a row: packed GEMMs
+        for slot in range(limit + 1):
+            r.prefill(slot, [5 + slot] + [6] * 16, 0)  # 17 tokens a row: packed GEMMs
     assert calls == []
-    for rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 7):
-        tokens, positions = torch.arange(20, 20 + rows), torch.full((rows,), 6)
+    for rows in (1, limit, limit + 1):
+        tokens, positions = torch.arange(20, 20 + rows), torch.full((rows,), 17)
         calls.clear()
         got, want = runner.decode(tokens, positions), ref.decode(tokens, positions)
-        assert bool(calls) == (rows <= INT4_MAX_ROWS), rows
-        assert len(calls) == (4 * len(q4) if rows <= INT4_MAX_ROWS else 0)
+        assert len(calls) == (4 * len(q4) if rows <= limit else 0), rows
         # Same weights, other rounding: the logits agree to bf16 precision and rank alike.
         torch.testing.assert_close(got, want, atol=0.15, rtol=0.05)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 async def test_int4_greedy_output_is_the_same_alone_and_beside_others(tiny_model_dir) -> None:
-    """Up to INT4_MAX_ROWS rows every decode step runs int4, so a neighbour changes nothing."""
+    """Up to the row limit every decode step runs int4, so a neighbour changes nothing."""
     lm, q4 = quantized_tiny(tiny_model_dir, "bfloat16")
-    cfg = EngineConfig(max_batch=INT4_MAX_ROWS, max_queue=8, max_model_len=256, prefill_chunk=16, prefill_chunk_idle=64)
+    limit = INT4_MAX_ROWS[torch.bfloat16]
+    cfg = EngineConfig(max_batch=limit, max_queue=8, max_model_len=256, prefill_chunk=16, prefill_chunk_idle=64)
     eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, q4)
     assert eng.runner.int4
     eng.start()
