@@ -192,7 +192,8 @@ def accuracy() -> None:
     print("| weights | perplexity | first token of the README question at temperature 0.2 |")
     print("|---|---|---|")
     for label, dtype, int4 in (
-        ("fp32", "float32", False),
+        ("fp32 packed", "float32", False),
+        ("fp32 int4 (bf16 GEMM inputs)", "float32", True),
         ("bf16 packed", "bfloat16", False),
         ("bf16 int4", "bfloat16", True),
     ):
