@@ -21,6 +21,10 @@ fp32 44 -> 25 ms at batch 1 and 66 -> 32 ms at batch 16 (with oneDNN capped at A
 the engine decodes (the layout depends on it; any batch still works); packing changes
 fp32 rounding in the last bits (|diff| ~1e-4 on logits-sized sums), so
 `pack_weights=False` keeps the F.linear path for comparisons with transformers bit for bit.
+
+Given the checkpoint's 4-bit blocks (the embedded GGUF's, `quantized.py`), a forward of
+at most INT4_MAX_ROWS token rows runs the layers' GEMMs on them instead: decoding reads
+4.5 bits a weight, not 16 or 32.
 """
 
 from __future__ import annotations
