@@ -428,7 +428,14 @@ def load_model(
         log.info("sampling defaults from generation_config.json: %s", defaults.as_dict())
     q4 = None
     if int4 and model == EMBEDDED and int4_usable(m.device):
-        q4 = read_q4_layers(embedded_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
+        try:
+            q4 = read_q4_layers(embedded_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
+        # A gguf package that reads this file differently must cost speed, not the start.
+        except (OSError, ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+            log.warning("not using the GGUF's 4-bit weights (the dequantized ones serve): %s", e)
+        else:
+            if q4 is None:
+                log.info("the GGUF's layers are not all Q4_1: serving the dequantized weights only")
     return LoadedModel(
         model=m,
         tokenizer=tok,

@@ -133,3 +133,18 @@ def test_int4_off_keeps_the_dequantized_weights(dtype) -> None:
     lm = load_model("embedded", dtype=dtype, int4=False)
     assert lm.q4_layers is None
     assert not runner_mod.ModelRunner(lm.model, max_slots=2, max_len=16, q4_layers=lm.q4_layers).int4
+
+
+def test_unreadable_blocks_cost_speed_not_the_start(monkeypatch, caplog) -> None:
+    """If the 4-bit blocks cannot be read, the model still loads and serves its dequantized weights."""
+    from local_backend import models
+
+    def broken(*args, **kwargs):
+        raise ValueError("unexpected tensor layout")
+
+    monkeypatch.setattr(models, "read_q4_layers", broken)
+    with caplog.at_level("WARNING", logger="local_backend.models"):
+        lm = load_model("embedded", dtype="float32")
+    assert lm.q4_layers is None
+    assert "not using the GGUF's 4-bit weights" in caplog.text and "unexpected tensor layout" in caplog.text
+    assert not ModelRunner(lm.model, max_slots=2, max_len=16, q4_layers=lm.q4_layers).int4
