@@ -110,10 +110,19 @@ class ModelRunner:
         self.scale = self.head_dim**-0.5
         self.rotary: torch.nn.Module = model.model.rotary_emb
         self.packed = pack_weights and _can_pack(self.device, self.dtype)
-        # The checkpoint's own 4-bit blocks, where the int4 kernel is fast (see quantized.py).
-        self.int4 = q4_layers is not None and len(q4_layers) == len(model.model.layers)
-        self.int4 = self.int4 and self.dtype in INT4_MAX_ROWS and int4_usable(self.device)
+        # The checkpoint's own 4-bit blocks, where the int4 kernel runs (see quantized.py).
+        use_int4 = (
+            q4_layers is not None
+            and len(q4_layers) == len(model.model.layers)
+            and self.dtype in INT4_MAX_ROWS
+            and int4_usable(self.device)
+        )
         self.int4_max_rows = INT4_MAX_ROWS.get(self.dtype, 0)
+        # The same four GEMMs of each layer (q/k/v, o, gate/up, down) from those blocks.
+        self.int4_layers: list[tuple[Int4Weight, ...]] = []
+        if use_int4 and q4_layers is not None:
+            names = ("wqkv", "wo", "wgu", "wd")
+            self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
         log.info(
             "GEMMs: %s%s (%s)",
             f"int4 (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
@@ -150,11 +159,6 @@ class ModelRunner:
                 (a.o_proj, m.down_proj) if self.packed else ()
             ):
                 p.weight = None
-        # The same four GEMMs of each layer (q/k/v, o, gate/up, down) from the checkpoint's 4-bit blocks.
-        self.int4_layers: list[tuple[Int4Weight, ...]] = []
-        if self.int4 and q4_layers is not None:
-            names = ("wqkv", "wo", "wgu", "wd")
-            self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
         self.embed: torch.Tensor = model.model.embed_tokens.weight.detach()
         self.norm: torch.Tensor = model.model.norm.weight.detach()
         self.lm_head = pack(model.lm_head.weight.detach())
@@ -165,6 +169,11 @@ class ModelRunner:
         self.k_cache = _zeroed(shape, self.dtype, self.device)
         self.v_cache = _zeroed(shape, self.dtype, self.device)
         self._arange = torch.arange(max_len, device=self.device)
+
+    @property
+    def int4(self) -> bool:
+        """Whether small forwards run on the checkpoint's 4-bit blocks."""
+        return bool(self.int4_layers)
 
     # ------------------------------------------------------------------ cache slots
 

@@ -15,15 +15,26 @@ from tests.fakes.servers import REPO_ROOT, free_port
 
 
 class GatewayProcess:
-    """``python -m gateway serve --config FILE`` on a free port, stopped on exit."""
+    """``python -m gateway serve --config FILE`` on a free port, stopped on exit.
 
-    def __init__(self, config_toml: str, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    ``config_toml=None`` starts it with no config at all, as ``make serve`` does;
+    ``env_drop`` names variables of this environment the gateway must not see.
+    """
+
+    def __init__(
+        self,
+        config_toml: str | None,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        env_drop: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="gw-e2e-")
         self.config_path = Path(self._dir.name) / "gateway.toml"
-        self.config_path.write_text(config_toml)
+        if config_toml is not None:
+            self.config_path.write_text(config_toml)
         self.log_path = Path(self._dir.name) / "gateway.log"
-        self.env = {**os.environ, **(env or {})}
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in env_drop}
         self.args = args or []
         self.process: subprocess.Popen | None = None
 
@@ -36,8 +47,8 @@ class GatewayProcess:
         return self.url + "/v1"
 
     def start(self, ready_timeout_s: float = 30.0, wait_ready: bool = True) -> "GatewayProcess":
-        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-               "--port", str(self.port), *self.args]
+        config = ["--config", str(self.config_path)] if self.config_path.exists() else []
+        cmd = [sys.executable, "-m", "gateway", "serve", *config, "--port", str(self.port), *self.args]
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout_s

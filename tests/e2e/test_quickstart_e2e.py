@@ -10,19 +10,15 @@ gateway is started as ``make serve`` starts it, minus the install step:
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.fakes.servers import REPO_ROOT, free_port
+from tests.e2e.gateway_process import GatewayProcess
+from tests.fakes.servers import REPO_ROOT
 
 README = Path(REPO_ROOT) / "README.md"
 README_URL = "http://127.0.0.1:8000/v1"
@@ -45,37 +41,11 @@ def quickstart_snippet() -> str:
 
 @pytest.fixture(scope="module")
 def gateway_url():
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-        def log_text() -> str:
-            log.seek(0)
-            return log.read().decode(errors="replace")[-20_000:]
-
-        url = f"http://127.0.0.1:{port}"
-        try:
-            # The first start on a machine converts the bundled GGUF into the cache (~25 s, more when busy).
-            deadline = time.monotonic() + 600
-            while True:
-                assert proc.poll() is None, f"gateway exited with {proc.returncode}:\n{log_text()}"
-                assert time.monotonic() < deadline, f"not ready after 600 s:\n{log_text()}"
-                try:
-                    if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    # No config and none of the user's provider keys: what `make serve` starts on a fresh clone.
+    # The first start on a machine converts the bundled GGUF into the cache (~25 s, more when busy).
+    gw = GatewayProcess(None, env_drop=USER_ENV)
+    with gw.start(ready_timeout_s=600):
+        yield gw.url
 
 
 def test_readme_quickstart_twenty_times(gateway_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import mistral_common
 import pytest
 import torch
+from litestar.testing import AsyncTestClient
 from transformers import MistralConfig, MistralForCausalLM
 
+from local_backend.cli import make_loader
 from local_backend.engine import Engine, EngineConfig, build_engine
 from local_backend.models import load_model
+from local_backend.server import create_app
 
 V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 
@@ -48,3 +54,15 @@ def make_engine(tiny_model_dir: Path):
     yield make
     for e in engines:
         e.shutdown()
+
+
+@asynccontextmanager
+async def in_process_server(model_dir: Path, name: str, **loader: int) -> AsyncIterator[AsyncTestClient]:
+    """The HTTP app over `model_dir` in this process, once /health says the model is loaded."""
+    app = create_app(name, make_loader(str(model_dir), **loader), exit_on_failure=False)  # type: ignore[arg-type]
+    async with AsyncTestClient(app=app, timeout=30) as c:
+        for _ in range(300):
+            if (await c.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        yield c

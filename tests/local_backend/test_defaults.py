@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import time
@@ -14,7 +13,7 @@ from litestar.testing import AsyncTestClient
 
 import local_backend.engine as engine_mod
 from local_backend import protocol as P
-from local_backend.cli import make_loader, parse_args
+from local_backend.cli import parse_args
 from local_backend.engine import add_request
 from local_backend.models import (
     EMBEDDED_SAMPLING,
@@ -24,7 +23,8 @@ from local_backend.models import (
     write_embedded_sampling,
 )
 from local_backend.sampling import SamplingParams
-from local_backend.server import create_app, request_deadline, sampling_params
+from local_backend.server import request_deadline, sampling_params
+from tests.local_backend.conftest import in_process_server
 
 NAME = "tiny"
 
@@ -91,13 +91,8 @@ def test_the_embedded_model_applies_the_model_cards_sampling() -> None:
 
 @pytest.fixture
 async def client(tiny_with_defaults: Path):
-    app = create_app(NAME, make_loader(str(tiny_with_defaults), max_batch=2, max_queue=4, max_model_len=128,
-                                       default_max_tokens=7), exit_on_failure=False)
-    async with AsyncTestClient(app=app, timeout=30) as c:
-        for _ in range(300):
-            if (await c.get("/health")).status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+    async with in_process_server(tiny_with_defaults, NAME, max_batch=2, max_queue=4, max_model_len=128,
+                                 default_max_tokens=7) as c:
         yield c
 
 

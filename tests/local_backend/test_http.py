@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from local_backend.cli import make_loader
 from local_backend.engine import QueueFull
-from local_backend.server import create_app
+from tests.local_backend.conftest import in_process_server
 
 NAME = "tiny"
 
 
 @pytest.fixture
 async def client(tiny_model_dir: Path):
-    app = create_app(NAME, make_loader(str(tiny_model_dir), max_batch=1, max_queue=1, max_model_len=128),
-                     exit_on_failure=False)
-    async with AsyncTestClient(app=app, timeout=30) as c:
-        for _ in range(300):
-            if (await c.get("/health")).status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+    async with in_process_server(tiny_model_dir, NAME, max_batch=1, max_queue=1, max_model_len=128) as c:
         yield c
 
 
