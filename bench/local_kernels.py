@@ -4,6 +4,7 @@
     python bench/local_kernels.py attention [--dtype ...]
     python bench/local_kernels.py ablate [--dtype ...]
     python bench/local_kernels.py accuracy
+    python bench/local_kernels.py crossover [--dtype ...]
 
 `gemm`: the 121 GEMMs of one SmolLM2-135M decode step (q/k/v, o, gate/up, down per
 layer, and the tied lm_head), each with its own weights so every call reads them from
@@ -16,6 +17,9 @@ the runner folds GQA), SDPA against matmul formulations.
 `ablate`: the runner's own decode step on the embedded model at 1 and 16 rows, then
 with one part left out at a time (outputs are wrong; only the time is read), so the
 difference is what that part costs in place.
+`crossover`: the 120 layer GEMMs at 1-16 rows, int4 (the runner's `Int4Weight`, which
+rounds fp32 inputs to bf16) against oneDNN packed in the given dtype: where
+`INT4_MAX_ROWS` comes from.
 `accuracy`: the embedded model through the runner in fp32 and bf16, each with the
 dequantized weights packed and with the GGUF's int4 blocks (one row at a time, so int4
 is used; fp32 then rounds the GEMM inputs to bf16): the
@@ -153,7 +157,6 @@ def ablate(dtype_name: str) -> None:
     runner = R.ModelRunner(lm.model, max_slots=17, max_len=2048)
     for slot in range(16):
         runner.prefill(slot, list(range(100, 160 + slot)), 0)
-    real_rope, real_norm, real_sdpa, real_silu = R._rope, F.rms_norm, F.scaled_dot_product_attention, F.silu
     # The runner calls these through module attributes, so leaving a part out is a swap of one name.
     stand_ins = {
         "rope": ("_rope", R, lambda x, cos, sin: x),
@@ -161,7 +164,7 @@ def ablate(dtype_name: str) -> None:
         "attention": ("scaled_dot_product_attention", F, lambda q, k, v, **kw: q),
         "silu": ("silu", F, lambda x, *a, **k: x),
     }
-    originals = {"rope": real_rope, "norm": real_norm, "attention": real_sdpa, "silu": real_silu}
+    originals = {name: getattr(mod, attr) for name, (attr, mod, _fake) in stand_ins.items()}
 
     def step(rows: int) -> float:
         tokens = torch.randint(100, 1000, (rows,))
@@ -176,6 +179,26 @@ def ablate(dtype_name: str) -> None:
         print(f"| {part} | {step(1):.1f} | {step(16):.1f} |")
     for name, (attr, mod, _fake) in stand_ins.items():
         setattr(mod, attr, originals[name])
+
+
+def crossover(dtype: torch.dtype) -> None:
+    from local_backend.quantized import Int4Weight, Q4Blocks
+
+    shapes = LAYER_SHAPES * 30
+    blocks = [
+        Q4Blocks(torch.randint(0, 16, (o, i)), torch.rand(o, i // 32) * 0.01, -torch.rand(o, i // 32) * 0.05)
+        for o, i in shapes
+    ]
+    hint = 16 if dtype == torch.float32 else None
+    packed = [torch.ops.mkldnn._reorder_linear_weight(b.dequantized().to(dtype), hint) for b in blocks]
+    int4 = [Int4Weight.of(b) for b in blocks]
+    print("| rows | int4 | oneDNN packed |")
+    print("|---|---|---|")
+    for rows in (1, 2, 4, 6, 8, 12, 16):
+        x = {k: torch.randn(rows, k, dtype=dtype) for k in (576, 1536)}
+        a = _each(shapes, x, lambda v, j: int4[j](v))
+        b = _each(shapes, x, lambda v, j: torch.ops.mkldnn._linear_pointwise(v, packed[j], None, "none", [], ""))
+        print(f"| {rows} | {a:.1f} ms | {b:.1f} ms |")
 
 
 PARAGRAPH = (
@@ -217,7 +240,7 @@ def accuracy() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gemm", "attention", "ablate", "accuracy"])
+    ap.add_argument("what", choices=["gemm", "attention", "ablate", "accuracy", "crossover"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     name, flags = cpu_info()
@@ -231,6 +254,8 @@ def main() -> None:
         attention(dtype)
     elif args.what == "accuracy":
         accuracy()
+    elif args.what == "crossover":
+        crossover(dtype)
     else:
         ablate(args.dtype)
 
