@@ -69,8 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "off"],
         default="auto",
         help="auto: the embedded model on a CPU decodes from the GGUF's own 4-bit weights (batches of "
-        "up to 4 rows in bf16, 16 in fp32, whose GEMM inputs are then rounded to bf16); off: always "
-        "the dequantized weights",
+        "up to 4 rows in bf16; in fp32 only with --fp16-weights off: up to 16 rows, whose GEMM inputs "
+        "are then rounded to bf16); off: never",
+    )
+    s.add_argument(
+        "--fp16-weights",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: the embedded model in fp32 on an x86 CPU (FBGEMM) keeps its weights in fp16 and "
+        "runs every GEMM on them with fp32 activations; off: fp32 weights",
     )
     s.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
@@ -95,6 +102,7 @@ def make_loader(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
     int4: bool = True,
+    fp16: bool = True,
 ) -> Callable[[], Backend]:
     """The start-up work the server runs in a thread: load, fuse, warm up.
 
@@ -109,11 +117,13 @@ def make_loader(
         import torch
 
         torch.set_num_threads(threads or os.cpu_count() or 1)  # per thread under OpenMP: set it here
-        lm = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer, int4=int4)
+        lm = load_model(model, device=device, dtype=dtype, tokenizer=tokenizer, int4=int4, fp16=fp16)
         max_len = max_model_len or min(lm.max_model_len, MAX_DEFAULT_CONTEXT)
         cfg = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_model_len=max_len)
         vocab = lm.model.config.vocab_size
-        engine = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, lm.q4_layers)
+        engine = build_engine(
+            lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, lm.q4_layers, lm.fp16_weights
+        )
         engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
         engine.runner.prefill(0, [0], 0)  # ...and the int4 ones, if any (one row)
         return Backend(
@@ -148,6 +158,7 @@ def serve(args: argparse.Namespace) -> None:
         args.default_max_tokens,
         args.request_timeout,
         int4=args.int4 == "auto",
+        fp16=args.fp16_weights == "auto",
     )
     app = create_app(served, load)
     logging.getLogger("local_backend").info(

@@ -455,7 +455,14 @@ def build_engine(
     eos_token_ids: frozenset[int],
     config: EngineConfig,
     q4_layers: list[dict[str, Q4Blocks]] | None = None,
+    fp16_weights: bool = False,
 ) -> Engine:
     """Fuse the model's weights into a runner sized for the config and wrap it in an Engine."""
-    runner = ModelRunner(model, max_slots=config.max_batch + 1, max_len=config.max_model_len, q4_layers=q4_layers)
+    runner = ModelRunner(
+        model,
+        max_slots=config.max_batch + 1,
+        max_len=config.max_model_len,
+        q4_layers=q4_layers,
+        fp16_weights=fp16_weights,
+    )
     return Engine(runner, decode, eos_token_ids, config)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from .fp16 import fp16_usable
 from .quantized import Q4Blocks, int4_usable, read_q4_layers
 
 if TYPE_CHECKING:
@@ -360,6 +361,8 @@ class LoadedModel:
     generation_defaults: GenerationDefaults = GenerationDefaults()
     #: The embedded GGUF's own 4-bit blocks per layer, on a CPU (quantized.py).
     q4_layers: list[dict[str, Q4Blocks]] | None = None
+    #: Whether the runner should keep the weights in fp16 (fp16.py): the embedded model in fp32.
+    fp16_weights: bool = False
 
 
 #: The CPU features that decide the fast paths; printed by the benchmark and logged at start.
@@ -407,10 +410,19 @@ def pick_dtype(device: str, dtype: str | None) -> torch.dtype:
 
 
 def load_model(
-    model: str, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None, int4: bool = True
+    model: str,
+    device: str = "cpu",
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    int4: bool = True,
+    fp16: bool = True,
 ) -> LoadedModel:
     """Load weights as MistralForCausalLM plus the matching chat tokenizer (and, for the
-    embedded model on a CPU, unless `int4` is False, its 4-bit blocks)."""
+    embedded model on a CPU, unless `int4` is False, its 4-bit blocks; unless `fp16` is
+    False, whether its fp32 GEMMs may run on fp16 weights).
+
+    fp16 weights only for the embedded model: its weights were 4- and 8-bit, so fp16 keeps
+    them (fp16.py); another checkpoint's fp32 weights are the user's to keep exact."""
     from transformers import AutoConfig, MistralForCausalLM
 
     src = resolve_model_dir(model)
@@ -442,4 +454,5 @@ def load_model(
         max_model_len=int(cfg.max_position_embeddings),
         generation_defaults=defaults,
         q4_layers=q4,
+        fp16_weights=fp16 and model == EMBEDDED and m.dtype == torch.float32 and fp16_usable(m.device),
     )

@@ -25,6 +25,10 @@ fp32 rounding in the last bits (|diff| ~1e-4 on logits-sized sums), so
 Given the checkpoint's 4-bit blocks (the embedded GGUF's, `quantized.py`), a forward of
 at most INT4_MAX_ROWS token rows runs the layers' GEMMs on them instead: decoding reads
 4.5 bits a weight, not 16 or 32.
+
+Asked for fp16 weights (the embedded model in fp32, where FBGEMM runs: `fp16.py`), every
+GEMM of every forward multiplies fp32 activations with the weights stored in fp16, and
+neither the packed fp32 weights nor the 4-bit ones are used.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 import torch.nn.functional as F
 
+from .fp16 import Fp16Weight, fp16_usable
 from .quantized import Int4Weight, Q4Blocks, int4_usable
 
 if TYPE_CHECKING:
@@ -49,7 +54,8 @@ log = logging.getLogger("local_backend.runner")
 #: (bench/NOTES.md), int4 against packed, ms: bf16 4.3 / 11.2 at 1 row, 6.5 / 9.5 at 4,
 #: 11.5 / 9.5 at 6, 21.7 / 14.7 at 16; fp32 5.0 / 19.7 at 1, 18.1 / 22.2 at 12, 22.9 /
 #: 25.6 at 16, and with the kernels capped at AVX2 8.5 / 19.6, 27.1 / 30.1 and 34.8 /
-#: 34.2. So bf16 switches at 4 rows and fp32 decodes every batch (up to 16) in int4.
+#: 34.2. So bf16 switches at 4 rows and fp32 decodes every batch (up to 16) in int4
+#: (unless it has fp16 weights, which are faster at 16 rows on both ISAs: fp16.py).
 INT4_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 
 
@@ -72,16 +78,20 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+#: A GEMM's weight as the runner keeps it: a plain or oneDNN-packed tensor, or fp16-packed.
+Weight = torch.Tensor | Fp16Weight
+
+
 class _Layer(TypedDict):
     """One decoder layer's weights: norms, fused q/k/v and gate/up, output and down projections."""
 
     ln1: torch.Tensor
-    wqkv: torch.Tensor
+    wqkv: Weight
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    wo: Weight
     ln2: torch.Tensor
-    wgu: torch.Tensor
-    wd: torch.Tensor
+    wgu: Weight
+    wd: Weight
 
 
 class ModelRunner:
@@ -94,6 +104,7 @@ class ModelRunner:
         max_len: int,
         pack_weights: bool = True,
         q4_layers: list[dict[str, Q4Blocks]] | None = None,
+        fp16_weights: bool = False,
     ) -> None:
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -109,10 +120,12 @@ class ModelRunner:
         self.max_len = max_len
         self.scale = self.head_dim**-0.5
         self.rotary: torch.nn.Module = model.model.rotary_emb
-        self.packed = pack_weights and _can_pack(self.device, self.dtype)
+        self.fp16 = fp16_weights and self.dtype == torch.float32 and fp16_usable(self.device)
+        self.packed = not self.fp16 and pack_weights and _can_pack(self.device, self.dtype)
         # The checkpoint's own 4-bit blocks, where the int4 kernel runs (see quantized.py).
         use_int4 = (
-            q4_layers is not None
+            not self.fp16
+            and q4_layers is not None
             and len(q4_layers) == len(model.model.layers)
             and self.dtype in INT4_MAX_ROWS
             and int4_usable(self.device)
@@ -126,14 +139,16 @@ class ModelRunner:
         log.info(
             "GEMMs: %s%s (%s)",
             f"int4 (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
-            "oneDNN packed" if self.packed else "F.linear",
+            "fp16 weights (FBGEMM)" if self.fp16 else "oneDNN packed" if self.packed else "F.linear",
             self.dtype,
         )
         # fp32's blocked layout depends on the batch (M) it is packed for; bf16's does not.
         # (Measured: a hint of 16 was as fast as 1 at batch 1 and 1.5x faster at batch 16.)
         hint = min(16, max(1, max_slots - 1)) if self.dtype == torch.float32 else None
 
-        def pack(w: torch.Tensor) -> torch.Tensor:
+        def pack(w: torch.Tensor) -> Weight:
+            if self.fp16:
+                return Fp16Weight.of(w)
             if not self.packed:
                 return w
             packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(w, hint)
@@ -156,7 +171,7 @@ class ModelRunner:
             )
             # Drop the unfused (or unpacked) copies so big checkpoints are not held twice.
             for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj) + (
-                (a.o_proj, m.down_proj) if self.packed else ()
+                (a.o_proj, m.down_proj) if self.packed or self.fp16 else ()
             ):
                 p.weight = None
         self.embed: torch.Tensor = model.model.embed_tokens.weight.detach()
@@ -226,8 +241,8 @@ class ModelRunner:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
         return self._linear(h, self.lm_head).float()
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(w, Int4Weight):
+    def _linear(self, x: torch.Tensor, w: Weight | Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, (Int4Weight, Fp16Weight)):
             return w(x) if b is None else w(x) + b
         if self.packed:
             # torch.ops resolves ops at run time: the call is typed as returning Any.

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from local_backend.engine import EngineConfig, add_request, build_engine
 from local_backend.models import EMBEDDED_SERVED_NAME, load_model
@@ -21,13 +22,16 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 REPO = Path(__file__).resolve().parents[2]
 
 
-# None: the CPU default, bf16 on AVX512-BF16; a lone request decodes from the GGUF's 4-bit weights.
+# None: the CPU default, bf16 on AVX512-BF16, where a lone request decodes from the GGUF's
+# 4-bit weights; fp32 runs on the weights in fp16.
 @pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
 async def test_embedded_model_knows_paris(dtype) -> None:
     lm = load_model("embedded", dtype=dtype)
     assert lm.q4_layers is not None
+    assert lm.fp16_weights == (lm.model.dtype == torch.float32)
     config = EngineConfig(max_batch=2)
-    eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, config, lm.q4_layers)
+    eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, config, lm.q4_layers,
+                       lm.fp16_weights)
     eng.start()
     try:
         stream = add_request(eng, lm.tokenizer.encode_chat(QUESTION), SamplingParams(max_tokens=24, temperature=0.0))
