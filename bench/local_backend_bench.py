@@ -12,11 +12,12 @@ left-padded batch of 16 through `generate()`), then our engine as it is deployed
 first token of a ~500-token prompt alone and while 15 other streams decode.
 `--generate-batch` adds transformers' continuous batching `generate_batch()` (float32).
 
-The server runs as deployed, with `--int4 auto`: it decodes from the GGUF's own 4-bit
-weights (local_backend/quantized.py), and in fp32 those GEMMs take their inputs rounded
-to bf16; "same dtype" is then the dtype of its activations, residual stream and KV
-cache. `--int4-off-too` adds a server with `--int4 off` (the dequantized weights, the
-baseline's weights exactly) in the same rounds.
+The server runs as deployed, with `--int4 auto --fp16-weights auto`: in bf16 it decodes
+up to 4 rows from the GGUF's own 4-bit weights (local_backend/quantized.py), in fp32 it
+keeps the weights in fp16 (local_backend/fp16.py); "same dtype" is the dtype of its
+activations, residual stream and KV cache. `--also-server "ARGS"` (repeatable) adds a
+server started with those extra arguments in the same rounds, e.g. `--also-server
+"--int4 off --fp16-weights off"` for the dequantized weights, the baseline's exactly.
 
 `--isa avx2` reruns this script with torch's kernels (ATEN_CPU_CAPABILITY), oneDNN
 (ONEDNN_MAX_CPU_ISA), MKL and FBGEMM capped at AVX2, for the server too: the code
@@ -295,8 +296,9 @@ def main() -> None:
     ap.add_argument("--engine-threads", type=int, default=None, help="--threads for the server")
     ap.add_argument("--compare-with", type=Path, default=None,
                     help="another checkout (its local_backend/): its server is measured too, in the same rounds")
-    ap.add_argument("--int4-off-too", action="store_true",
-                    help="also measure a server started with --int4 off (the dequantized weights only), same rounds")
+    ap.add_argument("--also-server", action="append", default=[], metavar="ARGS",
+                    help='also measure a server started with these extra arguments, same rounds (repeatable), '
+                         'e.g. "--int4 off --fp16-weights off"')
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(cpu_line(), flush=True)
@@ -314,8 +316,8 @@ def main() -> None:
     roots: dict[str, tuple[Path, tuple[str, ...]]] = {"": (ROOT, ())}
     if args.compare_with is not None:
         roots[" (before)"] = (args.compare_with.resolve(), ())
-    if args.int4_off_too:
-        roots[" (--int4 off)"] = (ROOT, ("--int4", "off"))
+    for extra in args.also_server:
+        roots[f" ({extra})"] = (ROOT, tuple(extra.split()))
     try:
         for d in dtypes:
             for label, (root, extra) in roots.items():
@@ -371,10 +373,10 @@ def main() -> None:
             row(f"before: TTFT of a {long_n}-token prompt alone", "ttft_alone" + b, "ms", 1000)
             row(f"before: TTFT of a {long_n}-token prompt while 15 streams decode", "ttft_loaded" + b, "ms", 1000)
             row("before: longest gap between two chunks meanwhile", "max_gap" + b, "ms", 1000)
-        if args.int4_off_too:
-            o = " (--int4 off)"
-            row("--int4 off: 16 concurrent streams: aggregate decode", "decode" + o)
-            row("--int4 off: single stream decode", "single" + o)
+        for extra in args.also_server:
+            o = f" ({extra})"
+            row(f"`{extra}`: 16 concurrent streams: aggregate decode", "decode" + o)
+            row(f"`{extra}`: single stream decode", "single" + o)
     print("\nRatios (issue 16 targets: 16 streams >= 2x the static batch, single stream >= 2x sequential):\n")
     for d in dtypes:
         def ratio(a: str, b: str, d: str = d) -> str:
@@ -383,9 +385,9 @@ def main() -> None:
         print(f"- {d}: 16-stream aggregate decode / static batch = {ratio('decode', 'static')}; "
               f"single stream / sequential generate() = {ratio('single', 'seq')}; "
               f"TTFT under 15 streams / alone = {ratio('ttft_loaded', 'ttft_alone')}")
-        if args.int4_off_too:
-            o = " (--int4 off)"
-            print(f"  - with --int4 off: {ratio('decode' + o, 'static')}; {ratio('single' + o, 'seq')}")
+        for extra in args.also_server:
+            o = f" ({extra})"
+            print(f"  - with `{extra}`: {ratio('decode' + o, 'static')}; {ratio('single' + o, 'seq')}")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ the runner folds GQA), SDPA against matmul formulations.
 `ablate`: the runner's own decode step on the embedded model at 1 and 16 rows, then
 with one part left out at a time (outputs are wrong; only the time is read), so the
 difference is what that part costs in place.
-`crossover`: the 120 layer GEMMs at 1-16 rows, int4 (the runner's `Int4Weight`, which
-rounds fp32 inputs to bf16) against oneDNN packed in the given dtype: where
-`INT4_MAX_ROWS` comes from.
+`crossover`: the 120 layer GEMMs at 1-256 rows, int4 (the runner's `Int4Weight`, which
+rounds fp32 inputs to bf16; up to 16 rows) against oneDNN packed in the given dtype, and
+in fp32 the weights in fp16 (`Fp16Weight`, FBGEMM): where `INT4_MAX_ROWS` comes from,
+and why fp32 runs on fp16 weights.
 `accuracy`: the embedded model through the runner in fp32 and bf16, each with the
 dequantized weights packed and with the GGUF's int4 blocks (one row at a time, so int4
-is used; fp32 then rounds the GEMM inputs to bf16): the
+is used; fp32 then rounds the GEMM inputs to bf16), and fp32 on fp16 weights: the
 perplexity of an English paragraph and the first token of the README's question (that
 one comes from the prompt's forward, over more than 4 rows: packed weights in every run).
 
@@ -182,6 +183,7 @@ def ablate(dtype_name: str) -> None:
 
 
 def crossover(dtype: torch.dtype) -> None:
+    from local_backend.fp16 import Fp16Weight
     from local_backend.quantized import Int4Weight, Q4Blocks
 
     shapes = LAYER_SHAPES * 30
@@ -192,13 +194,16 @@ def crossover(dtype: torch.dtype) -> None:
     hint = 16 if dtype == torch.float32 else None
     packed = [torch.ops.mkldnn._reorder_linear_weight(b.dequantized().to(dtype), hint) for b in blocks]
     int4 = [Int4Weight.of(b) for b in blocks]
-    print("| rows | int4 | oneDNN packed |")
-    print("|---|---|---|")
-    for rows in (1, 2, 4, 6, 8, 12, 16):
+    # fp32 only: FBGEMM's GEMM on the weights in fp16 (local_backend/fp16.py), what fp32 runs.
+    fp16 = [Fp16Weight.of(b.dequantized()) for b in blocks] if dtype == torch.float32 else []
+    print("| rows | int4 | oneDNN packed |" + (" fp16 weights (FBGEMM) |" if fp16 else ""))
+    print("|---|---|---|" + ("---|" if fp16 else ""))
+    for rows in (1, 2, 4, 6, 8, 12, 16, 64, 256):
         x = {k: torch.randn(rows, k, dtype=dtype) for k in (576, 1536)}
-        a = _each(shapes, x, lambda v, j: int4[j](v))
+        a = _each(shapes, x, lambda v, j: int4[j](v)) if rows <= 16 else math.nan
         b = _each(shapes, x, lambda v, j: torch.ops.mkldnn._linear_pointwise(v, packed[j], None, "none", [], ""))
-        print(f"| {rows} | {a:.1f} ms | {b:.1f} ms |")
+        c = f" {_each(shapes, x, lambda v, j: fp16[j](v)):.1f} ms |" if fp16 else ""
+        print(f"| {rows} | {a:.1f} ms | {b:.1f} ms |{c}")
 
 
 PARAGRAPH = (
@@ -214,15 +219,17 @@ def accuracy() -> None:
 
     print("| weights | perplexity | first token of the README question at temperature 0.2 |")
     print("|---|---|---|")
-    for label, dtype, int4 in (
-        ("fp32 packed", "float32", False),
-        ("fp32 int4 (bf16 GEMM inputs)", "float32", True),
-        ("bf16 packed", "bfloat16", False),
-        ("bf16 int4", "bfloat16", True),
+    for label, dtype, int4, fp16 in (
+        ("fp32 packed", "float32", False, False),
+        ("fp32 int4 (bf16 GEMM inputs)", "float32", True, False),
+        ("fp32 fp16 weights (FBGEMM)", "float32", False, True),
+        ("bf16 packed", "bfloat16", False, False),
+        ("bf16 int4", "bfloat16", True, False),
     ):
-        lm = load_model("embedded", dtype=dtype, int4=int4)
-        runner = R.ModelRunner(lm.model, max_slots=2, max_len=512, q4_layers=lm.q4_layers)
-        assert runner.int4 == int4
+        lm = load_model("embedded", dtype=dtype, int4=int4, fp16=fp16)
+        runner = R.ModelRunner(lm.model, max_slots=2, max_len=512, q4_layers=lm.q4_layers,
+                               fp16_weights=lm.fp16_weights)
+        assert runner.int4 == int4 and runner.fp16 == fp16
         tok = lm.tokenizer.tok  # type: ignore[attr-defined]
         ids = tok(PARAGRAPH)["input_ids"]
         logits, nll = runner.prefill(0, ids[:1], 0), 0.0
