@@ -56,7 +56,8 @@ def run(dtype: str, n: int) -> None:
         tok = lm.tokenizer
         prompt = tok.encode_chat(QUESTION)
         box["report"] = (first_token(lm, prompt, 1.0), first_token(lm, prompt, lm.generation_defaults.temperature or 1))
-        engine = build_engine(lm.model, tok.decode, tok.eos_token_ids, EngineConfig(max_model_len=2048))
+        engine = build_engine(lm.model, tok.decode, tok.eos_token_ids, EngineConfig(max_model_len=2048),
+                              lm.q4_layers, lm.fp16_weights)  # the weights the server runs on
         box.update(engine=engine, prompt=prompt, defaults=lm.generation_defaults)
         engine.run()
 
