@@ -15,8 +15,9 @@ from litestar.testing import AsyncTestClient
 from transformers import MistralConfig, MistralForCausalLM
 
 from local_backend.cli import make_loader
-from local_backend.engine import Engine, EngineConfig, build_engine
-from local_backend.models import load_model
+from local_backend.engine import Engine, EngineConfig, add_request, build_engine
+from local_backend.models import ChatTokenizer, load_model
+from local_backend.sampling import SamplingParams
 from local_backend.server import create_app
 
 V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
@@ -66,3 +67,16 @@ async def in_process_server(model_dir: Path, name: str, **loader: int) -> AsyncI
                 break
             await asyncio.sleep(0.05)
         yield c
+
+
+async def greedy_alone_and_beside_others(engine: Engine, tokenizer: ChatTokenizer, text: str) -> None:
+    """Assert that `text`'s 30 greedy tokens are the same alone and beside three other requests."""
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+
+    async def run(message: str) -> list[int]:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": message}])
+        return [t async for out in add_request(engine, prompt, greedy) for t in out.token_ids]
+
+    alone = await run(text)
+    together = await asyncio.gather(run(text), run("Already running."), run("word " * 30), run("x"))
+    assert together[0] == alone and len(alone) == 30

@@ -5,20 +5,17 @@ request's greedy output does not depend on its neighbours."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from local_backend.engine import EngineConfig, add_request, build_engine
+from local_backend.engine import EngineConfig, build_engine
 from local_backend.fp16 import Fp16Weight, fp16_usable
 from local_backend.models import load_model
 from local_backend.quantized import Int4Weight
 from local_backend.runner import ModelRunner
-from local_backend.sampling import SamplingParams
-
-from .test_int4 import quantized_tiny
+from tests.local_backend.conftest import greedy_alone_and_beside_others
+from tests.local_backend.test_int4 import quantized_tiny
 
 
 def test_fp16_weight_is_the_fp32_product_with_weights_rounded_to_fp16() -> None:
@@ -89,15 +86,6 @@ async def test_fp16_greedy_output_is_the_same_alone_and_beside_others() -> None:
     assert eng.runner.fp16
     eng.start()
     try:
-        greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-
-        async def run(text: str) -> list[int]:
-            prompt = lm.tokenizer.encode_chat([{"role": "user", "content": text}])
-            return [t async for out in add_request(eng, prompt, greedy) for t in out.token_ids]
-
-        alone = await run("Name three rivers in Europe.")
-        together = await asyncio.gather(run("Name three rivers in Europe."), run("Already running."),
-                                        run("word " * 30), run("x"))
-        assert together[0] == alone and len(alone) == 30
+        await greedy_alone_and_beside_others(eng, lm.tokenizer, "Name three rivers in Europe.")
     finally:
         eng.shutdown()

@@ -5,18 +5,16 @@ greedy output does not depend on its neighbours while the batch stays within tha
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from local_backend import runner as runner_mod
-from local_backend.engine import EngineConfig, add_request, build_engine
+from local_backend.engine import EngineConfig, build_engine
 from local_backend.models import embedded_gguf_path, load_model
 from local_backend.quantized import Int4Weight, Q4Blocks, int4_usable, read_q4_layers
 from local_backend.runner import INT4_MAX_ROWS, ModelRunner
-from local_backend.sampling import SamplingParams
+from tests.local_backend.conftest import greedy_alone_and_beside_others
 
 
 def q4_1(w: torch.Tensor) -> Q4Blocks:
@@ -114,16 +112,7 @@ async def test_int4_greedy_output_is_the_same_alone_and_beside_others(tiny_model
     assert eng.runner.int4
     eng.start()
     try:
-        greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-
-        async def run(text: str) -> list[int]:
-            prompt = lm.tokenizer.encode_chat([{"role": "user", "content": text}])
-            return [t async for out in add_request(eng, prompt, greedy) for t in out.token_ids]
-
-        alone = await run("The quick brown fox jumps over the lazy dog.")
-        together = await asyncio.gather(run("The quick brown fox jumps over the lazy dog."),
-                                        run("Already running."), run("word " * 30), run("x"))
-        assert together[0] == alone and len(alone) == 30
+        await greedy_alone_and_beside_others(eng, lm.tokenizer, "The quick brown fox jumps over the lazy dog.")
     finally:
         eng.shutdown()
 
