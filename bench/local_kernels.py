@@ -5,6 +5,7 @@
     python bench/local_kernels.py ablate [--dtype ...]
     python bench/local_kernels.py accuracy
     python bench/local_kernels.py crossover [--dtype ...]
+    python bench/local_kernels.py ops [--dtype ...]
 
 `gemm`: the 121 GEMMs of one SmolLM2-135M decode step (q/k/v, o, gate/up, down per
 layer, and the tied lm_head), each with its own weights so every call reads them from
@@ -21,6 +22,9 @@ difference is what that part costs in place.
 rounds fp32 inputs to bf16; up to 16 rows) against oneDNN packed in the given dtype, and
 in fp32 the weights in fp16 (`Fp16Weight`, FBGEMM): where `INT4_MAX_ROWS` comes from,
 and why fp32 runs on fp16 weights.
+`ops`: torch's profiler over ten 16-row decode steps of the runner built as the server
+builds it (4-bit blocks and fp16 weights where they apply), at 71 keys: self time and
+calls per ATen op, so "the rest of the step" has names and counts.
 `accuracy`: the embedded model through the runner in fp32 and bf16, each with the
 dequantized weights packed and with the GGUF's int4 blocks (one row at a time, so int4
 is used; fp32 then rounds the GEMM inputs to bf16), and fp32 on fp16 weights: the
@@ -245,9 +249,30 @@ def accuracy() -> None:
         print(f"| {label} | {math.exp(nll / (len(ids) - 1)):.3f} ({len(ids) - 1} tokens) | {first} |")
 
 
+def ops(dtype_name: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from local_backend import runner as R
+    from local_backend.models import load_model
+
+    lm = load_model("embedded", dtype=dtype_name)
+    runner = R.ModelRunner(lm.model, max_slots=17, max_len=2048, q4_layers=lm.q4_layers,
+                           fp16_weights=lm.fp16_weights)
+    for slot in range(16):
+        runner.prefill(slot, list(range(100, 160)), 0)
+    tokens, positions = torch.randint(100, 1000, (16,)), torch.full((16,), 70)
+    for _ in range(5):
+        runner.decode(tokens, positions)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            runner.decode(tokens, positions)
+    print("ten steps:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["gemm", "attention", "ablate", "accuracy", "crossover"])
+    ap.add_argument("what", choices=["gemm", "attention", "ablate", "accuracy", "crossover", "ops"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     name, flags = cpu_info()
@@ -263,6 +288,8 @@ def main() -> None:
         accuracy()
     elif args.what == "crossover":
         crossover(dtype)
+    elif args.what == "ops":
+        ops(args.dtype)
     else:
         ablate(args.dtype)
 
