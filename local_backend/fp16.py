@@ -16,6 +16,7 @@ row's result does not depend on the rows beside it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class Fp16Weight:
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
 
 
+@functools.cache  # load_model and ModelRunner both ask; the answer is fixed for the process
 def fp16_usable(device: torch.device) -> bool:
     """FBGEMM is built in (x86 CPUs with AVX2) and its fp16 GEMM agrees with F.linear here."""
     if device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:

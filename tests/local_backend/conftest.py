@@ -70,13 +70,18 @@ async def in_process_server(model_dir: Path, name: str, **loader: int) -> AsyncI
 
 
 async def greedy_alone_and_beside_others(engine: Engine, tokenizer: ChatTokenizer, text: str) -> None:
-    """Assert that `text`'s 30 greedy tokens are the same alone and beside three other requests."""
+    """Start `engine`, assert that `text`'s 30 greedy tokens are the same alone and beside
+    three other requests, and shut it down."""
     greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 
     async def run(message: str) -> list[int]:
         prompt = tokenizer.encode_chat([{"role": "user", "content": message}])
         return [t async for out in add_request(engine, prompt, greedy) for t in out.token_ids]
 
-    alone = await run(text)
-    together = await asyncio.gather(run(text), run("Already running."), run("word " * 30), run("x"))
+    engine.start()
+    try:
+        alone = await run(text)
+        together = await asyncio.gather(run(text), run("Already running."), run("word " * 30), run("x"))
+    finally:
+        engine.shutdown()
     assert together[0] == alone and len(alone) == 30

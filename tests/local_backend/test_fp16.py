@@ -84,8 +84,4 @@ async def test_fp16_greedy_output_is_the_same_alone_and_beside_others() -> None:
     eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, lm.q4_layers,
                        lm.fp16_weights)
     assert eng.runner.fp16
-    eng.start()
-    try:
-        await greedy_alone_and_beside_others(eng, lm.tokenizer, "Name three rivers in Europe.")
-    finally:
-        eng.shutdown()
+    await greedy_alone_and_beside_others(eng, lm.tokenizer, "Name three rivers in Europe.")

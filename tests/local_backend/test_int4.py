@@ -110,11 +110,7 @@ async def test_int4_greedy_output_is_the_same_alone_and_beside_others(tiny_model
     cfg = EngineConfig(max_batch=limit, max_queue=8, max_model_len=256, prefill_chunk=16, prefill_chunk_idle=64)
     eng = build_engine(lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, q4)
     assert eng.runner.int4
-    eng.start()
-    try:
-        await greedy_alone_and_beside_others(eng, lm.tokenizer, "The quick brown fox jumps over the lazy dog.")
-    finally:
-        eng.shutdown()
+    await greedy_alone_and_beside_others(eng, lm.tokenizer, "The quick brown fox jumps over the lazy dog.")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
