@@ -3,10 +3,11 @@
     python bench/quickstart_answers.py [--answers 100] [--dtypes float32,bfloat16]
 
 Issue 16 asks for "Paris" in at least 15 of 20 quick-start answers with the sampling
-defaults (the model card's temperature 0.2 and top_p 0.9). This prints, per dtype, the
-first token's distribution at temperature 1 and at the default temperature (transformers'
-own forward, the same weights) and then how many of N answers from the engine mention
-Paris, with the answers' openings: the evidence for whichever decision is taken.
+defaults (the model card's temperature 0.2 and top_p 0.9). This prints, per dtype and
+per prompt (the README's messages, a system message and the question, and the bare
+question without the system message), the first token's distribution at temperature 1
+and at the default temperature (transformers' own forward, the same weights) and then
+how many of N answers from the engine mention Paris, with the answers' openings.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from local_backend.models import CPU_FEATURES, LoadedModel, cpu_info, load_model
 from local_backend.sampling import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+#: The README quick start's messages (tests/e2e/test_quickstart_e2e.py runs the README itself).
+PROMPTS = {
+    "README (system + question)": [{"role": "system", "content": "Answer in one sentence."}, *QUESTION],
+    "bare question": QUESTION,
+}
 
 
 def first_token(lm: LoadedModel, prompt: list[int], temperature: float) -> str:
@@ -54,11 +60,12 @@ def run(dtype: str, n: int) -> None:
     def load_and_serve() -> None:  # one thread runs every torch op, as in the server
         lm = load_model("embedded", dtype=dtype)
         tok = lm.tokenizer
-        prompt = tok.encode_chat(QUESTION)
-        box["report"] = (first_token(lm, prompt, 1.0), first_token(lm, prompt, lm.generation_defaults.temperature or 1))
+        prompts = {label: tok.encode_chat(messages) for label, messages in PROMPTS.items()}
+        t = lm.generation_defaults.temperature or 1
+        box["report"] = {label: (first_token(lm, p, 1.0), first_token(lm, p, t)) for label, p in prompts.items()}
         engine = build_engine(lm.model, tok.decode, tok.eos_token_ids, EngineConfig(max_model_len=2048),
                               lm.q4_layers, lm.fp16_weights)  # the weights the server runs on
-        box.update(engine=engine, prompt=prompt, defaults=lm.generation_defaults)
+        box.update(engine=engine, prompts=prompts, defaults=lm.generation_defaults)
         engine.run()
 
     threading.Thread(target=load_and_serve, daemon=True).start()
@@ -67,14 +74,16 @@ def run(dtype: str, n: int) -> None:
     d = box["defaults"]
     params = SamplingParams(max_tokens=256, temperature=d.temperature, top_p=d.top_p)  # type: ignore[attr-defined]
     engine: Engine = box["engine"]  # type: ignore[assignment]
-    texts = asyncio.run(answers(engine, box["prompt"], params, n))  # type: ignore[arg-type]
-    engine.shutdown()
-    at_one, at_default = box["report"]  # type: ignore[misc]
-    openings = Counter(t[:16] for t in texts).most_common(4)
     print(f"{dtype}: defaults {d}")
-    print(f"  first token at temperature 1: {at_one}")
-    print(f"  first token at temperature {params.temperature}: {at_default}")
-    print(f"  Paris in {sum('Paris' in t for t in texts)} of {n} answers; openings: {openings}")
+    for label, prompt in box["prompts"].items():  # type: ignore[attr-defined]
+        texts = asyncio.run(answers(engine, prompt, params, n))
+        at_one, at_default = box["report"][label]  # type: ignore[index]
+        openings = Counter(t[:16] for t in texts).most_common(4)
+        print(f"  {label}, {len(prompt)} prompt tokens")
+        print(f"    first token at temperature 1: {at_one}")
+        print(f"    first token at temperature {params.temperature}: {at_default}")
+        print(f"    Paris in {sum('Paris' in t for t in texts)} of {n} answers; openings: {openings}")
+    engine.shutdown()
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The README's quick start, as a new user runs it: ``make serve`` (the gateway on its
 embedded default: no config, no keys, the bundled model through the local backend),
-then the README's own openai SDK example, 20 times in a row.
+then the README's own openai SDK example, 20 times in a row: every answer a 200 within
+30 s, and "Paris" in at least 15 of the 20 (issue 16).
 
 The example is read from README.md's "## Quick start" section and run unchanged but
 for the port (``make serve`` binds 8000, which another process may hold here). The
@@ -73,11 +74,11 @@ def test_readme_quickstart_twenty_times(gateway_url: str, monkeypatch: pytest.Mo
         assert r.model_extra["provider"] == "local"
         assert r.choices[0].finish_reason in ("stop", "length")
         answers.append(r.choices[0].message.content or "")
-    # Issue 16 also asks for "Paris" in at least 15 of the 20 answers. This Q4_1
-    # build does not reach it reliably at the model card's sampling (temperature
-    # 0.2, top_p 0.9): its first token is "The" (p 0.545 in fp32) or "L" (0.362,
-    # "L'Étoile, la Marseillaise, ..."); bench/quickstart_answers.py counted Paris
-    # in 57 of 100 answers in fp32 and 67 of 100 in bf16. That bar is open in the
-    # issue, not asserted here.
+    # Issue 16's quality bar: "Paris" in at least 15 of the 20 answers, at the model card's
+    # sampling (temperature 0.2, top_p 0.9, from the converted generation_config.json).
+    # The README's system message ("Answer in one sentence.") is what makes this Q4_1
+    # build reliable: bench/quickstart_answers.py counts Paris in 100 of 100 answers with
+    # it and in about three of five for the bare question (README, "Local backend").
     mentions = sum("Paris" in a for a in answers)
     print(f"Paris in {mentions} of {REQUESTS} answers; slowest {max(times):.1f} s")
+    assert mentions >= 15, f"Paris in only {mentions} of {REQUESTS} answers: {answers}"
