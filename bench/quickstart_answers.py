@@ -68,7 +68,8 @@ def run(dtype: str, n: int) -> None:
         box.update(engine=engine, prompts=prompts, defaults=lm.generation_defaults)
         engine.run()
 
-    threading.Thread(target=load_and_serve, daemon=True).start()
+    thread = threading.Thread(target=load_and_serve, daemon=True)
+    thread.start()
     while "engine" not in box:
         time.sleep(0.1)
     d = box["defaults"]
@@ -84,6 +85,7 @@ def run(dtype: str, n: int) -> None:
         print(f"    first token at temperature {params.temperature}: {at_default}")
         print(f"    Paris in {sum('Paris' in t for t in texts)} of {n} answers; openings: {openings}")
     engine.shutdown()
+    thread.join(timeout=30)  # a torch thread still running at exit aborts the interpreter
 
 
 def main() -> None:
