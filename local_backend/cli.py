@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: the embedded model in fp32 on an x86 CPU (FBGEMM) keeps its weights in fp16 and "
         "runs every GEMM on them with fp32 activations; off: fp32 weights",
     )
+    s.add_argument(
+        "--native-kernels",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: on a CPU with a C compiler (cc, or $CC), build the decode step's attention, "
+        "RMSNorm and SiLU kernels at start (cached) and decode with them; off: torch's ops only",
+    )
     s.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
@@ -103,6 +110,7 @@ def make_loader(
     request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
     int4: bool = True,
     fp16: bool = True,
+    native_kernels: bool = True,
 ) -> Callable[[], Backend]:
     """The start-up work the server runs in a thread: load, fuse, warm up.
 
@@ -122,7 +130,13 @@ def make_loader(
         cfg = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_model_len=max_len)
         vocab = lm.model.config.vocab_size
         engine = build_engine(
-            lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, cfg, lm.q4_layers, lm.fp16_weights
+            lm.model,
+            lm.tokenizer.decode,
+            lm.tokenizer.eos_token_ids,
+            cfg,
+            lm.q4_layers,
+            lm.fp16_weights,
+            native_kernels=native_kernels,
         )
         engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
         engine.runner.prefill(0, [0], 0)  # ...and the int4 ones, if any (one row)
@@ -159,6 +173,7 @@ def serve(args: argparse.Namespace) -> None:
         args.request_timeout,
         int4=args.int4 == "auto",
         fp16=args.fp16_weights == "auto",
+        native_kernels=args.native_kernels == "auto",
     )
     app = create_app(served, load)
     logging.getLogger("local_backend").info(

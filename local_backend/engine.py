@@ -456,6 +456,7 @@ def build_engine(
     config: EngineConfig,
     q4_layers: list[dict[str, Q4Blocks]] | None = None,
     fp16_weights: bool = False,
+    native_kernels: bool = False,
 ) -> Engine:
     """Fuse the model's weights into a runner sized for the config and wrap it in an Engine."""
     runner = ModelRunner(
@@ -464,5 +465,6 @@ def build_engine(
         max_len=config.max_model_len,
         q4_layers=q4_layers,
         fp16_weights=fp16_weights,
+        native_kernels=native_kernels,
     )
     return Engine(runner, decode, eos_token_ids, config)

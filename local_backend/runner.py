@@ -29,6 +29,10 @@ at most INT4_MAX_ROWS token rows runs the layers' GEMMs on them instead: decodin
 Asked for fp16 weights (the embedded model in fp32, where FBGEMM runs: `fp16.py`), every
 GEMM of every forward multiplies fp32 activations with the weights stored in fp16, and
 neither the packed fp32 weights nor the 4-bit ones are used.
+
+Asked for native kernels (`native.py`: C, built at start where there is a compiler), a
+decode forward (one token a row) runs its attention, RMSNorms and SiLU through them;
+prompts, and machines without them, run on torch's ops.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .fp16 import Fp16Weight, fp16_usable
 from .quantized import Int4Weight, Q4Blocks, int4_usable
 
@@ -105,6 +110,7 @@ class ModelRunner:
         pack_weights: bool = True,
         q4_layers: list[dict[str, Q4Blocks]] | None = None,
         fp16_weights: bool = False,
+        native_kernels: bool = False,
     ) -> None:
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -131,16 +137,18 @@ class ModelRunner:
             and int4_usable(self.device)
         )
         self.int4_max_rows = INT4_MAX_ROWS.get(self.dtype, 0)
+        self.native = native.load(self.device) if native_kernels and self.dtype in native.SUFFIX else None
         # The same four GEMMs of each layer (q/k/v, o, gate/up, down) from those blocks.
         self.int4_layers: list[tuple[Int4Weight, ...]] = []
         if use_int4 and q4_layers is not None:
             names = ("wqkv", "wo", "wgu", "wd")
             self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
         log.info(
-            "GEMMs: %s%s (%s)",
+            "GEMMs: %s%s (%s); decode attention, norms and SiLU: %s",
             f"int4 (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
             "fp16 weights (FBGEMM)" if self.fp16 else "oneDNN packed" if self.packed else "F.linear",
             self.dtype,
+            "native kernels" if self.native else "torch",
         )
         # fp32's blocked layout depends on the batch (M) it is packed for; bf16's does not.
         # (Measured: a hint of 16 was as fast as 1 at batch 1 and 1.5x faster at batch 16.)
@@ -270,7 +278,11 @@ class ModelRunner:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         # One decoding row attends to its whole prefix: no mask (a cheaper SDPA path).
         no_mask = b == 1 and t == 1 and (self.window is None or kv_len <= self.window)
-        mask = None if no_mask else self._mask(pos, kv_len)
+        kern = self.native if t == 1 else None
+        mask = None if no_mask or kern else self._mask(pos, kv_len)
+        if kern:  # row r attends to [start, end): causal, and the sliding window if any
+            end = pos[:, 0] + 1
+            start = (end - self.window).clamp_(min=0) if self.window is not None else torch.zeros_like(end)
         nk, g, d = self.n_kv, self.group, self.head_dim
         # K/V writes: one index_copy_ into the flattened cache per layer (advanced-index
         # assignment cost 146 us per call at 16 rows, index_copy_ 5 us). Row r of the batch is
@@ -284,7 +296,7 @@ class ModelRunner:
             wqkv, wo, wgu, wd = (
                 self.int4_layers[i] if small else (layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"])
             )
-            h = F.rms_norm(x, (x.shape[-1],), layer["ln1"], self.eps)
+            h = kern.rms_norm(x, layer["ln1"], self.eps) if kern else self._rms_norm(x, layer["ln1"])
             qkv = self._linear(h, wqkv, layer["bqkv"])
             # RoPE on q and k in one pass: they are adjacent in the fused projection.
             qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
@@ -293,6 +305,12 @@ class ModelRunner:
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.view(-1, d).index_copy_(0, flat_idx, k.reshape(-1, d))
             vc.view(-1, d).index_copy_(0, flat_idx, v.reshape(-1, d))
+            if kern:
+                o = kern.decode_attention(q[:, 0], kc[slots.start :], vc[slots.start :], start, end, self.scale)
+                x = x + self._linear(o.view(b, t, self.q_size), wo)
+                gate_up = self._linear(kern.rms_norm(x, layer["ln2"], self.eps), wgu)
+                x = x + self._linear(kern.silu_mul(gate_up), wd)
+                continue
             # GQA without repeat_kv: fold each kv head's query group into the query axis.
             q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
             o = F.scaled_dot_product_attention(
@@ -300,10 +318,13 @@ class ModelRunner:
             )
             o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
             x = x + self._linear(o, wo)
-            h = F.rms_norm(x, (x.shape[-1],), layer["ln2"], self.eps)
+            h = self._rms_norm(x, layer["ln2"])
             gate, up = self._linear(h, wgu).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, wd)
         return x
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

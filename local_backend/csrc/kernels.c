@@ -1,0 +1,154 @@
+/* The local backend's decode kernels: attention, RMSNorm and SwiGLU's silu(gate) * up.
+ *
+ * Built at start by local_backend/native.py with the machine's C compiler and called
+ * through ctypes with tensor pointers. Why: a decode step runs ~1,500 small ATen ops,
+ * and the ones replaced here cost far more than their arithmetic (bench/NOTES.md).
+ *
+ * decode_attention_*: one query token per row, grouped heads. SDPA's CPU kernel pays a
+ * oneDNN GEMM set-up for every (row, kv head) pair; here one pass converts a key or
+ * value row once and reuses it for the G query heads that share it.
+ *
+ *   q:     row b, head h at q[b * q_row + h * D + d]  (heads of a row contiguous)
+ *   k, v:  one layer of the KV cache, [slots, NK, max_len, D]; row b is slot b
+ *   start, end: row b attends to positions start[b] <= p < end[b] (end > start)
+ *   out:   [B, H, D] contiguous, H = NK * G
+ *
+ * Scores, softmax and the weighted sum are in fp32; the output is rounded to the input's
+ * type (bf16: to nearest even). Inputs are finite (the runner's cache invariant).
+ * Parallel over (row, kv head) with OpenMP: the same libgomp, and so the same thread
+ * count, as torch in the calling thread.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+
+static inline float bf16_load(uint16_t h) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)h << 16;
+    return x.f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    union { uint32_t u; float f; } x;
+    x.f = f;
+    return (uint16_t)((x.u + 0x7FFFu + ((x.u >> 16) & 1u)) >> 16);
+}
+
+/* 64-byte aligned scratch. The vectorised loops then start at the same alignment for every
+ * row in every batch, so a row's sums run in the same order wherever it sits: greedy
+ * output must not depend on a request's neighbours. */
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+static inline float f32_load(float f) { return f; }
+static inline float f32_store(float f) { return f; }
+
+#define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                   \
+    int NAME(const T *q, long q_row, const T *k, const T *v, const int64_t *start,               \
+             const int64_t *end, T *out, int B, int H, int NK, int D, long max_len, float scale)  \
+    {                                                                                            \
+        if (B <= 0 || NK <= 0 || H % NK != 0 || D <= 0 || D > 256) return 1;                     \
+        const int G = H / NK;                                                                    \
+        int failed = 0;                                                                          \
+        _Pragma("omp parallel for collapse(2) schedule(static) reduction(|:failed)")             \
+        for (int b = 0; b < B; b++)                                                              \
+            for (int kh = 0; kh < NK; kh++) {                                                    \
+                const long s0 = start[b], L = end[b] - start[b];                                 \
+                if (s0 < 0 || L <= 0 || end[b] > max_len) { failed = 1; continue; }              \
+                const T *kb = k + ((long)(b * NK + kh) * max_len + s0) * D;                      \
+                const T *vb = v + ((long)(b * NK + kh) * max_len + s0) * D;                      \
+                float *s = alloc64(sizeof(float) * (size_t)(G * L));                             \
+                float *qf = alloc64(sizeof(float) * (size_t)(2 * G * D + 4 * D));                \
+                if (!s || !qf) { free(s); free(qf); failed = 1; continue; }                      \
+                float *acc = qf + G * D, *keys = acc + G * D, *row = keys;                       \
+                for (int g = 0; g < G; g++)                                                      \
+                    for (int d = 0; d < D; d++) {                                                \
+                        qf[g * D + d] = LOAD(q[b * q_row + (kh * G + g) * D + d]) * scale;       \
+                        acc[g * D + d] = 0.0f;                                                   \
+                    }                                                                            \
+                long j = 0;                                                                      \
+                for (; j + 4 <= L; j += 4) { /* scores, 4 keys at a time: independent sums */   \
+                    for (int d = 0; d < 4 * D; d++) keys[d] = LOAD(kb[j * D + d]);               \
+                    for (int g = 0; g < G; g++) {                                                \
+                        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                        \
+                        for (int d = 0; d < D; d++) {                                            \
+                            const float x = qf[g * D + d];                                       \
+                            a0 += x * keys[d];                                                   \
+                            a1 += x * keys[D + d];                                               \
+                            a2 += x * keys[2 * D + d];                                           \
+                            a3 += x * keys[3 * D + d];                                           \
+                        }                                                                        \
+                        s[g * L + j] = a0;                                                       \
+                        s[g * L + j + 1] = a1;                                                   \
+                        s[g * L + j + 2] = a2;                                                   \
+                        s[g * L + j + 3] = a3;                                                   \
+                    }                                                                            \
+                }                                                                                \
+                for (; j < L; j++) { /* the last keys, one at a time */                         \
+                    for (int d = 0; d < D; d++) keys[d] = LOAD(kb[j * D + d]);                   \
+                    for (int g = 0; g < G; g++) {                                                \
+                        float dot = 0.0f;                                                        \
+                        for (int d = 0; d < D; d++) dot += qf[g * D + d] * keys[d];              \
+                        s[g * L + j] = dot;                                                      \
+                    }                                                                            \
+                }                                                                                \
+                for (int g = 0; g < G; g++) { /* softmax, normalised at the end */              \
+                    float *sg = s + g * L, mx = sg[0], sum = 0.0f;                               \
+                    for (long j = 1; j < L; j++) mx = sg[j] > mx ? sg[j] : mx;                   \
+                    for (long j = 0; j < L; j++) { sg[j] = expf(sg[j] - mx); sum += sg[j]; }     \
+                    for (long j = 0; j < L; j++) sg[j] /= sum;                                   \
+                }                                                                                \
+                for (long j = 0; j < L; j++) { /* weighted values: each value row read once */  \
+                    for (int d = 0; d < D; d++) row[d] = LOAD(vb[j * D + d]);                    \
+                    for (int g = 0; g < G; g++) {                                                \
+                        const float p = s[g * L + j];                                            \
+                        for (int d = 0; d < D; d++) acc[g * D + d] += p * row[d];                \
+                    }                                                                            \
+                }                                                                                \
+                for (int g = 0; g < G; g++)                                                      \
+                    for (int d = 0; d < D; d++)                                                  \
+                        out[((long)b * H + kh * G + g) * D + d] = STORE(acc[g * D + d]);         \
+                free(s);                                                                         \
+                free(qf);                                                                        \
+            }                                                                                    \
+        return failed;                                                                           \
+    }
+
+DECODE_ATTENTION(decode_attention_bf16, uint16_t, bf16_load, bf16_store)
+DECODE_ATTENTION(decode_attention_f32, float, f32_load, f32_store)
+
+/* RMSNorm of [rows, n]: x * rsqrt(mean(x^2) + eps) * w, the sum in fp32. bf16 rounds
+ * the normalised row to bf16 before the weight multiplies it, as transformers'
+ * MistralRMSNorm does. */
+#define RMS_NORM(NAME, T, LOAD, STORE)                                                           \
+    int NAME(const T *x, const T *w, T *out, int rows, int n, float eps)                         \
+    {                                                                                            \
+        for (int r = 0; r < rows; r++) {                                                         \
+            const T *xr = x + (long)r * n;                                                       \
+            float ss = 0.0f;                                                                     \
+            for (int i = 0; i < n; i++) { const float v = LOAD(xr[i]); ss += v * v; }            \
+            const float inv = 1.0f / sqrtf(ss / (float)n + eps);                                 \
+            for (int i = 0; i < n; i++)                                                          \
+                out[(long)r * n + i] = STORE(LOAD(STORE(LOAD(xr[i]) * inv)) * LOAD(w[i]));       \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+
+/* SwiGLU's product of a fused gate/up row [rows, 2n] -> [rows, n]: silu(gate) * up, with
+ * silu rounded to the type first, as torch's F.silu(gate) * up rounds it. */
+#define SILU_MUL(NAME, T, LOAD, STORE)                                                           \
+    int NAME(const T *gu, T *out, int rows, int n)                                               \
+    {                                                                                            \
+        for (int r = 0; r < rows; r++) {                                                         \
+            const T *g = gu + (long)r * 2 * n, *u = g + n;                                       \
+            for (int i = 0; i < n; i++) {                                                        \
+                const float a = LOAD(g[i]);                                                      \
+                out[(long)r * n + i] = STORE(LOAD(STORE(a / (1.0f + expf(fminf(-a, 80.0f))))) * LOAD(u[i]));   \
+            }                                                                                    \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+
+RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store)
+RMS_NORM(rms_norm_f32, float, f32_load, f32_store)
+SILU_MUL(silu_mul_bf16, uint16_t, bf16_load, bf16_store)
+SILU_MUL(silu_mul_f32, float, f32_load, f32_store)

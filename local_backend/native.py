@@ -1,0 +1,230 @@
+"""The decode step's small ops as C kernels, built at start with the machine's compiler.
+
+A 16-row bf16 decode step of SmolLM2 runs ~1,500 ATen ops, and beside the GEMMs the
+time goes to ops whose arithmetic is tiny: SDPA pays a oneDNN GEMM set-up per (row, kv
+head) pair, and each RMSNorm and SiLU is several kernels with their own passes and
+casts. `csrc/kernels.c` does decode attention, RMSNorm and silu(gate) * up in one
+pass each, in fp32 arithmetic with the rounding to bf16 where torch rounds
+(bench/NOTES.md has the measurements).
+
+The source is plain C (no torch headers), so it compiles in about a second. The shared
+object is cached beside the converted models under a hash of everything that decides
+its code (source, compiler, flags, CPU flags), so a cache carried to another CPU is
+never loaded there. `-march=native` targets the CPU at hand; with torch's kernels capped
+at AVX2 (ATEN_CPU_CAPABILITY=avx2, how the benchmark emulates an AVX2-only CPU) it
+targets x86-64-v3 instead. No compiler, a failed build, or a kernel that disagrees
+with torch on the self-check at load: `load()` returns None and the runner keeps torch.
+
+OpenMP (the attention kernel's loop over rows and kv heads): the object links libgomp by
+soname, and torch has loaded its own libgomp.so.1 by then, so the loop runs on torch's
+OpenMP runtime with the calling thread's thread count; a second runtime would fight
+torch's threads for the cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("local_backend.native")
+
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
+FLAGS = ("-O3", "-ffast-math", "-fno-strict-aliasing", "-fopenmp", "-fPIC", "-shared")
+#: GCC only: no loop peeling for alignment, so a vectorised sum runs in the same order
+#: whatever the address of its row (a row's result must not depend on its neighbours).
+GCC_FLAGS = ("--param=vect-max-peeling-for-alignment=0",)
+#: The dtypes the kernels take, with the suffix of their entry points.
+SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+#: The largest difference from torch that the self-check accepts, per dtype (bf16: a
+#: rounding step of values around 1-4).
+TOLERANCE = {torch.bfloat16: 3.2e-2, torch.float32: 1e-5}
+
+
+def kernels_dir() -> Path:
+    """Beside the converted models: $GATEWAY_CACHE_DIR/kernels or ~/.cache/llm-gateway/kernels."""
+    env = os.environ.get("GATEWAY_CACHE_DIR")
+    return (Path(env) if env else Path.home() / ".cache" / "llm-gateway") / "kernels"
+
+
+def _march() -> str:
+    return "x86-64-v3" if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" else "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build(directory: Path) -> Path | None:
+    """Compile the kernels into `directory` (or find them there); None where they cannot be built."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None or platform.system() != "Linux":
+        log.info("native kernels: none (no C compiler); decode runs on torch's ops")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("native kernels: none (%s --version failed: %s)", cc, e)
+        return None
+    flags = (*FLAGS, f"-march={_march()}", *(GCC_FLAGS if "Free Software Foundation" in version else ()))
+    key = "\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags(), platform.machine()])
+    target = directory / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        out = Path(tmp) / target.name
+        try:
+            done = subprocess.run(
+                [cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("native kernels: none (the build failed: %s)", e)
+            return None
+        if done.returncode != 0:
+            log.warning("native kernels: none (the build failed: %s)", done.stderr.strip()[-2000:])
+            return None
+        os.replace(out, target)  # atomic: a concurrent start never loads a half-written object
+    return target
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """The loaded kernels. Each takes and returns CPU tensors of one dtype in SUFFIX."""
+
+    lib: ctypes.CDLL
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: torch.Tensor,
+        end: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [B, H, D] (heads and dims contiguous; rows may be strided), one layer's caches
+        [slots, NK, max_len, D] with row b in slot b, start/end int64 [B]: row b attends to
+        positions start[b] <= p < end[b] -> [B, H * D]."""
+        b, h, d = q.shape
+        slots, nk, max_len, _ = k_cache.shape
+        if not (q.stride(2) == 1 and q.stride(1) == d and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("decode attention needs contiguous heads and caches")
+        if b > slots or start.dtype != torch.int64 or end.dtype != torch.int64 or not end.is_contiguous():
+            raise ValueError("decode attention: bad rows or positions")
+        start = start.contiguous()
+        out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
+        failed = getattr(self.lib, "decode_attention_" + SUFFIX[q.dtype])(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), start.data_ptr(), end.data_ptr(),
+            out.data_ptr(), b, h, nk, d, max_len, scale,
+        )  # fmt: skip
+        if failed:
+            raise ValueError("decode attention: positions outside the cache")
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension of a contiguous x, as transformers' MistralRMSNorm."""
+        n = x.shape[-1]
+        if not (x.is_contiguous() and weight.is_contiguous() and weight.shape == (n,) and weight.dtype == x.dtype):
+            raise ValueError("rms_norm needs contiguous rows and a matching weight")
+        out = torch.empty_like(x)
+        getattr(self.lib, "rms_norm_" + SUFFIX[x.dtype])(
+            x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[..., 2n] (gate, then up) -> [..., n]: F.silu(gate) * up."""
+        if not gate_up.is_contiguous() or gate_up.shape[-1] % 2:
+            raise ValueError("silu_mul needs contiguous rows of gate and up")
+        n = gate_up.shape[-1] // 2
+        out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
+        getattr(self.lib, "silu_mul_" + SUFFIX[gate_up.dtype])(
+            gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n
+        )
+        return out
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    for suffix in SUFFIX.values():
+        signatures = {
+            "decode_attention_": [p, n, p, p, p, p, p, i, i, i, i, n, f],
+            "rms_norm_": [p, p, p, i, i, f],
+            "silu_mul_": [p, p, i, i],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name + suffix)
+            fn.argtypes = argtypes
+            fn.restype = i
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    return bool(torch.allclose(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]))
+
+
+def self_check(kernels: NativeKernels) -> bool:
+    """Each kernel against torch, in both dtypes: rows of different lengths (one of a single
+    key) over grouped heads, and norms and SiLU of values across the activations' range."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in SUFFIX:
+        rows, nk, group, d, max_len = 3, 2, 3, 64, 40
+        k = torch.randn(rows + 1, nk, max_len, d, generator=g).to(dtype)
+        v = torch.randn(rows + 1, nk, max_len, d, generator=g).to(dtype)
+        q = torch.randn(rows, nk * group, d, generator=g).to(dtype)
+        start, end = torch.tensor([0, 0, 5]), torch.tensor([1, 33, 40])
+        got = kernels.decode_attention(q, k, v, start, end, 0.125).view(rows, nk, group, d)
+        for r in range(rows):
+            s, e = int(start[r]), int(end[r])
+            want = F.scaled_dot_product_attention(
+                q[r].view(nk, group, d).float(), k[r, :, s:e].float(), v[r, :, s:e].float(), scale=0.125
+            )
+            if not _close(got[r], want, dtype):
+                return False
+        x = (torch.randn(5, 96, generator=g) * 4).to(dtype)
+        w = torch.rand(96, generator=g).to(dtype)
+        want = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        gu = (torch.randn(5, 2 * 96, generator=g) * 6).to(dtype)
+        if not (
+            _close(kernels.rms_norm(x, w, 1e-5), want, dtype)
+            and _close(kernels.silu_mul(gu), F.silu(gu[:, :96]) * gu[:, 96:], dtype)
+        ):
+            return False
+    return True
+
+
+@functools.cache  # one build and load per process
+def load(device: torch.device) -> NativeKernels | None:
+    """The kernels for CPU tensors, or None (no compiler, a failed build or self-check)."""
+    if device.type != "cpu":
+        return None
+    path = build(kernels_dir())
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+        _bind(lib)
+        kernels = NativeKernels(lib)
+        ok = self_check(kernels)
+    except (OSError, AttributeError, RuntimeError, ValueError) as e:
+        log.warning("native kernels: none (%s did not load: %s)", path.name, e)
+        return None
+    if not ok:
+        log.warning("native kernels: none (they disagreed with torch on the self-check)")
+        return None
+    return kernels

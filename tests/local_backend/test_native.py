@@ -1,0 +1,215 @@
+"""The decode step's C kernels (local_backend/native.py): each against torch, the build's
+cache and fallbacks, and the runner and engine on them (same tokens as torch's ops, and a
+request's greedy output independent of its neighbours)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+from local_backend import native
+from local_backend.engine import EngineConfig, build_engine
+from local_backend.models import load_model
+from local_backend.runner import ModelRunner
+from tests.local_backend.conftest import greedy_alone_and_beside_others
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.NativeKernels:
+    # The test machine has a C compiler (make test runs here): no kernels is a failure, not a skip.
+    got = native.load(torch.device("cpu"))
+    assert got is not None, "the native kernels did not build or load (see the log)"
+    return got
+
+
+def attention_reference(q, k, v, start, end, scale: float) -> torch.Tensor:
+    """fp64 SDPA, row by row, over [start, end) of each row's slot."""
+    rows, heads, d = q.shape
+    nk = k.shape[1]
+    out = []
+    for r in range(rows):
+        s, e = int(start[r]), int(end[r])
+        qq = q[r].double().view(nk, heads // nk, d)
+        o = F.scaled_dot_product_attention(qq, k[r, :, s:e].double(), v[r, :, s:e].double(), scale=scale)
+        out.append(o.reshape(heads * d))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
+def test_decode_attention_is_sdpa(kernels, dtype, heads, kv_heads, head_dim) -> None:
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    rows, max_len = 5, 300
+    k = torch.randn(rows + 2, kv_heads, max_len, head_dim, generator=gen).to(dtype)
+    v = torch.randn(rows + 2, kv_heads, max_len, head_dim, generator=gen).to(dtype)
+    # q as the runner passes it: a strided view of the fused q/k projection.
+    qk = torch.randn(rows, heads + kv_heads, head_dim, generator=gen).to(dtype)
+    q = qk[:, :heads]
+    end = torch.tensor([1, 7, 64, 300, 129])
+    start = torch.tensor([0, 0, 0, 200, 1])  # the last two as a sliding window would cut them
+    scale = head_dim**-0.5
+    got = kernels.decode_attention(q, k, v, start, end, scale)
+    assert got.shape == (rows, heads * head_dim) and got.dtype == dtype
+    want = attention_reference(q, k, v, start, end, scale)
+    # No worse than torch's own SDPA in the same dtype, against the same fp64 reference.
+    sdpa = torch.stack(
+        [
+            F.scaled_dot_product_attention(
+                q[r].view(kv_heads, -1, head_dim), k[r, :, s:e], v[r, :, s:e], scale=scale
+            ).reshape(-1)
+            for r, (s, e) in enumerate(zip(start.tolist(), end.tolist(), strict=True))
+        ]
+    )
+    ours, theirs = float((got.double() - want).abs().max()), float((sdpa.double() - want).abs().max())
+    assert ours <= max(1.5 * theirs, 1e-6), (ours, theirs)
+    # A single key: the output is that value row.
+    assert torch.equal(got[0].view(heads, head_dim), v[0, :, 0].repeat_interleave(heads // kv_heads, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_is_mistrals(kernels, dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    norm = MistralRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=gen) * 2)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 4, 576, generator=gen) * 3).to(dtype)
+    got = kernels.rms_norm(x, norm.weight.detach(), 1e-5)
+    want = norm(x).detach()
+    assert got.shape == x.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    else:  # the same roundings: at most one bf16 step apart (the sum's order differs)
+        assert float(((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)).max()) <= 2**-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_torchs(kernels, dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    gate_up = (torch.randn(2, 3, 2 * 1536, generator=gen) * 8).to(dtype)
+    gate_up[0, 0, :4] = torch.tensor([-200.0, -90.0, 90.0, 0.0])  # exp's range at both ends
+    got = kernels.silu_mul(gate_up)
+    want = F.silu(gate_up[..., :1536]) * gate_up[..., 1536:]
+    assert got.shape == (2, 3, 1536) and got.dtype == dtype and torch.isfinite(got).all()
+    # bf16: exp's last bit can move silu's rounding by a step, and the product's with it (2 steps).
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_kernels_refuse_what_they_cannot_read(kernels) -> None:
+    k = torch.zeros(3, 1, 8, 16)
+    q = torch.zeros(2, 2, 16)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.decode_attention(q, k, k, torch.tensor([0, 0]), torch.tensor([4, 9]), 0.25)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.decode_attention(q, k, k, torch.tensor([3, 0]), torch.tensor([3, 4]), 0.25)  # empty range
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.decode_attention(q, k.transpose(2, 3), k, torch.tensor([0, 0]), torch.tensor([4, 4]), 0.25)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.rms_norm(torch.zeros(4, 6).t(), torch.ones(4), 1e-5)
+    with pytest.raises(ValueError, match="gate and up"):
+        kernels.silu_mul(torch.zeros(2, 7))
+
+
+def test_build_is_cached_and_keyed_by_the_target(tmp_path: Path, monkeypatch) -> None:
+    first = native.build(tmp_path)
+    assert first is not None and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # the emulated AVX2-only CPU: another object
+    capped = native.build(tmp_path)
+    assert capped is not None and capped != first
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no temporary left behind
+
+
+def test_no_compiler_or_a_failing_one_means_torch(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.build(tmp_path / "a") is None
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: no' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with caplog.at_level(logging.WARNING, logger="local_backend.native"):
+        assert native.build(tmp_path / "b") is None
+    assert "the build failed" in caplog.text and "cc: error: no" in caplog.text
+    # The runner then decodes on torch's ops.
+    monkeypatch.setattr(native, "load", lambda device: None)
+    lm = load_model("embedded", dtype="float32")
+    runner = ModelRunner(lm.model, max_slots=2, max_len=64, native_kernels=True)
+    assert runner.native is None
+
+
+def test_load_refuses_kernels_that_disagree_with_torch(tmp_path: Path, monkeypatch, caplog) -> None:
+    source = tmp_path / "kernels.c"  # the same source with RMSNorm's weight left out
+    source.write_text(native.SOURCE.read_text().replace("* LOAD(w[i]));", ");"))
+    monkeypatch.setattr(native, "SOURCE", source)
+    monkeypatch.setattr(native, "kernels_dir", lambda: tmp_path / "kernels")
+    native.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="local_backend.native"):
+            assert native.load(torch.device("cpu")) is None
+        assert "disagreed with torch" in caplog.text
+    finally:
+        native.load.cache_clear()
+
+
+def embedded_runners(dtype: str, native_kernels: bool) -> ModelRunner:
+    """The embedded model's runner as the server builds it, 16 rows prefilled at different lengths."""
+    lm = load_model("embedded", dtype=dtype)
+    runner = ModelRunner(
+        lm.model, max_slots=17, max_len=512, q4_layers=lm.q4_layers, fp16_weights=lm.fp16_weights,
+        native_kernels=native_kernels,
+    )  # fmt: skip
+    assert (runner.native is not None) == native_kernels
+    for slot in range(16):
+        runner.prefill(slot, list(range(100, 120 + 9 * slot)), 0)
+    return runner
+
+
+TOKENS = torch.randint(200, 5000, (16,), generator=torch.Generator().manual_seed(3))
+POSITIONS = torch.tensor([20 + 9 * slot for slot in range(16)])
+
+
+def test_fp32_decodes_the_same_tokens_on_native_kernels(kernels) -> None:
+    off, on = embedded_runners("float32", False), embedded_runners("float32", True)
+    for rows in (16, 1):
+        want, got = off.decode(TOKENS[:rows], POSITIONS[:rows]), on.decode(TOKENS[:rows], POSITIONS[:rows])
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert float((got - want).abs().max()) <= 1e-3  # the same arithmetic up to summation order
+
+
+def test_bf16_on_native_kernels_is_as_close_to_fp32_as_torchs_ops(kernels) -> None:
+    """bf16 roundings compound over 30 layers, so tokens may flip at near ties either way;
+    what must hold is that the kernels are no further from the fp32 logits than torch is."""
+    reference = embedded_runners("float32", False)
+    off, on = embedded_runners("bfloat16", False), embedded_runners("bfloat16", True)
+    for rows in (16, 1):
+        ref = reference.decode(TOKENS[:rows], POSITIONS[:rows])
+        torch_err = (off.decode(TOKENS[:rows], POSITIONS[:rows]) - ref).abs()
+        native_err = (on.decode(TOKENS[:rows], POSITIONS[:rows]) - ref).abs()
+        assert float(native_err.mean()) <= 1.2 * float(torch_err.mean()), (native_err.mean(), torch_err.mean())
+        assert float(native_err.max()) <= 1.5 * float(torch_err.max()), (native_err.max(), torch_err.max())
+
+
+async def test_greedy_output_does_not_depend_on_neighbours_on_native_kernels(kernels) -> None:
+    lm = load_model("embedded", dtype="bfloat16")
+    engine = build_engine(
+        lm.model, lm.tokenizer.decode, lm.tokenizer.eos_token_ids, EngineConfig(max_batch=4, max_model_len=256),
+        lm.q4_layers, lm.fp16_weights, native_kernels=True,
+    )  # fmt: skip
+    assert engine.runner.native is not None
+    await greedy_alone_and_beside_others(engine, lm.tokenizer, "Name three rivers of Europe.")
+
+
+def test_the_server_decodes_on_native_kernels_by_default() -> None:
+    from local_backend.cli import parse_args
+
+    assert parse_args(["serve", "--model", "embedded"]).native_kernels == "auto"
+    assert parse_args(["serve", "--model", "embedded", "--native-kernels", "off"]).native_kernels == "off"
