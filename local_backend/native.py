@@ -8,7 +8,7 @@ pass each, in fp32 arithmetic with the rounding to bf16 where torch rounds
 (bench/NOTES.md has the measurements).
 
 The source is plain C (no torch headers), so it compiles in about a second. The shared
-object is cached beside the converted models under a hash of everything that decides
+object is cached in the model cache's `kernels/` under a hash of everything that decides
 its code (source, compiler, flags, CPU flags), so a cache carried to another CPU is
 never loaded there. `-march=native` targets the CPU at hand; with torch's kernels capped
 at AVX2 (ATEN_CPU_CAPABILITY=avx2, how the benchmark emulates an AVX2-only CPU) it
@@ -50,12 +50,6 @@ SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 #: The largest difference from torch that the self-check accepts, per dtype (bf16: a
 #: rounding step of values around 1-4).
 TOLERANCE = {torch.bfloat16: 3.2e-2, torch.float32: 1e-5}
-
-
-def kernels_dir() -> Path:
-    """Beside the converted models: $GATEWAY_CACHE_DIR/kernels or ~/.cache/llm-gateway/kernels."""
-    env = os.environ.get("GATEWAY_CACHE_DIR")
-    return (Path(env) if env else Path.home() / ".cache" / "llm-gateway") / "kernels"
 
 
 def _march() -> str:
@@ -209,11 +203,12 @@ def self_check(kernels: NativeKernels) -> bool:
 
 
 @functools.cache  # one build and load per process
-def load(device: torch.device) -> NativeKernels | None:
-    """The kernels for CPU tensors, or None (no compiler, a failed build or self-check)."""
+def load(device: torch.device, directory: Path) -> NativeKernels | None:
+    """The kernels for CPU tensors, built into (or found in) `directory`; None where there
+    is no compiler, or the build or the self-check fails."""
     if device.type != "cpu":
         return None
-    path = build(kernels_dir())
+    path = build(directory)
     if path is None:
         return None
     try:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from . import native
 from .fp16 import Fp16Weight, fp16_usable
+from .models import cache_root
 from .quantized import Int4Weight, Q4Blocks, int4_usable
 
 if TYPE_CHECKING:
@@ -137,7 +138,11 @@ class ModelRunner:
             and int4_usable(self.device)
         )
         self.int4_max_rows = INT4_MAX_ROWS.get(self.dtype, 0)
-        self.native = native.load(self.device) if native_kernels and self.dtype in native.SUFFIX else None
+        self.native = (
+            native.load(self.device, cache_root() / "kernels")
+            if native_kernels and self.dtype in native.SUFFIX
+            else None
+        )
         # The same four GEMMs of each layer (q/k/v, o, gate/up, down) from those blocks.
         self.int4_layers: list[tuple[Int4Weight, ...]] = []
         if use_int4 and q4_layers is not None:

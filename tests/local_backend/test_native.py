@@ -14,7 +14,7 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 
 from local_backend import native
 from local_backend.engine import EngineConfig, build_engine
-from local_backend.models import load_model
+from local_backend.models import cache_root, load_model
 from local_backend.runner import ModelRunner
 from tests.local_backend.conftest import greedy_alone_and_beside_others
 
@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.fixture(scope="module")
 def kernels() -> native.NativeKernels:
     # The test machine has a C compiler (make test runs here): no kernels is a failure, not a skip.
-    got = native.load(torch.device("cpu"))
+    got = native.load(torch.device("cpu"), cache_root() / "kernels")
     assert got is not None, "the native kernels did not build or load (see the log)"
     return got
 
@@ -140,7 +140,7 @@ def test_no_compiler_or_a_failing_one_means_torch(tmp_path: Path, monkeypatch, c
         assert native.build(tmp_path / "b") is None
     assert "the build failed" in caplog.text and "cc: error: no" in caplog.text
     # The runner then decodes on torch's ops.
-    monkeypatch.setattr(native, "load", lambda device: None)
+    monkeypatch.setattr(native, "load", lambda device, directory: None)
     lm = load_model("embedded", dtype="float32")
     runner = ModelRunner(lm.model, max_slots=2, max_len=64, native_kernels=True)
     assert runner.native is None
@@ -150,14 +150,9 @@ def test_load_refuses_kernels_that_disagree_with_torch(tmp_path: Path, monkeypat
     source = tmp_path / "kernels.c"  # the same source with RMSNorm's weight left out
     source.write_text(native.SOURCE.read_text().replace("* LOAD(w[i]));", ");"))
     monkeypatch.setattr(native, "SOURCE", source)
-    monkeypatch.setattr(native, "kernels_dir", lambda: tmp_path / "kernels")
-    native.load.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="local_backend.native"):
-            assert native.load(torch.device("cpu")) is None
-        assert "disagreed with torch" in caplog.text
-    finally:
-        native.load.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="local_backend.native"):
+        assert native.load(torch.device("cpu"), tmp_path / "kernels") is None
+    assert "disagreed with torch" in caplog.text
 
 
 def embedded_runners(dtype: str, native_kernels: bool) -> ModelRunner:
