@@ -42,7 +42,59 @@ static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 
 static inline float f32_load(float f) { return f; }
 static inline float f32_store(float f) { return f; }
 
+/* One (row, kv head) pair: its G query heads over keys [0, L) of kb / vb, into outp.
+ * DIM > 0 makes the head size a compile-time constant (64 and 128, the common ones), so
+ * a head's accumulator lives in registers; DIM == 0 is the generic path (D <= 256). */
+#define ATTEND(NAME, T, LOAD, STORE, DIM)                                                        \
+    static void NAME(const T *qrow, const T *kb, const T *vb, long L, int G, int Dr,             \
+                     float scale, float *s, float *qf, T *outp)                                  \
+    {                                                                                            \
+        const int D = (DIM) > 0 ? (DIM) : Dr;                                                    \
+        for (int g = 0; g < G; g++)                                                              \
+            for (int d = 0; d < D; d++) qf[g * D + d] = LOAD(qrow[g * D + d]) * scale;          \
+        long j = 0;                                                                              \
+        for (; j + 4 <= L; j += 4) { /* scores, 4 keys at a time: independent sums */           \
+            const T *k0 = kb + j * D;                                                            \
+            for (int g = 0; g < G; g++) {                                                        \
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                                \
+                for (int d = 0; d < D; d++) {                                                    \
+                    const float x = qf[g * D + d];                                               \
+                    a0 += x * LOAD(k0[d]);                                                       \
+                    a1 += x * LOAD(k0[D + d]);                                                   \
+                    a2 += x * LOAD(k0[2 * D + d]);                                               \
+                    a3 += x * LOAD(k0[3 * D + d]);                                               \
+                }                                                                                \
+                s[g * L + j] = a0;                                                               \
+                s[g * L + j + 1] = a1;                                                           \
+                s[g * L + j + 2] = a2;                                                           \
+                s[g * L + j + 3] = a3;                                                           \
+            }                                                                                    \
+        }                                                                                        \
+        for (; j < L; j++) /* the last keys, one at a time */                                   \
+            for (int g = 0; g < G; g++) {                                                        \
+                float dot = 0.0f;                                                                \
+                for (int d = 0; d < D; d++) dot += qf[g * D + d] * LOAD(kb[j * D + d]);          \
+                s[g * L + j] = dot;                                                              \
+            }                                                                                    \
+        for (int g = 0; g < G; g++) { /* softmax, then the weighted values */                   \
+            float *sg = s + g * L, mx = sg[0], sum = 0.0f;                                       \
+            for (long i = 1; i < L; i++) mx = sg[i] > mx ? sg[i] : mx;                           \
+            for (long i = 0; i < L; i++) { sg[i] = expf(sg[i] - mx); sum += sg[i]; }             \
+            const float inv = 1.0f / sum;                                                        \
+            float acc[(DIM) > 0 ? (DIM) : 256] __attribute__((aligned(64)));                     \
+            for (int d = 0; d < D; d++) acc[d] = 0.0f;                                           \
+            for (long i = 0; i < L; i++) {                                                       \
+                const float p = sg[i] * inv;                                                     \
+                for (int d = 0; d < D; d++) acc[d] += p * LOAD(vb[i * D + d]);                   \
+            }                                                                                    \
+            for (int d = 0; d < D; d++) outp[g * D + d] = STORE(acc[d]);                         \
+        }                                                                                        \
+    }
+
 #define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                   \
+    ATTEND(NAME##_64, T, LOAD, STORE, 64)                                                        \
+    ATTEND(NAME##_128, T, LOAD, STORE, 128)                                                      \
+    ATTEND(NAME##_any, T, LOAD, STORE, 0)                                                        \
     int NAME(const T *q, long q_row, const T *k, const T *v, const int64_t *start,               \
              const int64_t *end, T *out, int B, int H, int NK, int D, long max_len, float scale)  \
     {                                                                                            \
@@ -56,57 +108,14 @@ static inline float f32_store(float f) { return f; }
                 if (s0 < 0 || L <= 0 || end[b] > max_len) { failed = 1; continue; }              \
                 const T *kb = k + ((long)(b * NK + kh) * max_len + s0) * D;                      \
                 const T *vb = v + ((long)(b * NK + kh) * max_len + s0) * D;                      \
+                const T *qrow = q + b * q_row + kh * G * D;                                      \
+                T *outp = out + ((long)b * H + kh * G) * D;                                      \
                 float *s = alloc64(sizeof(float) * (size_t)(G * L));                             \
-                float *qf = alloc64(sizeof(float) * (size_t)(2 * G * D + 4 * D));                \
+                float *qf = alloc64(sizeof(float) * (size_t)(G * D));                            \
                 if (!s || !qf) { free(s); free(qf); failed = 1; continue; }                      \
-                float *acc = qf + G * D, *keys = acc + G * D, *row = keys;                       \
-                for (int g = 0; g < G; g++)                                                      \
-                    for (int d = 0; d < D; d++) {                                                \
-                        qf[g * D + d] = LOAD(q[b * q_row + (kh * G + g) * D + d]) * scale;       \
-                        acc[g * D + d] = 0.0f;                                                   \
-                    }                                                                            \
-                long j = 0;                                                                      \
-                for (; j + 4 <= L; j += 4) { /* scores, 4 keys at a time: independent sums */   \
-                    for (int d = 0; d < 4 * D; d++) keys[d] = LOAD(kb[j * D + d]);               \
-                    for (int g = 0; g < G; g++) {                                                \
-                        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                        \
-                        for (int d = 0; d < D; d++) {                                            \
-                            const float x = qf[g * D + d];                                       \
-                            a0 += x * keys[d];                                                   \
-                            a1 += x * keys[D + d];                                               \
-                            a2 += x * keys[2 * D + d];                                           \
-                            a3 += x * keys[3 * D + d];                                           \
-                        }                                                                        \
-                        s[g * L + j] = a0;                                                       \
-                        s[g * L + j + 1] = a1;                                                   \
-                        s[g * L + j + 2] = a2;                                                   \
-                        s[g * L + j + 3] = a3;                                                   \
-                    }                                                                            \
-                }                                                                                \
-                for (; j < L; j++) { /* the last keys, one at a time */                         \
-                    for (int d = 0; d < D; d++) keys[d] = LOAD(kb[j * D + d]);                   \
-                    for (int g = 0; g < G; g++) {                                                \
-                        float dot = 0.0f;                                                        \
-                        for (int d = 0; d < D; d++) dot += qf[g * D + d] * keys[d];              \
-                        s[g * L + j] = dot;                                                      \
-                    }                                                                            \
-                }                                                                                \
-                for (int g = 0; g < G; g++) { /* softmax, normalised at the end */              \
-                    float *sg = s + g * L, mx = sg[0], sum = 0.0f;                               \
-                    for (long j = 1; j < L; j++) mx = sg[j] > mx ? sg[j] : mx;                   \
-                    for (long j = 0; j < L; j++) { sg[j] = expf(sg[j] - mx); sum += sg[j]; }     \
-                    for (long j = 0; j < L; j++) sg[j] /= sum;                                   \
-                }                                                                                \
-                for (long j = 0; j < L; j++) { /* weighted values: each value row read once */  \
-                    for (int d = 0; d < D; d++) row[d] = LOAD(vb[j * D + d]);                    \
-                    for (int g = 0; g < G; g++) {                                                \
-                        const float p = s[g * L + j];                                            \
-                        for (int d = 0; d < D; d++) acc[g * D + d] += p * row[d];                \
-                    }                                                                            \
-                }                                                                                \
-                for (int g = 0; g < G; g++)                                                      \
-                    for (int d = 0; d < D; d++)                                                  \
-                        out[((long)b * H + kh * G + g) * D + d] = STORE(acc[g * D + d]);         \
+                if (D == 64) NAME##_64(qrow, kb, vb, L, G, D, scale, s, qf, outp);               \
+                else if (D == 128) NAME##_128(qrow, kb, vb, L, G, D, scale, s, qf, outp);        \
+                else NAME##_any(qrow, kb, vb, L, G, D, scale, s, qf, outp);                      \
                 free(s);                                                                         \
                 free(qf);                                                                        \
             }                                                                                    \
