@@ -131,6 +131,37 @@ class NativeKernels:
             raise ValueError("decode attention: positions outside the cache")
         return out
 
+    def rope_store(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        positions: torch.Tensor,
+        heads: int,
+    ) -> torch.Tensor:
+        """A decode step's fused q/k/v rows [B, (heads + 2 NK) * D] (rows may be strided) ->
+        q with RoPE [B, heads, D]; k with RoPE and v written into slot b of the caches [slots,
+        NK, max_len, D] at positions[b]. cos, sin: [B, D]."""
+        b = qkv.shape[0]
+        slots, nk, max_len, d = k_cache.shape
+        if qkv.stride(-1) != 1 or qkv.shape[-1] != (heads + 2 * nk) * d or b > slots:
+            raise ValueError("rope_store needs contiguous q/k/v rows that match the cache")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("rope_store needs contiguous caches")
+        cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
+        if cos.shape != (b, d) or sin.shape != (b, d) or positions.dtype != torch.int64:
+            raise ValueError("rope_store: bad cos, sin or positions")
+        q = torch.empty(b, heads, d, dtype=qkv.dtype, device=qkv.device)
+        failed = getattr(self.lib, "rope_store_" + SUFFIX[qkv.dtype])(
+            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), positions.data_ptr(), b, heads, nk, d, max_len,
+        )  # fmt: skip
+        if failed:
+            raise ValueError("rope_store: a position outside the cache, or an odd head size")
+        return q
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm over the last dimension of a contiguous x, as transformers' MistralRMSNorm."""
         n = x.shape[-1]
@@ -161,6 +192,7 @@ def _bind(lib: ctypes.CDLL) -> None:
             "decode_attention_": [p, n, p, p, p, p, p, i, i, i, i, n, f],
             "rms_norm_": [p, p, p, i, i, f],
             "silu_mul_": [p, p, i, i],
+            "rope_store_": [p, n, p, p, p, p, p, p, i, i, i, i, n],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name + suffix)
@@ -173,8 +205,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def self_check(kernels: NativeKernels) -> bool:
-    """Each kernel against torch, in both dtypes: rows of different lengths (one of a single
-    key) over grouped heads, and norms and SiLU of values across the activations' range."""
+    """Each kernel against torch, in both dtypes: attention over rows of different lengths
+    (one of a single key) and grouped heads, RoPE and the cache write, and norms and SiLU
+    of values across the activations' range."""
     g = torch.Generator().manual_seed(0)
     for dtype in SUFFIX:
         rows, nk, group, d, max_len = 3, 2, 3, 64, 40
@@ -190,6 +223,20 @@ def self_check(kernels: NativeKernels) -> bool:
             )
             if not _close(got[r], want, dtype):
                 return False
+        heads, positions = nk * group, torch.tensor([0, 17, 39])
+        qkv = torch.randn(rows, 1, (heads + 2 * nk) * d, generator=g).to(dtype)[:, 0]
+        cos, sin = torch.randn(rows, d, generator=g).to(dtype), torch.randn(rows, d, generator=g).to(dtype)
+        q = kernels.rope_store(qkv, cos, sin, k, v, positions, heads)
+        x = qkv.float().view(rows, heads + 2 * nk, d)
+        turned = torch.cat((-x[..., d // 2 :], x[..., : d // 2]), -1)
+        roped = x * cos.float()[:, None] + turned * sin.float()[:, None]
+        rows_at = torch.arange(rows)
+        if not (
+            _close(q, roped[:, :heads], dtype)
+            and _close(k[rows_at, :, positions], roped[:, heads : heads + nk], dtype)
+            and torch.equal(v[rows_at, :, positions], qkv.view(rows, heads + 2 * nk, d)[:, heads + nk :])
+        ):
+            return False
         x = (torch.randn(5, 96, generator=g) * 4).to(dtype)
         w = torch.rand(96, generator=g).to(dtype)
         want = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)

@@ -303,19 +303,21 @@ class ModelRunner:
             )
             h = kern.rms_norm(x, layer["ln1"], self.eps) if kern else self._rms_norm(x, layer["ln1"])
             qkv = self._linear(h, wqkv, layer["bqkv"])
-            # RoPE on q and k in one pass: they are adjacent in the fused projection.
-            qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
-            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
-            v = qkv[..., self.q_size + self.kv_size :]
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc.view(-1, d).index_copy_(0, flat_idx, k.reshape(-1, d))
-            vc.view(-1, d).index_copy_(0, flat_idx, v.reshape(-1, d))
-            if kern:
-                o = kern.decode_attention(q[:, 0], kc[slots.start :], vc[slots.start :], start, end, self.scale)
+            if kern:  # RoPE, the K/V write, attention, then the MLP: one kernel each
+                kcs, vcs = kc[slots.start :], vc[slots.start :]
+                q1 = kern.rope_store(qkv[:, 0], cos[:, 0, 0], sin[:, 0, 0], kcs, vcs, pos[:, 0], self.n_heads)
+                o = kern.decode_attention(q1, kcs, vcs, start, end, self.scale)
                 x = x + self._linear(o.view(b, t, self.q_size), wo)
                 gate_up = self._linear(kern.rms_norm(x, layer["ln2"], self.eps), wgu)
                 x = x + self._linear(kern.silu_mul(gate_up), wd)
                 continue
+            # RoPE on q and k in one pass: they are adjacent in the fused projection.
+            qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
+            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
+            v = qkv[..., self.q_size + self.kv_size :]
+            kc.view(-1, d).index_copy_(0, flat_idx, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, flat_idx, v.reshape(-1, d))
             # GQA without repeat_kv: fold each kv head's query group into the query axis.
             q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
             o = F.scaled_dot_product_attention(

@@ -157,6 +157,42 @@ DECODE_ATTENTION(decode_attention_f32, float, f32_load, f32_store)
         return 0;                                                                                \
     }
 
+/* RoPE and the KV cache write of a decode step: row b's fused q/k/v projection (q heads,
+ * then k heads, then v heads, each D wide, at qkv[b * qkv_row]) -> q rotated into q_out
+ * [B, H, D]; k rotated and v copied into slot b of one layer's caches [slots, NK,
+ * max_len, D] at position pos[b]. cos and sin are [B, D] (the model's rotary module's,
+ * per row); rotation as transformers' rotate_half: x * cos + (-x2, x1) * sin, in fp32,
+ * rounded once. */
+#define ROPE_STORE(NAME, T, LOAD, STORE)                                                         \
+    int NAME(const T *qkv, long qkv_row, const T *cos, const T *sin, T *q_out, T *k, T *v,       \
+             const int64_t *pos, int B, int H, int NK, int D, long max_len)                       \
+    {                                                                                            \
+        const int half = D / 2;                                                                  \
+        if (D % 2) return 1;                                                                     \
+        for (int b = 0; b < B; b++)                                                              \
+            if (pos[b] < 0 || pos[b] >= max_len) return 1;                                       \
+        for (int b = 0; b < B; b++) {                                                            \
+            const T *row = qkv + b * qkv_row, *c = cos + (long)b * D, *sn = sin + (long)b * D;   \
+            for (int h = 0; h < H + NK; h++) {                                                   \
+                const T *x = row + (long)h * D;                                                  \
+                T *dst = h < H ? q_out + ((long)b * H + h) * D                                   \
+                               : k + (((long)b * NK + (h - H)) * max_len + pos[b]) * D;          \
+                for (int d = 0; d < half; d++)                                                   \
+                    dst[d] = STORE(LOAD(x[d]) * LOAD(c[d]) - LOAD(x[d + half]) * LOAD(sn[d]));   \
+                for (int d = half; d < D; d++)                                                   \
+                    dst[d] = STORE(LOAD(x[d]) * LOAD(c[d]) + LOAD(x[d - half]) * LOAD(sn[d]));   \
+            }                                                                                    \
+            for (int kh = 0; kh < NK; kh++) {                                                    \
+                const T *x = row + (long)(H + NK + kh) * D;                                      \
+                T *dst = v + (((long)b * NK + kh) * max_len + pos[b]) * D;                       \
+                for (int d = 0; d < D; d++) dst[d] = x[d];                                       \
+            }                                                                                    \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+
+ROPE_STORE(rope_store_bf16, uint16_t, bf16_load, bf16_store)
+ROPE_STORE(rope_store_f32, float, f32_load, f32_store)
 RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store)
 RMS_NORM(rms_norm_f32, float, f32_load, f32_store)
 SILU_MUL(silu_mul_bf16, uint16_t, bf16_load, bf16_store)
