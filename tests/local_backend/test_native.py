@@ -74,6 +74,34 @@ def test_decode_attention_is_sdpa(kernels, dtype, heads, kv_heads, head_dim) -> 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_store_is_the_runners_rope_and_cache_write(kernels, dtype) -> None:
+    from local_backend.runner import _rope
+
+    gen = torch.Generator().manual_seed(4)
+    rows, heads, kv_heads, d, max_len = 4, 9, 3, 64, 50
+    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    cos, sin = torch.randn(rows, d, generator=gen).to(dtype), torch.randn(rows, d, generator=gen).to(dtype)
+    k, v = (
+        torch.zeros(rows + 1, kv_heads, max_len, d, dtype=dtype),
+        torch.zeros(rows + 1, kv_heads, max_len, d, dtype=dtype),
+    )
+    positions = torch.tensor([0, 7, 49, 7])
+    q = kernels.rope_store(qkv[:, 0], cos, sin, k, v, positions, heads)
+    x = qkv.view(rows, 1, heads + 2 * kv_heads, d)
+    want = _rope(x[:, :, : heads + kv_heads].float(), cos.float()[:, None, None], sin.float()[:, None, None])[:, 0]
+    tol = 1e-6 if dtype == torch.float32 else 2**-7  # torch rounds each product in bf16; we round once
+    torch.testing.assert_close(q.float(), want[:, :heads], atol=tol * 4, rtol=tol)
+    at = torch.arange(rows)
+    torch.testing.assert_close(k[at, :, positions].float(), want[:, heads:], atol=tol * 4, rtol=tol)
+    assert torch.equal(v[at, :, positions], x[:, 0, heads + kv_heads :])
+    written = torch.zeros(rows + 1, kv_heads, max_len, dtype=torch.bool)
+    written[at, :, positions] = True
+    assert not k[~written].any() and not v[~written].any()  # nothing else in the caches moved
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.rope_store(qkv[:, 0], cos, sin, k, v, torch.tensor([0, 1, 50, 2]), heads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_is_mistrals(kernels, dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     norm = MistralRMSNorm(576, eps=1e-5)
