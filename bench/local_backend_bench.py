@@ -12,9 +12,11 @@ left-padded batch of 16 through `generate()`), then our engine as it is deployed
 first token of a ~500-token prompt alone and while 15 other streams decode.
 `--generate-batch` adds transformers' continuous batching `generate_batch()` (float32).
 
-The server runs as deployed, with `--int4 auto --fp16-weights auto`: in bf16 it decodes
-up to 4 rows from the GGUF's own 4-bit weights (local_backend/quantized.py), in fp32 it
-keeps the weights in fp16 (local_backend/fp16.py); "same dtype" is the dtype of its
+The server runs as deployed, with `--int4 auto --fp16-weights auto --native-kernels auto`:
+in bf16 it decodes up to 4 rows from the GGUF's own 4-bit weights
+(local_backend/quantized.py), in fp32 it keeps the weights in fp16 (local_backend/fp16.py),
+and where there is a C compiler a decode step's RoPE, attention, norms and SiLU run as C
+kernels built at start (local_backend/native.py); "same dtype" is the dtype of its
 activations, residual stream and KV cache. `--also-server "ARGS"` (repeatable) adds a
 server started with those extra arguments in the same rounds, e.g. `--also-server
 "--int4 off --fp16-weights off"` for the dequantized weights, the baseline's exactly.
