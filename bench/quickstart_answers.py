@@ -64,7 +64,7 @@ def run(dtype: str, n: int) -> None:
         t = lm.generation_defaults.temperature or 1
         box["report"] = {label: (first_token(lm, p, 1.0), first_token(lm, p, t)) for label, p in prompts.items()}
         engine = build_engine(lm.model, tok.decode, tok.eos_token_ids, EngineConfig(max_model_len=2048),
-                              lm.q4_layers, lm.fp16_weights)  # the weights the server runs on
+                              lm.q4_layers, lm.fp16_weights, native_kernels=True)  # as the server runs
         box.update(engine=engine, prompts=prompts, defaults=lm.generation_defaults)
         engine.run()
 

@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native-kernels",
         choices=["auto", "off"],
         default="auto",
-        help="auto: on a CPU with a C compiler (cc, or $CC), build the decode step's attention, "
-        "RMSNorm and SiLU kernels at start (cached) and decode with them; off: torch's ops only",
+        help="auto: on a CPU with a C compiler (cc, or $CC), build the decode step's RoPE and K/V "
+        "write, attention, RMSNorm and SiLU kernels at start (cached) and decode with them; off: "
+        "torch's ops only",
     )
     s.add_argument("--log-level", default="info")
     return ap.parse_args(argv)

@@ -41,7 +41,21 @@ import torch.nn.functional as F
 log = logging.getLogger("local_backend.native")
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
-FLAGS = ("-O3", "-ffast-math", "-fno-strict-aliasing", "-fopenmp", "-fPIC", "-shared")
+#: Not -ffast-math: linked into a shared object it sets flush-to-zero and
+#: denormals-are-zero for the whole process (crtfastmath), which changes how every other
+#: float in it behaves. These let the sums vectorise (reassociation) and nothing more.
+FLAGS = (
+    "-O3",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-freciprocal-math",
+    "-fno-strict-aliasing",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
 #: GCC only: no loop peeling for alignment, so a vectorised sum runs in the same order
 #: whatever the address of its row (a row's result must not depend on its neighbours).
 GCC_FLAGS = ("--param=vect-max-peeling-for-alignment=0",)

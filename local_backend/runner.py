@@ -31,8 +31,8 @@ GEMM of every forward multiplies fp32 activations with the weights stored in fp1
 neither the packed fp32 weights nor the 4-bit ones are used.
 
 Asked for native kernels (`native.py`: C, built at start where there is a compiler), a
-decode forward (one token a row) runs its attention, RMSNorms and SiLU through them;
-prompts, and machines without them, run on torch's ops.
+decode forward (one token a row) runs its RoPE and K/V cache write, attention, RMSNorms
+and SiLU through them; prompts, and machines without them, run on torch's ops.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class ModelRunner:
             names = ("wqkv", "wo", "wgu", "wd")
             self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
         log.info(
-            "GEMMs: %s%s (%s); decode attention, norms and SiLU: %s",
+            "GEMMs: %s%s (%s); decode RoPE, attention, norms and SiLU: %s",
             f"int4 (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
             "fp16 weights (FBGEMM)" if self.fp16 else "oneDNN packed" if self.packed else "F.linear",
             self.dtype,

@@ -39,6 +39,26 @@ static inline uint16_t bf16_store(float f) {
  * output must not depend on a request's neighbours. */
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
+/* exp for the softmax and SiLU, Cephes' expf (about 1 ulp): x = k ln2 + r, e^r by a
+ * polynomial, 2^k by the exponent bits. Ours rather than libm's so that the loops
+ * vectorise without -ffast-math, which would link crtfastmath and turn on
+ * flush-to-zero for the whole process that loads us. Inputs are clamped to where the
+ * result stays a normal float. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    union { uint32_t u; float f; } two_k;
+    two_k.u = (uint32_t)((int)k + 127) << 23;
+    return (p * r * r + r + 1.0f) * two_k.f;
+}
+
 static inline float f32_load(float f) { return f; }
 static inline float f32_store(float f) { return f; }
 
@@ -79,7 +99,7 @@ static inline float f32_store(float f) { return f; }
         for (int g = 0; g < G; g++) { /* softmax, then the weighted values */                   \
             float *sg = s + g * L, mx = sg[0], sum = 0.0f;                                       \
             for (long i = 1; i < L; i++) mx = sg[i] > mx ? sg[i] : mx;                           \
-            for (long i = 0; i < L; i++) { sg[i] = expf(sg[i] - mx); sum += sg[i]; }             \
+            for (long i = 0; i < L; i++) { sg[i] = exp_f32(sg[i] - mx); sum += sg[i]; }             \
             const float inv = 1.0f / sum;                                                        \
             float acc[(DIM) > 0 ? (DIM) : 256] __attribute__((aligned(64)));                     \
             for (int d = 0; d < D; d++) acc[d] = 0.0f;                                           \
@@ -151,7 +171,7 @@ DECODE_ATTENTION(decode_attention_f32, float, f32_load, f32_store)
             const T *g = gu + (long)r * 2 * n, *u = g + n;                                       \
             for (int i = 0; i < n; i++) {                                                        \
                 const float a = LOAD(g[i]);                                                      \
-                out[(long)r * n + i] = STORE(LOAD(STORE(a / (1.0f + expf(fminf(-a, 80.0f))))) * LOAD(u[i]));   \
+                out[(long)r * n + i] = STORE(LOAD(STORE(a / (1.0f + exp_f32(-a)))) * LOAD(u[i]));   \
             }                                                                                    \
         }                                                                                        \
         return 0;                                                                                \

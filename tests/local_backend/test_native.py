@@ -5,6 +5,7 @@ request's greedy output independent of its neighbours)."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ def kernels() -> native.NativeKernels:
     got = native.load(torch.device("cpu"), cache_root() / "kernels")
     assert got is not None, "the native kernels did not build or load (see the log)"
     return got
+
+
+def test_loading_the_kernels_leaves_this_process_floats_alone(kernels) -> None:
+    """A shared object built with -ffast-math turns on flush-to-zero for the whole process
+    when it loads (crtfastmath): subnormals would read as 0 everywhere, JSON numbers too."""
+    tiny = sys.float_info.min
+    assert tiny / 2 > 0 and float("4.9e-324") > 0
+    assert torch.tensor([tiny], dtype=torch.float64).div(2).item() > 0
 
 
 def attention_reference(q, k, v, start, end, scale: float) -> torch.Tensor:
