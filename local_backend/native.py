@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,16 +71,10 @@ def _march() -> str:
     return "x86-64-v3" if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" else "native"
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
+def build(directory: Path, cpu_flags: frozenset[str]) -> Path | None:
+    """Compile the kernels into `directory` (or find them there); None where they cannot be built.
 
-
-def build(directory: Path) -> Path | None:
-    """Compile the kernels into `directory` (or find them there); None where they cannot be built."""
+    `cpu_flags` (models.cpu_info's) go into the file's name with what else decides its code."""
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None or platform.system() != "Linux":
         log.info("native kernels: none (no C compiler); decode runs on torch's ops")
@@ -90,7 +85,7 @@ def build(directory: Path) -> Path | None:
         log.warning("native kernels: none (%s --version failed: %s)", cc, e)
         return None
     flags = (*FLAGS, f"-march={_march()}", *(GCC_FLAGS if "Free Software Foundation" in version else ()))
-    key = "\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags(), platform.machine()])
+    key = "\0".join([SOURCE.read_text(), cc, version, " ".join(flags), " ".join(sorted(cpu_flags)), platform.machine()])
     target = directory / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -115,7 +110,7 @@ def build(directory: Path) -> Path | None:
 class NativeKernels:
     """The loaded kernels. Each takes and returns CPU tensors of one dtype in SUFFIX."""
 
-    lib: ctypes.CDLL
+    entry_points: dict[tuple[str, torch.dtype], Any]  # (kernel, dtype) -> the C function
 
     def decode_attention(
         self,
@@ -137,7 +132,7 @@ class NativeKernels:
             raise ValueError("decode attention: bad rows or positions")
         start = start.contiguous()
         out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
-        failed = getattr(self.lib, "decode_attention_" + SUFFIX[q.dtype])(
+        failed = self.entry_points["decode_attention", q.dtype](
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), start.data_ptr(), end.data_ptr(),
             out.data_ptr(), b, h, nk, d, max_len, scale,
         )  # fmt: skip
@@ -168,7 +163,7 @@ class NativeKernels:
         if cos.shape != (b, d) or sin.shape != (b, d) or positions.dtype != torch.int64:
             raise ValueError("rope_store: bad cos, sin or positions")
         q = torch.empty(b, heads, d, dtype=qkv.dtype, device=qkv.device)
-        failed = getattr(self.lib, "rope_store_" + SUFFIX[qkv.dtype])(
+        failed = self.entry_points["rope_store", qkv.dtype](
             qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), positions.data_ptr(), b, heads, nk, d, max_len,
         )  # fmt: skip
@@ -182,9 +177,7 @@ class NativeKernels:
         if not (x.is_contiguous() and weight.is_contiguous() and weight.shape == (n,) and weight.dtype == x.dtype):
             raise ValueError("rms_norm needs contiguous rows and a matching weight")
         out = torch.empty_like(x)
-        getattr(self.lib, "rms_norm_" + SUFFIX[x.dtype])(
-            x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps
-        )
+        self.entry_points["rms_norm", x.dtype](x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -193,25 +186,27 @@ class NativeKernels:
             raise ValueError("silu_mul needs contiguous rows of gate and up")
         n = gate_up.shape[-1] // 2
         out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
-        getattr(self.lib, "silu_mul_" + SUFFIX[gate_up.dtype])(
-            gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n
-        )
+        self.entry_points["silu_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n)
         return out
 
 
-def _bind(lib: ctypes.CDLL) -> None:
+def _bind(lib: ctypes.CDLL) -> dict[tuple[str, torch.dtype], Any]:
+    """Each entry point with its argument types, by (kernel, dtype)."""
     p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    for suffix in SUFFIX.values():
-        signatures = {
-            "decode_attention_": [p, n, p, p, p, p, p, i, i, i, i, n, f],
-            "rms_norm_": [p, p, p, i, i, f],
-            "silu_mul_": [p, p, i, i],
-            "rope_store_": [p, n, p, p, p, p, p, p, i, i, i, i, n],
-        }
+    signatures = {
+        "decode_attention": [p, n, p, p, p, p, p, i, i, i, i, n, f],
+        "rms_norm": [p, p, p, i, i, f],
+        "silu_mul": [p, p, i, i],
+        "rope_store": [p, n, p, p, p, p, p, p, i, i, i, i, n],
+    }
+    entry_points = {}
+    for dtype, suffix in SUFFIX.items():
         for name, argtypes in signatures.items():
-            fn = getattr(lib, name + suffix)
+            fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = argtypes
             fn.restype = i
+            entry_points[name, dtype] = fn
+    return entry_points
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -264,18 +259,16 @@ def self_check(kernels: NativeKernels) -> bool:
 
 
 @functools.cache  # one build and load per process
-def load(device: torch.device, directory: Path) -> NativeKernels | None:
+def load(device: torch.device, directory: Path, cpu_flags: frozenset[str]) -> NativeKernels | None:
     """The kernels for CPU tensors, built into (or found in) `directory`; None where there
     is no compiler, or the build or the self-check fails."""
     if device.type != "cpu":
         return None
-    path = build(directory)
+    path = build(directory, cpu_flags)
     if path is None:
         return None
     try:
-        lib = ctypes.CDLL(str(path))
-        _bind(lib)
-        kernels = NativeKernels(lib)
+        kernels = NativeKernels(_bind(ctypes.CDLL(str(path))))
         ok = self_check(kernels)
     except (OSError, AttributeError, RuntimeError, ValueError) as e:
         log.warning("native kernels: none (%s did not load: %s)", path.name, e)

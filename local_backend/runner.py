@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import native
 from .fp16 import Fp16Weight, fp16_usable
-from .models import cache_root
+from .models import cache_root, cpu_info
 from .quantized import Int4Weight, Q4Blocks, int4_usable
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class ModelRunner:
         )
         self.int4_max_rows = INT4_MAX_ROWS.get(self.dtype, 0)
         self.native = (
-            native.load(self.device, cache_root() / "kernels")
+            native.load(self.device, cache_root() / "kernels", cpu_info()[1])
             if native_kernels and self.dtype in native.SUFFIX
             else None
         )
@@ -292,9 +292,11 @@ class ModelRunner:
         # K/V writes: one index_copy_ into the flattened cache per layer (advanced-index
         # assignment cost 146 us per call at 16 rows, index_copy_ 5 us). Row r of the batch is
         # slot slots.start + r; flat row = (slot * nk + head) * max_len + position.
-        heads = torch.arange(nk, device=self.device)
-        base = (torch.arange(slots.start, slots.stop, device=self.device) * nk).view(b, 1, 1)
-        flat_idx = ((base + heads) * self.max_len + pos.unsqueeze(-1)).view(-1)  # [B*T*nk]
+        # (Not needed where the native kernels write the cache.)
+        if not kern:
+            heads = torch.arange(nk, device=self.device)
+            base = (torch.arange(slots.start, slots.stop, device=self.device) * nk).view(b, 1, 1)
+            flat_idx = ((base + heads) * self.max_len + pos.unsqueeze(-1)).view(-1)  # [B*T*nk]
         # Few rows: the 4-bit weights (memory-bound, 4.5 bits a weight read); more: the packed ones.
         small = self.int4 and b * t <= self.int4_max_rows
         for i, layer in enumerate(self.layers):

@@ -15,17 +15,18 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 
 from local_backend import native
 from local_backend.engine import EngineConfig, build_engine
-from local_backend.models import cache_root, load_model
+from local_backend.models import cache_root, cpu_info, load_model
 from local_backend.runner import ModelRunner
 from tests.local_backend.conftest import greedy_alone_and_beside_others
 
 DTYPES = [torch.float32, torch.bfloat16]
+FLAGS = cpu_info()[1]
 
 
 @pytest.fixture(scope="module")
 def kernels() -> native.NativeKernels:
     # The test machine has a C compiler (make test runs here): no kernels is a failure, not a skip.
-    got = native.load(torch.device("cpu"), cache_root() / "kernels")
+    got = native.load(torch.device("cpu"), cache_root() / "kernels", FLAGS)
     assert got is not None, "the native kernels did not build or load (see the log)"
     return got
 
@@ -156,28 +157,28 @@ def test_kernels_refuse_what_they_cannot_read(kernels) -> None:
 
 
 def test_build_is_cached_and_keyed_by_the_target(tmp_path: Path, monkeypatch) -> None:
-    first = native.build(tmp_path)
+    first = native.build(tmp_path, FLAGS)
     assert first is not None and first.exists()
     mtime = first.stat().st_mtime_ns
-    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert native.build(tmp_path, FLAGS) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # the emulated AVX2-only CPU: another object
-    capped = native.build(tmp_path)
+    capped = native.build(tmp_path, FLAGS)
     assert capped is not None and capped != first
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no temporary left behind
 
 
 def test_no_compiler_or_a_failing_one_means_torch(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    assert native.build(tmp_path / "a") is None
+    assert native.build(tmp_path / "a", FLAGS) is None
     broken = tmp_path / "broken-cc"
     broken.write_text("#!/bin/sh\necho 'cc: error: no' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     with caplog.at_level(logging.WARNING, logger="local_backend.native"):
-        assert native.build(tmp_path / "b") is None
+        assert native.build(tmp_path / "b", FLAGS) is None
     assert "the build failed" in caplog.text and "cc: error: no" in caplog.text
     # The runner then decodes on torch's ops.
-    monkeypatch.setattr(native, "load", lambda device, directory: None)
+    monkeypatch.setattr(native, "load", lambda device, directory, cpu_flags: None)
     lm = load_model("embedded", dtype="float32")
     runner = ModelRunner(lm.model, max_slots=2, max_len=64, native_kernels=True)
     assert runner.native is None
@@ -188,7 +189,7 @@ def test_load_refuses_kernels_that_disagree_with_torch(tmp_path: Path, monkeypat
     source.write_text(native.SOURCE.read_text().replace("* LOAD(w[i]));", ");"))
     monkeypatch.setattr(native, "SOURCE", source)
     with caplog.at_level(logging.WARNING, logger="local_backend.native"):
-        assert native.load(torch.device("cpu"), tmp_path / "kernels") is None
+        assert native.load(torch.device("cpu"), tmp_path / "kernels", FLAGS) is None
     assert "disagreed with torch" in caplog.text
 
 
