@@ -257,7 +257,7 @@ def ops(dtype_name: str) -> None:
 
     lm = load_model("embedded", dtype=dtype_name)
     runner = R.ModelRunner(lm.model, max_slots=17, max_len=2048, q4_layers=lm.q4_layers,
-                           fp16_weights=lm.fp16_weights)
+                           fp16_weights=lm.fp16_weights, native_kernels=True)
     for slot in range(16):
         runner.prefill(slot, list(range(100, 160)), 0)
     tokens, positions = torch.randint(100, 1000, (16,)), torch.full((16,), 70)

@@ -5,7 +5,9 @@ time goes to ops whose arithmetic is tiny: SDPA pays a oneDNN GEMM set-up per (r
 head) pair, and each RMSNorm and SiLU is several kernels with their own passes and
 casts. `csrc/kernels.c` does decode attention, RMSNorm and silu(gate) * up in one
 pass each, in fp32 arithmetic with the rounding to bf16 where torch rounds
-(bench/NOTES.md has the measurements).
+(bench/NOTES.md has the measurements). Where the compiler targets AVX512-BF16, it also
+has a GEMM on the GGUF's own 4-bit blocks (`q4_matmul`, `Q4Tiles`): a bf16 decode step
+reads 5 bits a weight instead of oneDNN's 16.
 
 The source is plain C (no torch headers), so it compiles in about a second. The shared
 object is cached in the model cache's `kernels/` under a hash of everything that decides
@@ -106,11 +108,60 @@ def build(directory: Path, cpu_flags: frozenset[str]) -> Path | None:
     return target
 
 
+#: The most rows q4_matmul takes (Q4_MAX_ROWS in kernels.c).
+Q4_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Q4Tiles:
+    """One weight matrix [n, k] of Q4_1 blocks (w = d q + m, 32 inputs a block) in
+    q4_matmul's layout (see kernels.c): `nibbles` [n / 16, k / 32, 16 pairs, 16 outputs]
+    uint8 (two inputs a byte), `scales` [n / 16, k / 32, 2, 16] fp16 (16 d, then m)."""
+
+    nibbles: torch.Tensor
+    scales: torch.Tensor
+    n: int
+    k: int
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Q4Tiles | None:
+    """Q4_1 blocks (q [n, k] in 0..15, d and m [n, k / 32]) -> Q4Tiles; None when the shape
+    does not tile (n a multiple of 16, k of 32)."""
+    n, k = q.shape
+    if n % 16 or k % 32 or d.shape != (n, k // 32) or m.shape != d.shape:
+        return None
+    pairs = q.to(torch.uint8).view(n // 16, 16, k // 32, 16, 2)
+    nibbles = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 3, 1).contiguous()
+    scales = torch.stack([(16 * d).to(torch.float16), m.to(torch.float16)])  # 16 d: exact in fp16
+    scales = scales.view(2, n // 16, 16, k // 32).permute(1, 3, 0, 2).contiguous()
+    return Q4Tiles(nibbles, scales, n, k)
+
+
 @dataclass(frozen=True)
 class NativeKernels:
-    """The loaded kernels. Each takes and returns CPU tensors of one dtype in SUFFIX."""
+    """The loaded kernels. Each takes and returns CPU tensors of one dtype in SUFFIX
+    (q4_matmul: bf16 only, and only where `has_q4`)."""
 
     entry_points: dict[tuple[str, torch.dtype], Any]  # (kernel, dtype) -> the C function
+
+    @property
+    def has_q4(self) -> bool:
+        """Whether q4_matmul was compiled in (the compiler targeted AVX512-BF16)."""
+        return ("q4_matmul", torch.bfloat16) in self.entry_points
+
+    def q4_matmul(self, x: torch.Tensor, w: Q4Tiles) -> torch.Tensor:
+        """x [..., k] bf16 @ w.T -> [..., n] bf16, summed in fp32; at most Q4_MAX_ROWS rows."""
+        rows = x.numel() // w.k
+        if x.dtype != torch.bfloat16 or x.shape[-1] != w.k or rows > Q4_MAX_ROWS or not self.has_q4:
+            raise ValueError("q4_matmul takes up to 64 bf16 rows of the weight's width")
+        flat = x.reshape(rows, w.k).contiguous()
+        out = torch.empty(*x.shape[:-1], w.n, dtype=x.dtype, device=x.device)
+        failed = self.entry_points["q4_matmul", torch.bfloat16](
+            w.nibbles.data_ptr(), w.scales.data_ptr(), flat.data_ptr(), out.data_ptr(), rows, w.n, w.k
+        )
+        if failed:
+            raise ValueError("q4_matmul: a shape that does not tile")
+        return out
 
     def decode_attention(
         self,
@@ -206,6 +257,12 @@ def _bind(lib: ctypes.CDLL) -> dict[tuple[str, torch.dtype], Any]:
             fn.argtypes = argtypes
             fn.restype = i
             entry_points[name, dtype] = fn
+    lib.q4_matmul_available.restype = i
+    if lib.q4_matmul_available():
+        fn = lib.q4_matmul_bf16
+        fn.argtypes = [p, p, p, p, i, i, i]
+        fn.restype = i
+        entry_points["q4_matmul", torch.bfloat16] = fn
     return entry_points
 
 
@@ -215,9 +272,19 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def self_check(kernels: NativeKernels) -> bool:
     """Each kernel against torch, in both dtypes: attention over rows of different lengths
-    (one of a single key) and grouped heads, RoPE and the cache write, and norms and SiLU
-    of values across the activations' range."""
+    (one of a single key) and grouped heads, RoPE and the cache write, norms and SiLU
+    of values across the activations' range, and q4_matmul against the dequantized product."""
     g = torch.Generator().manual_seed(0)
+    if kernels.has_q4:
+        nibbles = torch.randint(0, 16, (32, 64), generator=g)
+        # d and m as the GGUF stores them (fp16 values)
+        scale = (torch.rand(32, 2, generator=g) * 0.02).half().float()
+        low = (-torch.rand(32, 2, generator=g) * 0.1).half().float()
+        tiles = pack_q4(nibbles, scale, low)
+        x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+        w = (nibbles.float().view(32, 2, 32) * scale[..., None] + low[..., None]).view(32, 64)
+        if tiles is None or not _close(kernels.q4_matmul(x, tiles), x.float() @ w.T, torch.bfloat16):
+            return False
     for dtype in SUFFIX:
         rows, nk, group, d, max_len = 3, 2, 3, 64, 40
         k = torch.randn(rows + 1, nk, max_len, d, generator=g).to(dtype)

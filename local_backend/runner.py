@@ -24,7 +24,9 @@ fp32 rounding in the last bits (|diff| ~1e-4 on logits-sized sums), so
 
 Given the checkpoint's 4-bit blocks (the embedded GGUF's, `quantized.py`), a forward of
 at most INT4_MAX_ROWS token rows runs the layers' GEMMs on them instead: decoding reads
-4.5 bits a weight, not 16 or 32.
+4.5 bits a weight, not 16 or 32. In bf16 with native kernels that have `q4_matmul`
+(AVX512-BF16), those GEMMs run on it, up to Q4_NATIVE_MAX_ROWS rows: it unpacks each
+block once for all rows, where torch's int4 kernel is slower than oneDNN beyond 4.
 
 Asked for fp16 weights (the embedded model in fp32, where FBGEMM runs: `fp16.py`), every
 GEMM of every forward multiplies fp32 activations with the weights stored in fp16, and
@@ -63,6 +65,10 @@ log = logging.getLogger("local_backend.runner")
 #: 34.2. So bf16 switches at 4 rows and fp32 decodes every batch (up to 16) in int4
 #: (unless it has fp16 weights, which are faster at 16 rows on both ISAs: fp16.py).
 INT4_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
+#: ...and with native.q4_matmul (bf16). The 120 layer GEMMs, q4_matmul / oneDNN packed
+#: bf16 / torch int4, ms: 4.6 / 14.5 / 5.8 at 1 row, 7.2 / 15.5 / 9.9 at 4, 16.4 / 21.6 /
+#: 29.8 at 16 (bench/NOTES.md).
+Q4_NATIVE_MAX_ROWS = 16
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -144,13 +150,19 @@ class ModelRunner:
             else None
         )
         # The same four GEMMs of each layer (q/k/v, o, gate/up, down) from those blocks.
-        self.int4_layers: list[tuple[Int4Weight, ...]] = []
-        if use_int4 and q4_layers is not None:
-            names = ("wqkv", "wo", "wgu", "wd")
+        self.int4_layers: list[tuple[Int4Weight | native.Q4Tiles, ...]] = []
+        names = ("wqkv", "wo", "wgu", "wd")
+        if use_int4 and q4_layers is not None and self.dtype == torch.bfloat16 and self.native and self.native.has_q4:
+            tiles = [tuple(native.pack_q4(q[n].q, q[n].d, q[n].m) for n in names) for q in q4_layers]
+            if all(t is not None for layer in tiles for t in layer):
+                self.int4_layers = [tuple(t for t in layer if t is not None) for layer in tiles]
+                self.int4_max_rows = Q4_NATIVE_MAX_ROWS
+        if use_int4 and q4_layers is not None and not self.int4_layers:
             self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
+        kernel = "native q4_matmul" if self.int4 and isinstance(self.int4_layers[0][0], native.Q4Tiles) else "int4"
         log.info(
             "GEMMs: %s%s (%s); decode RoPE, attention, norms and SiLU: %s",
-            f"int4 (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
+            f"{kernel} (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
             "fp16 weights (FBGEMM)" if self.fp16 else "oneDNN packed" if self.packed else "F.linear",
             self.dtype,
             "native kernels" if self.native else "torch",
@@ -254,7 +266,13 @@ class ModelRunner:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
         return self._linear(h, self.lm_head).float()
 
-    def _linear(self, x: torch.Tensor, w: Weight | Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(
+        self, x: torch.Tensor, w: Weight | Int4Weight | native.Q4Tiles, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if isinstance(w, native.Q4Tiles):
+            assert self.native is not None  # Q4Tiles are made only where it has q4_matmul
+            y = self.native.q4_matmul(x, w)
+            return y if b is None else y + b
         if isinstance(w, (Int4Weight, Fp16Weight)):
             return w(x) if b is None else w(x) + b
         if self.packed:

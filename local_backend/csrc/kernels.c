@@ -217,3 +217,85 @@ RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store)
 RMS_NORM(rms_norm_f32, float, f32_load, f32_store)
 SILU_MUL(silu_mul_bf16, uint16_t, bf16_load, bf16_store)
 SILU_MUL(silu_mul_f32, float, f32_load, f32_store)
+
+/* q4_matmul_bf16: y [M, N] = x [M, K] @ W^T for W in the GGUF's own Q4_1 blocks (w = d q + m,
+ * 32 weights a block), bf16 x and y, fp32 sums. At 16 rows the GEMM reads 5 bits a weight
+ * instead of oneDNN's 16, and each block's weights are unpacked once for all rows.
+ *
+ * Layout (native.pack_q4): the N outputs in tiles of 16 (one 512-bit register of fp32
+ * lanes); per tile and block of 32 inputs, 16 pairs of inputs (k, k+1), each 16 bytes:
+ * byte j = q[n + j, k] | q[n + j, k + 1] << 4. A byte becomes one 32-bit lane of two bf16
+ * values 1 + q / 16 (0x3F80 | q << 3: exact), so one VDPBF16PS adds x[k] (1 + q[k] / 16) +
+ * x[k + 1] (1 + q[k + 1] / 16) for 16 outputs. Per block, with S that sum and X the sum of
+ * the block's x: sum x q = 16 (S - X), so y += 16 d (S - X) + m X. Scales: fp16 16 d (exact)
+ * and m, [tile, block, 2, 16].
+ *
+ * Every row runs the same instructions whatever M is and wherever it sits, so a row's
+ * output does not depend on the batch. Only where the compiler targets AVX512-BF16
+ * (-march=native on such a CPU); q4_matmul_available() says whether it did. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+int q4_matmul_available(void) { return 1; }
+
+static inline __m512i q4_lanes(const uint8_t *p) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i lo = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)), 3);
+    const __m512i hi = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xF0)), 15);
+    return _mm512_add_epi32(_mm512_add_epi32(lo, hi), _mm512_set1_epi32(0x3F803F80));
+}
+
+#define Q4_MAX_ROWS 64
+
+int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, uint16_t *y, int M, int N, int K)
+{
+    if (M <= 0 || M > Q4_MAX_ROWS || N <= 0 || N % 16 || K <= 0 || K % 32) return 1;
+    const int tiles = N / 16, blocks = K / 32;
+    float *xsum = alloc64(sizeof(float) * (size_t)M * (size_t)blocks);
+    if (!xsum) return 1;
+    for (int m = 0; m < M; m++)
+        for (int kb = 0; kb < blocks; kb++) {
+            float s = 0.0f;
+            for (int i = 0; i < 32; i++) s += bf16_load(x[(long)m * K + kb * 32 + i]);
+            xsum[m * blocks + kb] = s;
+        }
+    _Pragma("omp parallel for schedule(static)")
+    for (int t = 0; t < tiles; t++) {
+        __m512 acc[Q4_MAX_ROWS];
+        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+        const uint8_t *wt = w + (size_t)t * blocks * 256;
+        const uint16_t *st = scales + (size_t)t * blocks * 32;
+        for (int kb = 0; kb < blocks; kb++) {
+            __m512i W[16];
+            for (int p = 0; p < 16; p++) W[p] = q4_lanes(wt + (size_t)kb * 256 + p * 16);
+            const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32 + 16)));
+            for (int m = 0; m < M; m++) {
+                const uint32_t *xp = (const uint32_t *)(x + (long)m * K + kb * 32);
+                __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                for (int p = 0; p < 16; p += 4) {
+                    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_set1_epi32((int)xp[p]), (__m512bh)W[p]);
+                    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_set1_epi32((int)xp[p + 1]), (__m512bh)W[p + 1]);
+                    s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_set1_epi32((int)xp[p + 2]), (__m512bh)W[p + 2]);
+                    s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_set1_epi32((int)xp[p + 3]), (__m512bh)W[p + 3]);
+                }
+                const __m512 xs = _mm512_set1_ps(xsum[m * blocks + kb]);
+                const __m512 s = _mm512_sub_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)), xs);
+                acc[m] = _mm512_fmadd_ps(d16, s, _mm512_fmadd_ps(mn, xs, acc[m]));
+            }
+        }
+        for (int m = 0; m < M; m++)
+            _mm256_storeu_si256((__m256i *)(y + (long)m * N + t * 16), (__m256i)_mm512_cvtneps_pbh(acc[m]));
+    }
+    free(xsum);
+    return 0;
+}
+#else
+int q4_matmul_available(void) { return 0; }
+
+int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, uint16_t *y, int M, int N, int K)
+{
+    (void)w; (void)scales; (void)x; (void)y; (void)M; (void)N; (void)K;
+    return 1;
+}
+#endif

@@ -156,6 +156,92 @@ def test_kernels_refuse_what_they_cannot_read(kernels) -> None:
         kernels.silu_mul(torch.zeros(2, 7))
 
 
+#: What q4_matmul needs from the CPU (kernels.c compiles it in only for such a target).
+Q4_CPU = {"avx512f", "avx512bw", "avx512_bf16"} <= FLAGS
+needs_q4 = pytest.mark.skipif(not Q4_CPU, reason="this CPU has no AVX512-BF16, so q4_matmul is not built here")
+
+
+def q4_blocks(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random Q4_1 blocks as the GGUF stores them: q in 0..15, fp16 d and m per 32 inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(n, k // 32, generator=gen) * 0.15).half().float()
+    return q, d, m
+
+
+def dequantized(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    return (q.double().view(n, k // 32, 32) * d.double()[..., None] + m.double()[..., None]).view(n, k)
+
+
+def test_q4_matmul_is_built_where_the_cpu_has_avx512_bf16(kernels) -> None:
+    assert kernels.has_q4 == Q4_CPU
+
+
+@needs_q4
+@pytest.mark.parametrize("rows", [1, 5, 16, 64])
+def test_q4_matmul_is_the_product_with_the_dequantized_weights(kernels, rows) -> None:
+    """Against fp64: no further off than oneDNN's bf16 GEMM on the weights dequantized to
+    bf16 (what the runner multiplies without the kernel), which rounds each weight."""
+    q, d, m = q4_blocks(48, 160, seed=rows)
+    tiles = native.pack_q4(q, d, m)
+    assert tiles is not None
+    x = (torch.randn(rows, 160, generator=torch.Generator().manual_seed(7)) * 3).to(torch.bfloat16)
+    want = x.double() @ dequantized(q, d, m).T
+    got = kernels.q4_matmul(x, tiles)
+    torch_bf16 = F.linear(x, dequantized(q, d, m).to(torch.bfloat16))
+    assert got.shape == (rows, 48) and got.dtype == torch.bfloat16
+    err, torch_err = (got.double() - want).abs().max(), (torch_bf16.double() - want).abs().max()
+    assert err <= torch_err, (err, torch_err)
+    assert err <= 2**-7 * want.abs().max()
+
+
+@needs_q4
+def test_q4_matmul_rows_do_not_depend_on_their_batch(kernels) -> None:
+    """Greedy output must not depend on a request's neighbours: a row alone, first, last or
+    in the middle of 16 gets the same bits."""
+    tiles = native.pack_q4(*q4_blocks(64, 96, seed=1))
+    assert tiles is not None
+    x = torch.randn(16, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    together = kernels.q4_matmul(x, tiles)
+    alone = torch.cat([kernels.q4_matmul(x[r : r + 1], tiles) for r in range(16)])
+    assert torch.equal(together, alone)
+    assert torch.equal(kernels.q4_matmul(x[3:9], tiles), together[3:9])
+
+
+@needs_q4
+def test_q4_matmul_refuses_what_it_cannot_take(kernels) -> None:
+    assert native.pack_q4(*q4_blocks(40, 64, seed=0)) is None  # 40 outputs: not tiles of 16
+    assert native.pack_q4(torch.zeros(16, 48, dtype=torch.long), torch.ones(16, 1), torch.ones(16, 1)) is None
+    tiles = native.pack_q4(*q4_blocks(16, 64, seed=0))
+    assert tiles is not None
+    with pytest.raises(ValueError, match="64 bf16 rows"):
+        kernels.q4_matmul(torch.zeros(65, 64, dtype=torch.bfloat16), tiles)
+    with pytest.raises(ValueError, match="64 bf16 rows"):
+        kernels.q4_matmul(torch.zeros(2, 64), tiles)  # fp32
+    with pytest.raises(ValueError, match="64 bf16 rows"):
+        kernels.q4_matmul(torch.zeros(2, 32, dtype=torch.bfloat16), tiles)
+
+
+def test_kernels_built_for_avx2_have_no_q4_matmul_and_the_runner_keeps_torchs_int4(tmp_path, monkeypatch) -> None:
+    """An AVX2-only CPU (here: the build capped at x86-64-v3, as the benchmark caps torch)
+    gets the other kernels and no q4_matmul; the runner then runs the 4-bit blocks on
+    torch's int4 kernel."""
+    import ctypes
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    path = native.build(tmp_path, FLAGS)
+    assert path is not None
+    capped = native.NativeKernels(native._bind(ctypes.CDLL(str(path))))
+    assert not capped.has_q4 and native.self_check(capped)
+    monkeypatch.setattr(native, "load", lambda *a: capped)
+    lm = load_model("embedded", dtype="bfloat16")
+    runner = ModelRunner(lm.model, max_slots=3, max_len=64, q4_layers=lm.q4_layers, native_kernels=True)
+    assert runner.native is capped and runner.int4_max_rows == 4
+    assert all(type(w).__name__ == "Int4Weight" for layer in runner.int4_layers for w in layer)
+
+
 def test_build_is_cached_and_keyed_by_the_target(tmp_path: Path, monkeypatch) -> None:
     first = native.build(tmp_path, FLAGS)
     assert first is not None and first.exists()
@@ -220,9 +306,11 @@ def test_fp32_decodes_the_same_tokens_on_native_kernels(kernels) -> None:
 
 def test_bf16_on_native_kernels_is_as_close_to_fp32_as_torchs_ops(kernels) -> None:
     """bf16 roundings compound over 30 layers, so tokens may flip at near ties either way;
-    what must hold is that the kernels are no further from the fp32 logits than torch is."""
+    what must hold is that the kernels (q4_matmul too, where built) are no further from the
+    fp32 logits than torch is."""
     reference = embedded_runners("float32", False)
     off, on = embedded_runners("bfloat16", False), embedded_runners("bfloat16", True)
+    assert on.int4_max_rows == (16 if kernels.has_q4 else 4)
     for rows in (16, 1):
         ref = reference.decode(TOKENS[:rows], POSITIONS[:rows])
         torch_err = (off.decode(TOKENS[:rows], POSITIONS[:rows]) - ref).abs()
