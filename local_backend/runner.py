@@ -33,8 +33,9 @@ GEMM of every forward multiplies fp32 activations with the weights stored in fp1
 neither the packed fp32 weights nor the 4-bit ones are used.
 
 Asked for native kernels (`native.py`: C, built at start where there is a compiler), a
-decode forward (one token a row) runs its RoPE and K/V cache write, attention, RMSNorms
-and SiLU through them; prompts, and machines without them, run on torch's ops.
+decode forward (one token a row) runs its RoPE and K/V cache write and attention through
+them, and every forward its RMSNorms and SiLU; prompts' RoPE and attention, and machines
+without them, run on torch's ops.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ class ModelRunner:
         return self._logits(h[torch.arange(len(chunks), device=self.device), last])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.eps)
+        h = self._rms_norm(h, self.norm)
         return self._linear(h, self.lm_head).float()
 
     def _linear(
@@ -321,37 +322,41 @@ class ModelRunner:
             wqkv, wo, wgu, wd = (
                 self.int4_layers[i] if small else (layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"])
             )
-            h = kern.rms_norm(x, layer["ln1"], self.eps) if kern else self._rms_norm(x, layer["ln1"])
-            qkv = self._linear(h, wqkv, layer["bqkv"])
+            qkv = self._linear(self._rms_norm(x, layer["ln1"]), wqkv, layer["bqkv"])
             kc, vc = self.k_cache[i], self.v_cache[i]
-            if kern:  # RoPE, the K/V write, attention, then the MLP: one kernel each
+            if kern:  # RoPE with the K/V write, then attention: one kernel each
                 kcs, vcs = kc[slots.start :], vc[slots.start :]
                 q1 = kern.rope_store(qkv[:, 0], cos[:, 0, 0], sin[:, 0, 0], kcs, vcs, pos[:, 0], self.n_heads)
-                o = kern.decode_attention(q1, kcs, vcs, start, end, self.scale)
-                x = x + self._linear(o.view(b, t, self.q_size), wo)
-                gate_up = self._linear(kern.rms_norm(x, layer["ln2"], self.eps), wgu)
-                x = x + self._linear(kern.silu_mul(gate_up), wd)
-                continue
-            # RoPE on q and k in one pass: they are adjacent in the fused projection.
-            qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
-            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
-            v = qkv[..., self.q_size + self.kv_size :]
-            kc.view(-1, d).index_copy_(0, flat_idx, k.reshape(-1, d))
-            vc.view(-1, d).index_copy_(0, flat_idx, v.reshape(-1, d))
-            # GQA without repeat_kv: fold each kv head's query group into the query axis.
-            q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
-            o = F.scaled_dot_product_attention(
-                q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale
-            )
-            o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
+                o = kern.decode_attention(q1, kcs, vcs, start, end, self.scale).view(b, t, self.q_size)
+            else:
+                # RoPE on q and k in one pass: they are adjacent in the fused projection.
+                qk = _rope(qkv[..., : self.q_size + self.kv_size].view(b, t, self.n_heads + nk, d), cos, sin)
+                q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
+                v = qkv[..., self.q_size + self.kv_size :]
+                kc.view(-1, d).index_copy_(0, flat_idx, k.reshape(-1, d))
+                vc.view(-1, d).index_copy_(0, flat_idx, v.reshape(-1, d))
+                # GQA without repeat_kv: fold each kv head's query group into the query axis.
+                q = q.view(b, t, nk, g, d).permute(0, 2, 3, 1, 4).reshape(b, nk, g * t, d)
+                o = F.scaled_dot_product_attention(
+                    q, kc[slots, :, :kv_len], vc[slots, :, :kv_len], attn_mask=mask, scale=self.scale
+                )
+                o = o.view(b, nk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.q_size)
             x = x + self._linear(o, wo)
-            h = self._rms_norm(x, layer["ln2"])
-            gate, up = self._linear(h, wgu).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, wd)
+            gate_up = self._linear(self._rms_norm(x, layer["ln2"]), wgu)
+            x = x + self._linear(self._silu_mul(gate_up), wd)
         return x
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.native:  # prompts too: one kernel wherever a row is normalised
+            return self.native.rms_norm(x.contiguous(), weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's silu(gate) * up of the fused gate/up projection."""
+        if self.native:
+            return self.native.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

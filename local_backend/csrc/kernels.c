@@ -75,6 +75,12 @@ static inline float f32_store(float f) { return f; }
         long j = 0;                                                                              \
         for (; j + 4 <= L; j += 4) { /* scores, 4 keys at a time: independent sums */           \
             const T *k0 = kb + j * D;                                                            \
+            /* K and V come cold from memory (a step reads every layer's): ask for the keys   \
+             * 16 ahead, and for these keys' values, which the weighted sum reads next. */     \
+            for (int c = 0; c < 4 * D * (int)sizeof(T); c += 64) {                               \
+                __builtin_prefetch((const char *)(k0 + 16 * D) + c);                             \
+                __builtin_prefetch((const char *)(vb + j * D) + c);                              \
+            }                                                                                    \
             for (int g = 0; g < G; g++) {                                                        \
                 float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                                \
                 for (int d = 0; d < D; d++) {                                                    \
