@@ -19,15 +19,18 @@ the runner folds GQA), SDPA against matmul formulations.
 with one part left out at a time (outputs are wrong; only the time is read), so the
 difference is what that part costs in place.
 `crossover`: the 120 layer GEMMs at 1-256 rows, int4 (the runner's `Int4Weight`, which
-rounds fp32 inputs to bf16; up to 16 rows) against oneDNN packed in the given dtype, and
-in fp32 the weights in fp16 (`Fp16Weight`, FBGEMM): where `INT4_MAX_ROWS` comes from,
-and why fp32 runs on fp16 weights.
+rounds fp32 inputs to bf16; up to 16 rows) against oneDNN packed in the given dtype, in
+fp32 the weights in fp16 (`Fp16Weight`, FBGEMM), and in bf16 the native `q4_matmul`
+where it is built (AVX512-BF16; up to 64 rows): where `INT4_MAX_ROWS` and
+`Q4_NATIVE_MAX_ROWS` come from, and why fp32 runs on fp16 weights.
 `ops`: torch's profiler over ten 16-row decode steps of the runner built as the server
-builds it (4-bit blocks and fp16 weights where they apply), at 71 keys: self time and
-calls per ATen op, so "the rest of the step" has names and counts.
+builds it (4-bit blocks, fp16 weights and native kernels where they apply), at 71 keys:
+self time and calls per ATen op, so "the rest of the step" has names and counts (the
+native kernels are ctypes calls, which the profiler does not show).
 `accuracy`: the embedded model through the runner in fp32 and bf16, each with the
 dequantized weights packed and with the GGUF's int4 blocks (one row at a time, so int4
-is used; fp32 then rounds the GEMM inputs to bf16), and fp32 on fp16 weights: the
+is used; fp32 then rounds the GEMM inputs to bf16), fp32 on fp16 weights, and bf16 on
+the native kernels (q4_matmul on the blocks where it is built): the
 perplexity of an English paragraph and the first token of the README's question (that
 one comes from the prompt's forward, over more than 4 rows: packed weights in every run).
 
@@ -50,7 +53,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from local_backend.models import CPU_FEATURES, cpu_info
+from local_backend import native
+from local_backend.models import CPU_FEATURES, cache_root, cpu_info
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 heads / 3 kv heads of 64, 30 layers, vocab 49152.
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -200,13 +204,19 @@ def crossover(dtype: torch.dtype) -> None:
     int4 = [Int4Weight.of(b) for b in blocks]
     # fp32 only: FBGEMM's GEMM on the weights in fp16 (local_backend/fp16.py), what fp32 runs.
     fp16 = [Fp16Weight.of(b.dequantized()) for b in blocks] if dtype == torch.float32 else []
-    print("| rows | int4 | oneDNN packed |" + (" fp16 weights (FBGEMM) |" if fp16 else ""))
-    print("|---|---|---|" + ("---|" if fp16 else ""))
-    for rows in (1, 2, 4, 6, 8, 12, 16, 64, 256):
+    # bf16 where the native kernels have it: q4_matmul on the same blocks (local_backend/native.py).
+    kernels = native.load(torch.device("cpu"), cache_root() / "kernels", cpu_info()[1])
+    q4 = [native.pack_q4(b.q, b.d, b.m) for b in blocks] if dtype == torch.bfloat16 and kernels and kernels.has_q4 else []
+    print("| rows | int4 | oneDNN packed |" + (" fp16 weights (FBGEMM) |" if fp16 else "")
+          + (" native q4_matmul |" if q4 else ""))
+    print("|---|---|---|" + ("---|" if fp16 else "") + ("---|" if q4 else ""))
+    for rows in (1, 2, 4, 6, 8, 12, 16, 32, 64, 256):
         x = {k: torch.randn(rows, k, dtype=dtype) for k in (576, 1536)}
         a = _each(shapes, x, lambda v, j: int4[j](v)) if rows <= 16 else math.nan
         b = _each(shapes, x, lambda v, j: torch.ops.mkldnn._linear_pointwise(v, packed[j], None, "none", [], ""))
         c = f" {_each(shapes, x, lambda v, j: fp16[j](v)):.1f} ms |" if fp16 else ""
+        if q4:
+            c += f" {_each(shapes, x, lambda v, j: kernels.q4_matmul(v, q4[j])):.1f} ms |" if rows <= 64 else " n/a |"
         print(f"| {rows} | {a:.1f} ms | {b:.1f} ms |{c}")
 
 
@@ -223,17 +233,20 @@ def accuracy() -> None:
 
     print("| weights | perplexity | first token of the README question at temperature 0.2 |")
     print("|---|---|---|")
-    for label, dtype, int4, fp16 in (
-        ("fp32 packed", "float32", False, False),
-        ("fp32 int4 (bf16 GEMM inputs)", "float32", True, False),
-        ("fp32 fp16 weights (FBGEMM)", "float32", False, True),
-        ("bf16 packed", "bfloat16", False, False),
-        ("bf16 int4", "bfloat16", True, False),
+    for label, dtype, int4, fp16, kernels in (
+        ("fp32 packed", "float32", False, False, False),
+        ("fp32 int4 (bf16 GEMM inputs)", "float32", True, False, False),
+        ("fp32 fp16 weights (FBGEMM)", "float32", False, True, False),
+        ("bf16 packed", "bfloat16", False, False, False),
+        ("bf16 int4", "bfloat16", True, False, False),
+        ("bf16 native kernels (q4_matmul where built)", "bfloat16", True, False, True),
     ):
         lm = load_model("embedded", dtype=dtype, int4=int4, fp16=fp16)
         runner = R.ModelRunner(lm.model, max_slots=2, max_len=512, q4_layers=lm.q4_layers,
-                               fp16_weights=lm.fp16_weights)
+                               fp16_weights=lm.fp16_weights, native_kernels=kernels)
         assert runner.int4 == int4 and runner.fp16 == fp16
+        if kernels:
+            label += f": {type(runner.int4_layers[0][0]).__name__} up to {runner.int4_max_rows} rows"
         tok = lm.tokenizer.tok  # type: ignore[attr-defined]
         ids = tok(PARAGRAPH)["input_ids"]
         logits, nll = runner.prefill(0, ids[:1], 0), 0.0

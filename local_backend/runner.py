@@ -67,8 +67,9 @@ log = logging.getLogger("local_backend.runner")
 #: (unless it has fp16 weights, which are faster at 16 rows on both ISAs: fp16.py).
 INT4_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 #: ...and with native.q4_matmul (bf16). The 120 layer GEMMs, q4_matmul / oneDNN packed
-#: bf16 / torch int4, ms: 4.6 / 14.5 / 5.8 at 1 row, 7.2 / 15.5 / 9.9 at 4, 16.4 / 21.6 /
-#: 29.8 at 16 (bench/NOTES.md).
+#: bf16 / torch int4, ms (`bench/local_kernels.py crossover --dtype bfloat16`): 3.3 / 11.0 /
+#: 4.6 at 1 row, 4.9 / 9.9 / 7.6 at 4, 12.7 / 14.1 / 22.7 at 16; 25.1 / 22.3 at 32. In
+#: place, a 16-row decode step went from 26.5 to 22.5 ms (bench/NOTES.md).
 Q4_NATIVE_MAX_ROWS = 16
 
 

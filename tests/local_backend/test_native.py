@@ -319,6 +319,38 @@ def test_bf16_on_native_kernels_is_as_close_to_fp32_as_torchs_ops(kernels) -> No
         assert float(native_err.max()) <= 1.5 * float(torch_err.max()), (native_err.max(), torch_err.max())
 
 
+PROMPTS = [
+    "What is the capital of France?", "Write a short story about the ocean.", "Name three rivers of Europe.",
+    "Explain photosynthesis briefly.", "Summarize this list: item1 is number 1. item2 is number 2.", "Hi",
+    "Translate 'good morning' to German.", "What is 17 times 23?",
+]  # fmt: skip
+
+
+def test_bf16_prompts_on_native_norms_and_silu_are_as_close_to_fp32_as_torchs(kernels) -> None:
+    """A prompt's forward runs its RMSNorms and SiLU on the kernels too (RoPE and attention
+    stay torch's). The kernels' RMSNorm rounds as transformers' MistralRMSNorm does (the
+    normalised row to bf16, then times the weight), F.rms_norm rounds once: the logits move
+    by a near-constant offset, which softmax ignores, so what is compared is the error
+    around each row's mean, over eight chat prompts."""
+    lm = load_model("embedded", dtype="float32")
+    reference = ModelRunner(lm.model, max_slots=2, max_len=256, pack_weights=False)
+    bf16 = load_model("embedded", dtype="bfloat16")
+    off = ModelRunner(bf16.model, max_slots=2, max_len=256, q4_layers=bf16.q4_layers)
+    bf16 = load_model("embedded", dtype="bfloat16")
+    on = ModelRunner(bf16.model, max_slots=2, max_len=256, q4_layers=bf16.q4_layers, native_kernels=True)
+
+    def centred(err: torch.Tensor) -> float:
+        return float((err - err.mean()).abs().mean())
+
+    torch_errs, native_errs = [], []
+    for text in PROMPTS:
+        ids = lm.tokenizer.encode_chat([{"role": "user", "content": text}])
+        want = reference.prefill(0, ids, 0)
+        torch_errs.append(centred(off.prefill(0, ids, 0).float() - want))
+        native_errs.append(centred(on.prefill(0, ids, 0).float() - want))
+    assert sum(native_errs) <= 1.25 * sum(torch_errs), (native_errs, torch_errs)
+
+
 async def test_greedy_output_does_not_depend_on_neighbours_on_native_kernels(kernels) -> None:
     lm = load_model("embedded", dtype="bfloat16")
     engine = build_engine(
