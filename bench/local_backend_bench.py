@@ -13,9 +13,10 @@ first token of a ~500-token prompt alone and while 15 other streams decode.
 `--generate-batch` adds transformers' continuous batching `generate_batch()` (float32).
 
 The server runs as deployed, with `--int4 auto --fp16-weights auto --native-kernels auto`:
-in bf16 it decodes up to 4 rows from the GGUF's own 4-bit weights
-(local_backend/quantized.py), in fp32 it keeps the weights in fp16 (local_backend/fp16.py),
-and where there is a C compiler a decode step's RoPE, attention, norms and SiLU run as C
+in bf16 it decodes from the GGUF's own 4-bit weights (local_backend/quantized.py; up to 16
+rows on the native q4_matmul where the CPU has AVX512-BF16, else up to 4 on torch's int4),
+in fp32 it keeps the weights in fp16 (local_backend/fp16.py), and where there is a C
+compiler a decode step's RoPE and attention, and every RMSNorm and SiLU, run as C
 kernels built at start (local_backend/native.py); "same dtype" is the dtype of its
 activations, residual stream and KV cache. `--also-server "ARGS"` (repeatable) adds a
 server started with those extra arguments in the same rounds, e.g. `--also-server

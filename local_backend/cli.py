@@ -68,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--int4",
         choices=["auto", "off"],
         default="auto",
-        help="auto: the embedded model on a CPU decodes from the GGUF's own 4-bit weights (batches of "
-        "up to 4 rows in bf16; in fp32 only with --fp16-weights off: up to 16 rows, whose GEMM inputs "
-        "are then rounded to bf16); off: never",
+        help="auto: the embedded model on a CPU decodes from the GGUF's own 4-bit weights (in bf16 "
+        "batches of up to 16 rows on the native kernels' q4_matmul where the CPU has AVX512-BF16, else up "
+        "to 4; in fp32 only with --fp16-weights off: up to 16 rows, whose GEMM inputs are then rounded "
+        "to bf16); off: never",
     )
     s.add_argument(
         "--fp16-weights",
@@ -83,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native-kernels",
         choices=["auto", "off"],
         default="auto",
-        help="auto: on a CPU with a C compiler (cc, or $CC), build the decode step's RoPE and K/V "
-        "write, attention, RMSNorm and SiLU kernels at start (cached) and decode with them; off: "
-        "torch's ops only",
+        help="auto: on a CPU with a C compiler (cc, or $CC), build C kernels at start (cached): the "
+        "decode step's RoPE and K/V write and attention, every RMSNorm and SiLU, and on AVX512-BF16 "
+        "bf16's 4-bit GEMM; off: torch's ops only",
     )
     s.add_argument("--log-level", default="info")
     return ap.parse_args(argv)

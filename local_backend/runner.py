@@ -163,7 +163,7 @@ class ModelRunner:
             self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
         kernel = "native q4_matmul" if self.int4 and isinstance(self.int4_layers[0][0], native.Q4Tiles) else "int4"
         log.info(
-            "GEMMs: %s%s (%s); decode RoPE, attention, norms and SiLU: %s",
+            "GEMMs: %s%s (%s); decode RoPE and attention, every RMSNorm and SiLU: %s",
             f"{kernel} (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
             "fp16 weights (FBGEMM)" if self.fp16 else "oneDNN packed" if self.packed else "F.linear",
             self.dtype,
