@@ -20,6 +20,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 
 static inline float bf16_load(uint16_t h) {
@@ -251,6 +252,13 @@ static inline __m512i q4_lanes(const uint8_t *p) {
     return _mm512_add_epi32(_mm512_add_epi32(lo, hi), _mm512_set1_epi32(0x3F803F80));
 }
 
+/* x[k], x[k + 1] in every 32-bit lane (memcpy: x need only be 2-byte aligned). */
+static inline __m512bh x_pair(const uint16_t *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return (__m512bh)_mm512_set1_epi32((int)v);
+}
+
 #define Q4_MAX_ROWS 64
 
 int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, uint16_t *y, int M, int N, int K)
@@ -277,13 +285,13 @@ int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, 
             const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32)));
             const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32 + 16)));
             for (int m = 0; m < M; m++) {
-                const uint32_t *xp = (const uint32_t *)(x + (long)m * K + kb * 32);
+                const uint16_t *xp = x + (long)m * K + kb * 32;
                 __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
                 for (int p = 0; p < 16; p += 4) {
-                    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_set1_epi32((int)xp[p]), (__m512bh)W[p]);
-                    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_set1_epi32((int)xp[p + 1]), (__m512bh)W[p + 1]);
-                    s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_set1_epi32((int)xp[p + 2]), (__m512bh)W[p + 2]);
-                    s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_set1_epi32((int)xp[p + 3]), (__m512bh)W[p + 3]);
+                    s0 = _mm512_dpbf16_ps(s0, x_pair(xp + 2 * p), (__m512bh)W[p]);
+                    s1 = _mm512_dpbf16_ps(s1, x_pair(xp + 2 * p + 2), (__m512bh)W[p + 1]);
+                    s2 = _mm512_dpbf16_ps(s2, x_pair(xp + 2 * p + 4), (__m512bh)W[p + 2]);
+                    s3 = _mm512_dpbf16_ps(s3, x_pair(xp + 2 * p + 6), (__m512bh)W[p + 3]);
                 }
                 const __m512 xs = _mm512_set1_ps(xsum[m * blocks + kb]);
                 const __m512 s = _mm512_sub_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)), xs);
