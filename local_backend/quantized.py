@@ -8,7 +8,9 @@ themselves and hands them to torch's int4 weight-only kernel
 so scale = d and zero = m + 8d give the same weights. The kernel reads 4.5 bits a
 weight instead of 16: one decoding row in bf16 is ~2.7x faster than oneDNN's packed
 bf16 GEMMs on the 2-core EPYC box, 16 rows ~10% slower (bench/NOTES.md). Its fp32
-path is a slow reference loop, so the runner uses it only in bf16.
+path is a slow reference loop, so the runner uses it only in bf16. Where the native
+kernels have `q4_matmul` (native.py: AVX512-BF16), the runner runs these same blocks
+on that instead, which stays ahead of oneDNN up to 16 rows.
 """
 
 from __future__ import annotations
