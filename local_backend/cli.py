@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "to bf16); off: never",
     )
     s.add_argument(
+        "--int4-max-rows",
+        type=_rows,
+        default=None,
+        help="the most token rows a forward runs on the 4-bit weights (0-64); default: the "
+        "measured crossover (16 rows on q4_matmul, else 4 in bf16 and 16 in fp32), lowered at "
+        "start where the packed GEMMs are clearly faster on this CPU",
+    )
+    s.add_argument(
         "--fp16-weights",
         choices=["auto", "off"],
         default="auto",
@@ -99,6 +107,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _rows(text: str) -> int:
+    from .native import Q4_MAX_ROWS  # q4_matmul's limit (torch's int4 kernel has none)
+
+    value = int(text)
+    if not 0 <= value <= Q4_MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {Q4_MAX_ROWS}")
+    return value
+
+
 def make_loader(
     model: str,
     device: str = "cpu",
@@ -113,6 +130,7 @@ def make_loader(
     int4: bool = True,
     fp16: bool = True,
     native_kernels: bool = True,
+    int4_max_rows: int | None = None,
 ) -> Callable[[], Backend]:
     """The start-up work the server runs in a thread: load, fuse, warm up.
 
@@ -140,6 +158,10 @@ def make_loader(
             lm.fp16_weights,
             native_kernels=native_kernels,
         )
+        if int4_max_rows is not None:
+            engine.runner.int4_max_rows = int4_max_rows  # the operator's, as asked
+        else:
+            engine.runner.check_crossover()  # this CPU's, where it differs clearly
         engine.runner.prefill(0, [0] * 8, 0)  # warm up kernels before reporting ready
         engine.runner.prefill(0, [0], 0)  # ...and the int4 ones, if any (one row)
         return Backend(
@@ -176,6 +198,7 @@ def serve(args: argparse.Namespace) -> None:
         int4=args.int4 == "auto",
         fp16=args.fp16_weights == "auto",
         native_kernels=args.native_kernels == "auto",
+        int4_max_rows=args.int4_max_rows,
     )
     app = create_app(served, load)
     logging.getLogger("local_backend").info(

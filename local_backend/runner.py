@@ -27,6 +27,8 @@ at most INT4_MAX_ROWS token rows runs the layers' GEMMs on them instead: decodin
 4.5 bits a weight, not 16 or 32. In bf16 with native kernels that have `q4_matmul`
 (AVX512-BF16), those GEMMs run on it, up to Q4_NATIVE_MAX_ROWS rows: it unpacks each
 block once for all rows, where torch's int4 kernel is slower than oneDNN beyond 4.
+Those limits were measured on one CPU; `check_crossover` lowers them on a CPU where the
+packed GEMMs clearly win sooner.
 
 Asked for fp16 weights (the embedded model in fp32, where FBGEMM runs: `fp16.py`), every
 GEMM of every forward multiplies fp32 activations with the weights stored in fp16, and
@@ -43,6 +45,9 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import statistics
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 import torch
@@ -71,6 +76,12 @@ INT4_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 #: 4.6 at 1 row, 4.9 / 9.9 / 7.6 at 4, 12.7 / 14.1 / 22.7 at 16; 25.1 / 22.3 at 32. In
 #: place, a 16-row decode step went from 26.5 to 22.5 ms (bench/NOTES.md).
 Q4_NATIVE_MAX_ROWS = 16
+#: The row counts at which `check_crossover` times the 4-bit GEMMs against the packed ones,
+#: and how much slower the 4-bit ones must be there to give way: a margin over timing noise,
+#: so that a restart on the same machine keeps the same crossover (the closest call on the
+#: 2-core EPYC box, bf16 at 16 rows, is 12.7 against 14.1 ms).
+CROSSOVER_ROWS = (1, 2, 4, 8, 16)
+CLEAR_LOSS = 1.25
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -94,6 +105,8 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 #: A GEMM's weight as the runner keeps it: a plain or oneDNN-packed tensor, or fp16-packed.
 Weight = torch.Tensor | Fp16Weight
+#: ...or one from the checkpoint's 4-bit blocks.
+AnyWeight = Weight | Int4Weight | native.Q4Tiles
 
 
 class _Layer(TypedDict):
@@ -206,6 +219,7 @@ class ModelRunner:
         self.lm_head = pack(model.lm_head.weight.detach())
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
+        self.intermediate_size: int = cfg.intermediate_size
 
         shape = (len(self.layers), max_slots, self.n_kv, max_len, self.head_dim)
         self.k_cache = _zeroed(shape, self.dtype, self.device)
@@ -216,6 +230,53 @@ class ModelRunner:
     def int4(self) -> bool:
         """Whether small forwards run on the checkpoint's 4-bit blocks."""
         return bool(self.int4_layers)
+
+    @torch.inference_mode()
+    def check_crossover(self, rounds: int = 5) -> dict[int, tuple[float, float]]:
+        """Time the layers' GEMMs on the 4-bit and on the packed weights at each of
+        CROSSOVER_ROWS up to int4_max_rows, and lower int4_max_rows to below the first row
+        count where the 4-bit ones are CLEAR_LOSS times slower -> {rows: (4-bit ms, packed ms)},
+        medians of `rounds` interleaved passes over every layer (distinct weights, so from
+        memory as in a forward).
+
+        Why: INT4_MAX_ROWS and Q4_NATIVE_MAX_ROWS are crossovers measured on one CPU
+        (AVX512-BF16, no AMX). Where oneDNN has AMX, or memory is faster, the packed GEMMs
+        may win at fewer rows; only a clear loss moves the crossover, and only down.
+        """
+        if not self.int4:
+            return {}
+        packed = [(layer["wqkv"], layer["wo"], layer["wgu"], layer["wd"]) for layer in self.layers]
+        hidden = self.embed.shape[1]
+        widths = (hidden, self.q_size, hidden, self.intermediate_size)  # each GEMM's input width
+        times: dict[int, tuple[float, float]] = {}
+        for rows in (r for r in CROSSOVER_ROWS if r <= self.int4_max_rows):
+            xs = [torch.randn(rows, k, dtype=self.dtype, device=self.device) for k in widths]
+            self._time_gemms(self.int4_layers, xs), self._time_gemms(packed, xs)  # warm up
+            q, p = [], []
+            for _ in range(rounds):
+                q.append(self._time_gemms(self.int4_layers, xs))
+                p.append(self._time_gemms(packed, xs))
+            times[rows] = (statistics.median(q), statistics.median(p))
+        below = 0
+        for rows, (q_ms, p_ms) in times.items():
+            if q_ms > CLEAR_LOSS * p_ms:
+                self.int4_max_rows = below
+                break
+            below = rows
+        log.info(
+            "4-bit / packed GEMMs of the layers on this CPU, ms: %s; the 4-bit ones serve forwards of up to %d rows",
+            ", ".join(f"{q_ms:.1f} / {p_ms:.1f} at {rows}" for rows, (q_ms, p_ms) in times.items()),
+            self.int4_max_rows,
+        )
+        return times
+
+    def _time_gemms(self, layers: Sequence[Sequence[AnyWeight]], xs: list[torch.Tensor]) -> float:
+        """Milliseconds for every layer's four GEMMs on inputs `xs`."""
+        t0 = time.perf_counter()
+        for weights in layers:
+            for w, x in zip(weights, xs, strict=True):
+                self._linear(x, w)
+        return (time.perf_counter() - t0) * 1e3
 
     # ------------------------------------------------------------------ cache slots
 
@@ -268,9 +329,7 @@ class ModelRunner:
         h = self._rms_norm(h, self.norm)
         return self._linear(h, self.lm_head).float()
 
-    def _linear(
-        self, x: torch.Tensor, w: Weight | Int4Weight | native.Q4Tiles, b: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: AnyWeight, b: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, native.Q4Tiles):
             assert self.native is not None  # Q4Tiles are made only where it has q4_matmul
             y = self.native.q4_matmul(x, w)

@@ -1,7 +1,8 @@
 """The embedded GGUF's 4-bit weights through torch's int4 kernel (local_backend/quantized.py):
 the blocks are the loaded weights, the kernel computes their product, the runner uses them
-up to its row limit (4 in bf16, 16 in fp32) and the packed weights above it, and a request's
-greedy output does not depend on its neighbours while the batch stays within that limit."""
+up to its row limit (4 in bf16, 16 in fp32) and the packed weights above it, that limit comes
+down at start where the packed GEMMs are clearly faster, and a request's greedy output does not
+depend on its neighbours while the batch stays within that limit."""
 
 from __future__ import annotations
 
@@ -133,3 +134,103 @@ def test_unreadable_blocks_cost_speed_not_the_start(monkeypatch, caplog) -> None
     assert lm.q4_layers is None
     assert "not using the GGUF's 4-bit weights" in caplog.text and "unexpected tensor layout" in caplog.text
     assert not ModelRunner(lm.model, max_slots=2, max_len=16, q4_layers=lm.q4_layers).int4
+
+
+@pytest.fixture
+def embedded_fp32():
+    """The embedded model in fp32 with its 4-bit blocks (torch's int4 kernel up to 16 rows);
+    a fresh load for each runner, which takes the model's weights over."""
+    return load_model("embedded", dtype="float32")
+
+
+def slowed_int4(monkeypatch, from_rows: int) -> list[int]:
+    """Make the int4 GEMMs 0.5 ms slower a call from `from_rows` rows (about 3x the packed
+    GEMMs' time on the embedded model); -> the row counts of the int4 calls made."""
+    import time
+
+    rows: list[int] = []
+    real_call = Int4Weight.__call__
+
+    def call(self, x):
+        n = x.numel() // x.shape[-1]
+        rows.append(n)
+        if n >= from_rows:
+            time.sleep(0.0005)
+        return real_call(self, x)
+
+    monkeypatch.setattr(Int4Weight, "__call__", call)
+    return rows
+
+
+def crossover_by_rule(times: dict[int, tuple[float, float]], start: int) -> int:
+    """check_crossover's rule, restated: below the first row count the 4-bit GEMMs clearly lose."""
+    below = 0
+    for rows, (q_ms, p_ms) in sorted(times.items()):
+        if q_ms > runner_mod.CLEAR_LOSS * p_ms:
+            return below
+        below = rows
+    return start
+
+
+def test_crossover_check_times_both_gemms_and_keeps_a_crossover_they_agree_with(embedded_fp32) -> None:
+    runner = ModelRunner(embedded_fp32.model, max_slots=17, max_len=64, q4_layers=embedded_fp32.q4_layers)
+    assert runner.int4 and runner.int4_max_rows == INT4_MAX_ROWS[torch.float32] == 16
+    times = runner.check_crossover(rounds=3)
+    assert list(times) == [1, 2, 4, 8, 16]
+    assert all(q_ms > 0 and p_ms > 0 for q_ms, p_ms in times.values())
+    assert runner.int4_max_rows == crossover_by_rule(times, 16)
+    # Where the 4-bit GEMMs read 4.5 bits a weight against 32, one row is never a clear loss.
+    assert times[1][0] * runner_mod.CLEAR_LOSS < times[1][1] and runner.int4_max_rows >= 1
+
+
+def test_crossover_check_lowers_it_where_the_packed_gemms_clearly_win(embedded_fp32, monkeypatch) -> None:
+    runner = ModelRunner(embedded_fp32.model, max_slots=17, max_len=64, q4_layers=embedded_fp32.q4_layers)
+    calls = slowed_int4(monkeypatch, from_rows=8)
+    times = runner.check_crossover(rounds=3)
+    assert sorted(set(calls)) == [1, 2, 4, 8, 16]  # the timing ran the int4 kernel at each row count
+    assert times[8][0] > runner_mod.CLEAR_LOSS * times[8][1]
+    assert runner.int4_max_rows == 4
+    layers = len(embedded_fp32.q4_layers)
+    for rows, int4_calls in ((4, 4 * layers), (5, 0)):  # forwards now switch above 4 rows
+        calls.clear()
+        runner.decode(torch.arange(20, 20 + rows), torch.zeros(rows, dtype=torch.long))
+        assert len(calls) == int4_calls, rows
+
+
+def test_crossover_check_turns_the_4_bit_gemms_off_where_they_always_lose(embedded_fp32, monkeypatch) -> None:
+    runner = ModelRunner(embedded_fp32.model, max_slots=17, max_len=64, q4_layers=embedded_fp32.q4_layers)
+    calls = slowed_int4(monkeypatch, from_rows=1)
+    runner.check_crossover(rounds=3)
+    assert runner.int4_max_rows == 0
+    calls.clear()
+    runner.decode(torch.tensor([20]), torch.tensor([0]))
+    assert calls == []
+
+
+def test_crossover_check_has_nothing_to_do_without_4_bit_weights(tiny_model_dir) -> None:
+    runner = ModelRunner(load_model(str(tiny_model_dir), dtype="float32").model, max_slots=2, max_len=16)
+    assert runner.check_crossover() == {} and not runner.int4
+
+
+@pytest.mark.parametrize("pin", [None, 2])
+def test_the_server_checks_the_crossover_at_start_unless_pinned(pin, caplog) -> None:
+    from local_backend.cli import make_loader
+
+    load = make_loader("embedded", dtype="float32", fp16=False, max_batch=4, max_model_len=64, int4_max_rows=pin)
+    with caplog.at_level("INFO", logger="local_backend.runner"):
+        runner = load().engine.runner
+    assert runner.int4
+    assert ("4-bit / packed GEMMs of the layers on this CPU" in caplog.text) == (pin is None)
+    if pin is not None:
+        assert runner.int4_max_rows == pin
+
+
+def test_int4_max_rows_flag() -> None:
+    from local_backend.cli import parse_args
+
+    assert parse_args(["serve"]).int4_max_rows is None
+    assert parse_args(["serve", "--int4-max-rows", "0"]).int4_max_rows == 0
+    assert parse_args(["serve", "--int4-max-rows", "64"]).int4_max_rows == 64
+    for bad in ("65", "-1", "many"):
+        with pytest.raises(SystemExit):
+            parse_args(["serve", "--int4-max-rows", bad])
