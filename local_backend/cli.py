@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -97,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bf16's 4-bit GEMM; off: torch's ops only",
     )
     s.add_argument("--log-level", default="info")
+    b = sub.add_parser(
+        "build-kernels",
+        help="compile the native kernels for each x86-64 level (v3, v4, v4 with AVX512-BF16), for "
+        "machines with no C compiler at run time; serve picks the best one the CPU runs",
+    )
+    b.add_argument("--dir", type=Path, default=None, help="where serve looks (default: the model cache's kernels/)")
+    b.add_argument("--log-level", default="info")
     return ap.parse_args(argv)
 
 
@@ -218,4 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "serve":
         serve(args)
+    elif args.command == "build-kernels":
+        return build_kernels(args.dir)
+    return 0
+
+
+def build_kernels(directory: Path | None) -> int:
+    from .models import cache_root
+    from .native import prebuild
+
+    try:
+        for path in prebuild(directory or cache_root() / "kernels"):
+            print(path)
+    except RuntimeError as e:
+        print(f"build-kernels: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -14,8 +14,11 @@ object is cached in the model cache's `kernels/` under a hash of everything that
 its code (source, compiler, flags, CPU flags), so a cache carried to another CPU is
 never loaded there. `-march=native` targets the CPU at hand; with torch's kernels capped
 at AVX2 (ATEN_CPU_CAPABILITY=avx2, how the benchmark emulates an AVX2-only CPU) it
-targets x86-64-v3 instead. No compiler, a failed build, or a kernel that disagrees
-with torch on the self-check at load: `load()` returns None and the runner keeps torch.
+targets x86-64-v3 instead. Where there is no compiler at run time (the `local` Docker
+image), `prebuild` (`python -m local_backend build-kernels`) will have left a build for
+each x86-64 level in the cache, and the best one this CPU runs serves. No compiler and
+no such build, a failed build, or a kernel that disagrees with torch on the self-check
+at load: `load()` returns None and the runner keeps torch.
 
 OpenMP (the attention kernel's loop over rows and kv heads): the object links libgomp by
 soname, and torch has loaded its own libgomp.so.1 by then, so the loop runs on torch's
@@ -70,41 +73,117 @@ TOLERANCE = {torch.bfloat16: 3.2e-2, torch.float32: 1e-5}
 
 
 def _march() -> str:
-    return "x86-64-v3" if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2" else "native"
+    return "x86-64-v3" if _capped() else "native"
+
+
+def _capped() -> bool:
+    """torch's kernels capped at AVX2 (how the benchmark emulates an AVX2-only CPU)."""
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2"
+
+
+@dataclass(frozen=True)
+class Portable:
+    """A build of the kernels for a level of x86-64 rather than for the CPU at hand, made
+    ahead by `prebuild` for machines with no compiler at run time (the `local` Docker
+    image), as llama.cpp ships one CPU backend per level and picks one at start."""
+
+    name: str
+    march: tuple[str, ...]
+    needs: frozenset[str]  # the /proc/cpuinfo flags of the level (lzcnt shows as "abm")
+
+    def file_name(self) -> str:
+        """Named for the source and flags, so a build of other source is never loaded."""
+        key = "\0".join([SOURCE.read_text(), " ".join(FLAGS), " ".join(self.march)])
+        return f"kernels-{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+_V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+#: Best first: x86-64-v4 with AVX512-BF16 (q4_matmul), v4 (AVX-512 without bf16: Skylake
+#: to Ice Lake), v3 (AVX2: Haswell on, Zen 1-3).
+PORTABLE = (
+    Portable("x86-64-v4-bf16", ("-march=x86-64-v4", "-mavx512bf16"), _V4 | {"avx512_bf16"}),
+    Portable("x86-64-v4", ("-march=x86-64-v4",), _V4),
+    Portable("x86-64-v3", ("-march=x86-64-v3",), _V3),
+)
 
 
 def build(directory: Path, cpu_flags: frozenset[str]) -> Path | None:
-    """Compile the kernels into `directory` (or find them there); None where they cannot be built.
+    """The kernels for this CPU in `directory`: compiled there for it (or found there from an
+    earlier start); with no compiler, the best portable build there that it runs; else None.
 
-    `cpu_flags` (models.cpu_info's) go into the file's name with what else decides its code."""
+    `cpu_flags` (models.cpu_info's) go into the compiled file's name with what else decides
+    its code, and choose the portable build."""
+    cc = _compiler()
+    if cc is None:
+        return _portable(directory, cpu_flags)
+    path, version = cc
+    flags = (*FLAGS, f"-march={_march()}", *(GCC_FLAGS if "Free Software Foundation" in version else ()))
+    key = "\0".join(
+        [SOURCE.read_text(), path, version, " ".join(flags), " ".join(sorted(cpu_flags)), platform.machine()]
+    )
+    return _compile(path, flags, directory / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
+
+
+def prebuild(directory: Path) -> list[Path]:
+    """Compile every PORTABLE build into `directory` (`python -m local_backend build-kernels`),
+    for `build` to find where there is no compiler; -> the files. Raises where it cannot."""
+    cc = _compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError("building the portable kernels needs a C compiler (cc, or $CC) on x86-64 Linux")
+    path, version = cc
+    built = []
+    for level in PORTABLE:
+        extra = GCC_FLAGS if "Free Software Foundation" in version else ()
+        target = _compile(path, (*FLAGS, *level.march, *extra), directory / level.file_name())
+        if target is None:
+            raise RuntimeError(f"the {level.name} build failed (the log says why)")
+        built.append(target)
+    return built
+
+
+def _portable(directory: Path, cpu_flags: frozenset[str]) -> Path | None:
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        for level in PORTABLE:
+            if level.needs <= cpu_flags and not (_capped() and not level.needs <= _V3):
+                path = directory / level.file_name()
+                if path.exists():
+                    log.info("native kernels: the portable %s build (no C compiler here)", level.name)
+                    return path
+    log.info("native kernels: none (no C compiler, and no portable build for this CPU); decode runs on torch's ops")
+    return None
+
+
+def _compiler() -> tuple[str, str] | None:
+    """(path, `--version` output) of the C compiler, on Linux; None where there is none."""
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None or platform.system() != "Linux":
-        log.info("native kernels: none (no C compiler); decode runs on torch's ops")
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return cc, subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("native kernels: none (%s --version failed: %s)", cc, e)
+        log.warning("native kernels: %s --version failed: %s", cc, e)
         return None
-    flags = (*FLAGS, f"-march={_march()}", *(GCC_FLAGS if "Free Software Foundation" in version else ()))
-    key = "\0".join([SOURCE.read_text(), cc, version, " ".join(flags), " ".join(sorted(cpu_flags)), platform.machine()])
-    target = directory / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _compile(cc: str, flags: tuple[str, ...], target: Path) -> Path | None:
+    """`target` compiled from SOURCE with `flags` (unless it exists); None where that fails."""
     if target.exists():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        out = Path(tmp) / target.name
-        try:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
             done = subprocess.run(
                 [cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=120
             )
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("native kernels: none (the build failed: %s)", e)
-            return None
-        if done.returncode != 0:
-            log.warning("native kernels: none (the build failed: %s)", done.stderr.strip()[-2000:])
-            return None
-        os.replace(out, target)  # atomic: a concurrent start never loads a half-written object
+            if done.returncode != 0:
+                log.warning("native kernels: none (the build failed: %s)", done.stderr.strip()[-2000:])
+                return None
+            os.replace(out, target)  # atomic: a concurrent start never loads a half-written object
+    except (OSError, subprocess.SubprocessError) as e:  # e.g. a read-only model cache
+        log.warning("native kernels: none (the build failed: %s)", e)
+        return None
     return target
 
 

@@ -270,6 +270,77 @@ def test_no_compiler_or_a_failing_one_means_torch(tmp_path: Path, monkeypatch, c
     assert runner.native is None
 
 
+def test_a_read_only_cache_means_torch_not_a_failed_start(tmp_path: Path, caplog) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="local_backend.native"):
+        assert native.build(blocker / "kernels", FLAGS) is None
+    assert "the build failed" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def portable_dir(tmp_path_factory) -> Path:
+    """Every portable build, made by `python -m local_backend build-kernels --dir`."""
+    import subprocess
+
+    directory = tmp_path_factory.mktemp("portable")
+    done = subprocess.run([sys.executable, "-m", "local_backend", "build-kernels", "--dir", str(directory)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    names = [Path(line).name for line in done.stdout.split()]
+    assert names == [level.file_name() for level in native.PORTABLE]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names)
+    return directory
+
+
+def test_with_no_compiler_the_best_portable_build_the_cpu_runs_serves(portable_dir, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", str(portable_dir / "no-such-cc"))
+    v4_bf16, v4, v3 = native.PORTABLE
+    assert native.build(portable_dir, v4_bf16.needs | {"sse4_2"}) == portable_dir / v4_bf16.file_name()
+    assert native.build(portable_dir, v4.needs) == portable_dir / v4.file_name()  # AVX-512 without bf16
+    assert native.build(portable_dir, v3.needs | {"avx512_bf16"}) == portable_dir / v3.file_name()
+    with caplog.at_level(logging.INFO, logger="local_backend.native"):
+        assert native.build(portable_dir, v3.needs - {"avx2"}) is None  # no level this CPU runs
+    assert "no portable build for this CPU" in caplog.text
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # torch capped at AVX2: no AVX-512 build either
+    assert native.build(portable_dir, v4_bf16.needs) == portable_dir / v3.file_name()
+
+
+def test_a_portable_build_of_other_source_is_never_loaded(portable_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    for level in native.PORTABLE:
+        stale = tmp_path / level.file_name()
+        stale.write_bytes((portable_dir / level.file_name()).read_bytes())
+    source = tmp_path / "kernels.c"
+    source.write_text(native.SOURCE.read_text() + "\n/* another version */\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    assert native.build(tmp_path, native.PORTABLE[0].needs) is None
+
+
+def test_the_portable_build_this_cpu_gets_passes_the_self_check(portable_dir, monkeypatch) -> None:
+    """...and has q4_matmul exactly where the CPU has AVX512-BF16; the runner then uses it."""
+    monkeypatch.setenv("CC", str(portable_dir / "no-such-cc"))
+    loaded = native.load(torch.device("cpu"), portable_dir, FLAGS)  # builds nothing: no compiler
+    assert loaded is not None, "this CPU has AVX2 (the test machines do): a portable build must serve it"
+    assert loaded.has_q4 == (native.PORTABLE[0].needs <= FLAGS)
+    monkeypatch.setattr(native, "load", lambda *a: loaded)
+    lm = load_model("embedded", dtype="bfloat16")
+    runner = ModelRunner(lm.model, max_slots=3, max_len=64, q4_layers=lm.q4_layers, native_kernels=True)
+    assert runner.native is loaded
+    assert isinstance(runner.int4_layers[0][0], native.Q4Tiles) == loaded.has_q4
+
+
+def test_build_kernels_without_a_compiler_says_so(tmp_path) -> None:
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "local_backend", "build-kernels", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CC": str(tmp_path / "no-such-cc")})
+    assert done.returncode == 1 and "needs a C compiler" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_refuses_kernels_that_disagree_with_torch(tmp_path: Path, monkeypatch, caplog) -> None:
     source = tmp_path / "kernels.c"  # the same source with RMSNorm's weight left out
     source.write_text(native.SOURCE.read_text().replace("* LOAD(w[i]));", ");"))
