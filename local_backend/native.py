@@ -222,6 +222,7 @@ class NativeKernels:
     (q4_matmul: bf16 only, and only where `has_q4`)."""
 
     entry_points: dict[tuple[str, torch.dtype], Any]  # (kernel, dtype) -> the C function
+    amx: bool = False  # q4_matmul multiplies on AMX tiles (built with AMX, and Linux granted them)
 
     @property
     def has_q4(self) -> bool:
@@ -345,6 +346,13 @@ def _bind(lib: ctypes.CDLL) -> dict[tuple[str, torch.dtype], Any]:
     return entry_points
 
 
+def _enable_amx(lib: ctypes.CDLL) -> bool:
+    """Whether q4_matmul runs on AMX tiles: built where the compiler targets AMX, and only
+    once Linux has granted this process the tile state (it does on request)."""
+    lib.q4_amx_init.restype = ctypes.c_int
+    return bool(lib.q4_matmul_available()) and lib.q4_amx_init() == 0
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]))
 
@@ -414,7 +422,8 @@ def load(device: torch.device, directory: Path, cpu_flags: frozenset[str]) -> Na
     if path is None:
         return None
     try:
-        kernels = NativeKernels(_bind(ctypes.CDLL(str(path))))
+        lib = ctypes.CDLL(str(path))
+        kernels = NativeKernels(_bind(lib), amx=_enable_amx(lib))
         ok = self_check(kernels)
     except (OSError, AttributeError, RuntimeError, ValueError) as e:
         log.warning("native kernels: none (%s did not load: %s)", path.name, e)

@@ -26,7 +26,9 @@ Given the checkpoint's 4-bit blocks (the embedded GGUF's, `quantized.py`), a for
 at most INT4_MAX_ROWS token rows runs the layers' GEMMs on them instead: decoding reads
 4.5 bits a weight, not 16 or 32. In bf16 with native kernels that have `q4_matmul`
 (AVX512-BF16), those GEMMs run on it, up to Q4_NATIVE_MAX_ROWS rows: it unpacks each
-block once for all rows, where torch's int4 kernel is slower than oneDNN beyond 4.
+block once for all rows, where torch's int4 kernel is slower than oneDNN beyond 4 (with
+AMX it multiplies a block for all rows in one tile product, so 16 rows cost about what 1
+does).
 Those limits were measured on one CPU; `check_crossover` lowers them on a CPU where the
 packed GEMMs clearly win sooner.
 
@@ -174,7 +176,9 @@ class ModelRunner:
                 self.int4_max_rows = Q4_NATIVE_MAX_ROWS
         if use_int4 and q4_layers is not None and not self.int4_layers:
             self.int4_layers = [tuple(Int4Weight.of(q[n]) for n in names) for q in q4_layers]
-        kernel = "native q4_matmul" if self.int4 and isinstance(self.int4_layers[0][0], native.Q4Tiles) else "int4"
+        kernel = "int4"
+        if self.int4 and isinstance(self.int4_layers[0][0], native.Q4Tiles):
+            kernel = "native q4_matmul on AMX tiles" if self.native and self.native.amx else "native q4_matmul"
         log.info(
             "GEMMs: %s%s (%s); decode RoPE and attention, every RMSNorm and SiLU: %s",
             f"{kernel} (the GGUF's Q4_1 blocks) for the layers up to {self.int4_max_rows} rows, " if self.int4 else "",
