@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--log-level", default="info")
     b = sub.add_parser(
         "build-kernels",
-        help="compile the native kernels for each x86-64 level (v3, v4, v4 with AVX512-BF16), for "
+        help="compile the native kernels for each x86-64 level (v3, v4, v4 with AVX512-BF16, and with AMX), for "
         "machines with no C compiler at run time; serve picks the best one the CPU runs",
     )
     b.add_argument("--dir", type=Path, default=None, help="where serve looks (default: the model cache's kernels/)")

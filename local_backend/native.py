@@ -99,9 +99,15 @@ class Portable:
 
 _V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})
 _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-#: Best first: x86-64-v4 with AVX512-BF16 (q4_matmul), v4 (AVX-512 without bf16: Skylake
+#: Best first: x86-64-v4 with AVX512-BF16 and AMX (q4_matmul on tiles: Sapphire Rapids
+#: on), with AVX512-BF16 (q4_matmul: Cooper Lake, Zen 4), v4 (AVX-512 without bf16: Skylake
 #: to Ice Lake), v3 (AVX2: Haswell on, Zen 1-3).
 PORTABLE = (
+    Portable(
+        "x86-64-v4-amx",
+        ("-march=x86-64-v4", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+        _V4 | {"avx512_bf16", "amx_tile", "amx_bf16"},
+    ),
     Portable("x86-64-v4-bf16", ("-march=x86-64-v4", "-mavx512bf16"), _V4 | {"avx512_bf16"}),
     Portable("x86-64-v4", ("-march=x86-64-v4",), _V4),
     Portable("x86-64-v3", ("-march=x86-64-v3",), _V3),

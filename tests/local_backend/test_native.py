@@ -312,7 +312,8 @@ def portable_dir(tmp_path_factory) -> Path:
 
 def test_with_no_compiler_the_best_portable_build_the_cpu_runs_serves(portable_dir, monkeypatch, caplog) -> None:
     monkeypatch.setenv("CC", str(portable_dir / "no-such-cc"))
-    v4_bf16, v4, v3 = native.PORTABLE
+    amx, v4_bf16, v4, v3 = native.PORTABLE
+    assert native.build(portable_dir, amx.needs) == portable_dir / amx.file_name()
     assert native.build(portable_dir, v4_bf16.needs | {"sse4_2"}) == portable_dir / v4_bf16.file_name()
     assert native.build(portable_dir, v4.needs) == portable_dir / v4.file_name()  # AVX-512 without bf16
     assert native.build(portable_dir, v3.needs | {"avx512_bf16"}) == portable_dir / v3.file_name()
@@ -339,7 +340,8 @@ def test_the_portable_build_this_cpu_gets_passes_the_self_check(portable_dir, mo
     monkeypatch.setenv("CC", str(portable_dir / "no-such-cc"))
     loaded = native.load(torch.device("cpu"), portable_dir, FLAGS)  # builds nothing: no compiler
     assert loaded is not None, "this CPU has AVX2 (the test machines do): a portable build must serve it"
-    assert loaded.has_q4 == (native.PORTABLE[0].needs <= FLAGS)
+    assert loaded.has_q4 == (native.PORTABLE[1].needs <= FLAGS)
+    assert loaded.amx == (native.PORTABLE[0].needs <= FLAGS)
     monkeypatch.setattr(native, "load", lambda *a: loaded)
     lm = load_model("embedded", dtype="bfloat16")
     runner = ModelRunner(lm.model, max_slots=3, max_len=64, q4_layers=lm.q4_layers, native_kernels=True)
