@@ -31,16 +31,19 @@ class ReloadingSupervisor(Multiprocess):
     """uvicorn's worker supervisor, with SIGHUP passed on to the workers."""
 
     def handle_hup(self) -> None:
+        """SIGHUP every worker, without asking first whether it has started.
+
+        A worker still starting ignores SIGHUP (``gateway serve`` sets SIG_IGN before it
+        spawns them, they inherit it, and each keeps it until its handler is installed)
+        and reads the config file as it starts. Asking first (uvicorn's ``is_ready``, a
+        ping answered by a thread of the worker) would skip a started worker too busy
+        to answer within the timeout, and that worker would keep the old config."""
         log.info("SIGHUP: every worker reloads the config")
         for process in self.processes:
-            # A worker still starting would die of SIGHUP (its handler is not
-            # installed yet); it reads the config file as it starts anyway.
-            if process.pid is not None and process.is_ready(timeout=1):
+            if process.pid is not None:
                 # Gone meanwhile: the supervisor starts another, which reads the file.
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGHUP)
-            else:
-                log.info("worker %s is still starting: it reads the config file as it starts", process.pid)
 
 
 def run(config: uvicorn.Config) -> None:
