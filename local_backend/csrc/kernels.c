@@ -277,6 +277,18 @@ static inline __m512i q4_lanes(const uint8_t *p) {
     return _mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x00780078), _mm512_set1_epi32(0x3F803F80), 0xEA);
 }
 
+/* A block's 16 pair-rows (256 bytes) -> W[0..15], one lane per output. */
+static inline void q4_unpack(__m512i *W, const uint8_t *block) {
+    for (int p = 0; p < 16; p++) W[p] = q4_lanes(block + p * 16);
+}
+
+/* One block's share of 16 outputs: acc + 16 d (S - X) + m X, with S the block's sum of
+ * x (1 + q / 16) and X its sum of x (so sum x q = 16 (S - X)); d16 and mn its scales. */
+static inline __m512 q4_accumulate(__m512 acc, __m512 d16, __m512 mn, __m512 S, float X) {
+    const __m512 xs = _mm512_set1_ps(X);
+    return _mm512_fmadd_ps(d16, _mm512_sub_ps(S, xs), _mm512_fmadd_ps(mn, xs, acc));
+}
+
 /* x[k], x[k + 1] in every 32-bit lane (memcpy: x need only be 2-byte aligned). */
 static inline __m512bh x_pair(const uint16_t *p) {
     uint32_t v;
@@ -293,8 +305,8 @@ static inline __m512bh x_pair(const uint16_t *p) {
  * block, C starts at zero and goes to memory, where the AVX-512 epilogue scales it as
  * the path below does. Measured on a 2-core Sapphire Rapids VM (bench/NOTES.md), the 4
  * GEMMs of all 30 SmolLM2 layers: 22.4 -> 8.3 ms at 16 rows, 13.9 -> 7.0 at 8, 6.8 ->
- * 6.6 at 1; the per-row VDPBF16PS chains were the cost. Every M runs this path once it is on, so a row's output does
- * not depend on its batch here either (the per-row sums run in AMX's order, not the
+ * 6.6 at 1; the per-row VDPBF16PS chains were the cost. Every M up to 16 runs this path
+ * once it is on, so a row's output does not depend on its batch here either (the per-row sums run in AMX's order, not the
  * AVX-512 chains', so the two paths agree to rounding, not bit for bit). */
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -317,23 +329,20 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Tiles: 0 and 1 C (M x 16 fp32), 2 and 3 A (M x 32 bf16), 4 and 5 B (16 pairs x 16
- * outputs): two blocks at a time, so one block's tile product overlaps the other's
- * unpacking and epilogue (blocks = K / 32 is even for every layer; an odd last block
- * runs alone). */
 /* acc[m] += a block's scaled sums, from its tile product S (M x 16 fp32). */
 static inline void q4_block_amx(const float *S, const uint16_t *st, const float *xsum, int blocks, int kb, int M,
                                 __m512 *acc)
 {
     const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32 + 16)));
-    for (int m = 0; m < M; m++) {
-        const __m512 xs = _mm512_set1_ps(xsum[m * blocks + kb]);
-        const __m512 sm = _mm512_sub_ps(_mm512_load_ps(S + m * 16), xs);
-        acc[m] = _mm512_fmadd_ps(d16, sm, _mm512_fmadd_ps(mn, xs, acc[m]));
-    }
+    for (int m = 0; m < M; m++)
+        acc[m] = q4_accumulate(acc[m], d16, mn, _mm512_load_ps(S + m * 16), xsum[m * blocks + kb]);
 }
 
+/* Tiles: 0 and 1 C (M x 16 fp32), 2 and 3 A (M x 32 bf16), 4 and 5 B (16 pairs x 16
+ * outputs): two blocks at a time, so one block's tile product overlaps the other's
+ * unpacking and epilogue (blocks = K / 32 is even for every layer; an odd last block
+ * runs alone). */
 static void q4_tiles_amx(const uint8_t *w, const uint16_t *scales, const uint16_t *x, uint16_t *y,
                          const float *xsum, int M, int N, int K, int t0, int t1)
 {
@@ -356,12 +365,12 @@ static void q4_tiles_amx(const uint8_t *w, const uint16_t *scales, const uint16_
         const uint16_t *st = scales + (size_t)t * blocks * 32;
         int kb = 0;
         for (; kb + 2 <= blocks; kb += 2) {
-            for (int p = 0; p < 16; p++) Wa[p] = q4_lanes(wt + (size_t)kb * 256 + p * 16);
+            q4_unpack(Wa, wt + (size_t)kb * 256);
             _tile_zero(0);
             _tile_loadd(2, x + kb * 32, (long)K * 2);
             _tile_loadd(4, Wa, 64);
             _tile_dpbf16ps(0, 2, 4);
-            for (int p = 0; p < 16; p++) Wb[p] = q4_lanes(wt + (size_t)(kb + 1) * 256 + p * 16);
+            q4_unpack(Wb, wt + (size_t)(kb + 1) * 256);
             _tile_zero(1);
             _tile_loadd(3, x + (kb + 1) * 32, (long)K * 2);
             _tile_loadd(5, Wb, 64);
@@ -372,7 +381,7 @@ static void q4_tiles_amx(const uint8_t *w, const uint16_t *scales, const uint16_
             q4_block_amx(Sb, st, xsum, blocks, kb + 1, M, acc);
         }
         if (kb < blocks) {
-            for (int p = 0; p < 16; p++) Wa[p] = q4_lanes(wt + (size_t)kb * 256 + p * 16);
+            q4_unpack(Wa, wt + (size_t)kb * 256);
             _tile_zero(0);
             _tile_loadd(2, x + kb * 32, (long)K * 2);
             _tile_loadd(4, Wa, 64);
@@ -386,10 +395,8 @@ static void q4_tiles_amx(const uint8_t *w, const uint16_t *scales, const uint16_
     _tile_release();
 }
 
-int q4_matmul_amx(void) { return amx_on; }
 #else
 int q4_amx_init(void) { return 1; }
-int q4_matmul_amx(void) { return 0; }
 #endif
 
 int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, uint16_t *y, int M, int N, int K)
@@ -424,7 +431,7 @@ int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, 
         const uint16_t *st = scales + (size_t)t * blocks * 32;
         for (int kb = 0; kb < blocks; kb++) {
             __m512i W[16];
-            for (int p = 0; p < 16; p++) W[p] = q4_lanes(wt + (size_t)kb * 256 + p * 16);
+            q4_unpack(W, wt + (size_t)kb * 256);
             const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32)));
             const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + kb * 32 + 16)));
             for (int m = 0; m < M; m++) {
@@ -436,9 +443,8 @@ int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, 
                     s2 = _mm512_dpbf16_ps(s2, x_pair(xp + 2 * p + 4), (__m512bh)W[p + 2]);
                     s3 = _mm512_dpbf16_ps(s3, x_pair(xp + 2 * p + 6), (__m512bh)W[p + 3]);
                 }
-                const __m512 xs = _mm512_set1_ps(xsum[m * blocks + kb]);
-                const __m512 s = _mm512_sub_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)), xs);
-                acc[m] = _mm512_fmadd_ps(d16, s, _mm512_fmadd_ps(mn, xs, acc[m]));
+                const __m512 S = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+                acc[m] = q4_accumulate(acc[m], d16, mn, S, xsum[m * blocks + kb]);
             }
         }
         for (int m = 0; m < M; m++)
@@ -450,7 +456,6 @@ int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, 
 #else
 int q4_matmul_available(void) { return 0; }
 int q4_amx_init(void) { return 1; }
-int q4_matmul_amx(void) { return 0; }
 
 int q4_matmul_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *x, uint16_t *y, int M, int N, int K)
 {
